@@ -1,0 +1,200 @@
+"""The ``text2image`` command: export models, generate images, inspect the installation.
+
+Heavy libraries load inside the commands, so ``text2image --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from backend.config import Settings
+from runtime.errors import T2IError
+
+log = logging.getLogger("text2image")
+
+
+def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the one user-facing error type into click's, so the user sees the message without a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except T2IError as exc:
+            raise click.ClickException(str(exc)) from None
+        except ImportError as exc:
+            raise click.ClickException(
+                f"{exc}. Install the engines with: pip install 'text2image-sd2[cpu]' (or [cuda], [export])"
+            ) from None
+
+    return wrapper
+
+
+def _say(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def cli(verbose: int) -> None:
+    """Stable Diffusion 2 text-to-image on ONNX Runtime (CPU/CUDA) and OpenVINO, without torch.
+
+    Settings also come from environment variables: T2I_MODEL, T2I_MODEL_STORE, T2I_DEVICE, T2I_ENGINE,
+    T2I_THREADS, T2I_FORMAT, T2I_OFFLINE. Command-line options win over them.
+    """
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("text2image").setLevel(min(level, logging.INFO))
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "openvino"]), default="onnx", show_default=True,
+              help="onnx runs on onnxruntime (CPU and CUDA); openvino is fastest on x86 CPUs.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Bundle folder to write.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="Weight precision. fp16 halves the size; on CPUs prefer fp32 (OpenVINO picks its own math).")
+@_user_errors
+def export(source: str, fmt: str, out: Path, precision: str) -> None:
+    """Export SOURCE to a model bundle.
+
+    SOURCE is a hub model id (e.g. stabilityai/sd-turbo), a known short name (sd-turbo, sd2.1-base, sd2.1), a local
+    diffusers folder, or 'tiny' (a small random model for tests; 'tiny-v' is its v-prediction variant). Each
+    component is checked against the torch model after export; re-running on a finished folder does nothing.
+    """
+    try:
+        from exporters.export import ExportError, export_model
+    except ImportError as exc:
+        raise T2IError(f"exporting needs the export extra ({exc.name} is missing): "
+                       "pip install 'text2image-sd2[export]'") from None
+    if source in ("tiny", "tiny-v"):
+        from backend.models import TINY_WARNING
+
+        _say(TINY_WARNING)
+    try:
+        export_model(source, fmt, out, precision, say=_say)
+    except ExportError as exc:
+        raise T2IError(str(exc)) from None
+
+
+def _load(model: str | None, device: str | None, engine: str | None, threads: int | None, offline: bool) -> Any:
+    from backend.models import TINY_WARNING, default_format, resolve_model
+    from runtime import Pipeline
+    from runtime.engines import parse_threads
+
+    if threads is not None:
+        parse_threads(threads)
+    s = Settings.from_env(model=model, device=device, engine=engine, threads=threads, offline=offline or None)
+    fmt = s.format if s.format != "auto" else default_format(s.engine)
+    path = resolve_model(s.model, s.model_store, fmt, offline=s.offline, say=_say)
+    pipe = Pipeline.load(path, device=s.device, engine=s.engine, threads=s.threads or None)
+    if (pipe.bundle.manifest or {}).get("source", {}).get("id") in ("tiny", "tiny-v") and s.model not in ("tiny",
+                                                                                                         "tiny-v"):
+        _say(TINY_WARNING)
+    _say(f"model {pipe.bundle.path} ({pipe.bundle.format}, {pipe.bundle.precision}) on {pipe.engine}/{pipe.device} "
+         f"with {pipe.threads} threads")
+    return pipe
+
+
+@cli.command()
+@click.argument("prompt")
+@click.option("--model", help="Bundle folder, short name, hub id, or 'tiny'. Default: T2I_MODEL or sd-turbo.")
+@click.option("-n", "n", type=int, default=1, show_default=True, help="Number of images (1-12).")
+@click.option("--size", help="WIDTHxHEIGHT, multiples of 64 from 256 to 1024. Default: the model's native size.")
+@click.option("--steps", type=int, help="Denoising steps (1-100). Default: the model's (sd-turbo 1, others 25).")
+@click.option("--guidance", type=float, help="Classifier-free guidance scale (0-30; ≤1 turns it off).")
+@click.option("--negative", default="", help="Negative prompt: what the image should not show.")
+@click.option("--seed", type=int, help="Seed of the first image; image i uses seed+i. Default: random.")
+@click.option("--scheduler", help="euler, dpm++2m, dpm++2m-karras or ddim. Default: the model's.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Default: auto (CUDA when usable).")
+@click.option("--engine", type=click.Choice(["auto", "onnxruntime", "openvino"]), help="Default: auto.")
+@click.option("--threads", type=int, help="Op threads for the engine. Default: the cores this process may use.")
+@click.option("--offline", is_flag=True, help="Do not download; use only bundles already on disk.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("."), show_default=True,
+              help="Folder for the PNG files.")
+@_user_errors
+def generate(prompt: str, model: str | None, n: int, size: str | None, steps: int | None, guidance: float | None,
+             negative: str, seed: int | None, scheduler: str | None, device: str | None, engine: str | None,
+             threads: int | None, offline: bool, out: Path) -> None:
+    """Generate images for PROMPT and write them as PNG files with their settings in the metadata."""
+    from backend.images import save_png
+    from runtime import validation
+
+    width, height = validation.parse_size(size) if size else (None, None)
+    validation.check_count(n)
+    if steps is not None:
+        validation.check_steps(steps)
+    pipe = _load(model, device, engine, threads, offline)
+    total = steps or pipe.default_steps
+    with click.progressbar(length=total, label="denoising", file=sys.stderr) as bar:
+        def on_step(done: int, all_steps: int) -> None:
+            bar.update(1)
+
+        items = pipe.generate_detailed(prompt, negative, n=n, width=width, height=height, steps=steps,
+                                       guidance=guidance, seed=seed, scheduler=scheduler, on_step=on_step)
+    out.mkdir(parents=True, exist_ok=True)
+    for item in items:
+        path = save_png(item, out / f"t2i-{item.seed}.png")
+        click.echo(str(path))
+
+
+@cli.command()
+@click.option("--model", help="Also describe this bundle (folder, short name or hub id already in the store).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_user_errors
+def info(model: str | None, as_json: bool) -> None:
+    """Show the engines and devices available, the device and threads that would be used and why, and a bundle."""
+    from exporters.catalog import CATALOG
+    from runtime.engines import available_engines, cuda_usable, default_threads
+
+    s = Settings.from_env(model=model)
+    report: dict[str, Any] = {
+        "engines": available_engines(),
+        "cuda_usable": cuda_usable(),
+        "threads": s.threads or default_threads(),
+        "threads_reason": "T2I_THREADS/--threads" if s.threads else "cores this process may use (affinity mask)",
+        "default_model": s.model,
+        "model_store": str(s.model_store),
+        "known_models": {k: f"{m.source} — {m.notes}" for k, m in CATALOG.items()},
+    }
+    if model:
+        from backend.models import default_format, resolve_model
+        from runtime.bundle import Bundle
+        from runtime.engines import choose
+
+        fmt = s.format if s.format != "auto" else default_format(s.engine)
+        bundle = Bundle.open(resolve_model(model, s.model_store, fmt, offline=True, say=_say))
+        report["bundle"] = bundle.summary()
+        eng, dev, why = choose(bundle.format, s.engine, s.device)
+        report["would_use"] = {"engine": eng, "device": dev, "reason": why}
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    for key, value in report.items():
+        click.echo(f"{key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+
+
+@cli.command()
+@click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@_user_errors
+def verify(bundle_dir: Path) -> None:
+    """Check every file of a bundle against the sha256 and size in its manifest.json."""
+    from runtime.bundle import Bundle
+
+    bad = Bundle.open(bundle_dir).verify_hashes()
+    if bad:
+        raise T2IError(f"{len(bad)} file(s) of {bundle_dir} do not match manifest.json: {', '.join(bad)}; "
+                       "re-export or re-download the bundle")
+    click.echo(f"{bundle_dir}: all files match manifest.json")
+
+
+def main() -> None:
+    cli()

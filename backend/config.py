@@ -1,0 +1,68 @@
+"""All settings in one typed place, filled from ``T2I_*`` environment variables; CLI flags override them."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from runtime.errors import T2IError
+
+ENV_PREFIX = "T2I_"
+
+
+def _default_store() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "text2image-sd2" / "models"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Settings of the CLI and services. Each field has env var ``T2I_<FIELD>`` (e.g. ``T2I_MODEL``)."""
+
+    #: Model to use when none is given: a short name (sd-turbo, sd2.1-base, sd2.1), a hub id, a folder, or tiny.
+    model: str = "sd-turbo"
+    #: Folder where downloaded and exported bundles are kept.
+    model_store: Path = field(default_factory=_default_store)
+    #: Bundle format to export hub models to: openvino (fastest on x86 CPUs) or onnx (needed for CUDA).
+    format: str = "auto"
+    #: auto | cpu | cuda
+    device: str = "auto"
+    #: auto | onnxruntime | openvino
+    engine: str = "auto"
+    #: Op threads for both engines; 0 = the cores this process may use.
+    threads: int = 0
+    #: Never touch the network; models must already be in the store.
+    offline: bool = False
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read ``T2I_*`` variables, then apply non-None ``overrides`` (CLI flags)."""
+        env = dict(os.environ if env is None else env)
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            default = f.default_factory() if callable(f.default_factory) else f.default
+            values[f.name] = _convert(f.name, raw, default)
+        settings = cls(**values)
+        return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _convert(name: str, raw: str, default: Any) -> Any:
+    if isinstance(default, bool):
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise T2IError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a yes/no value; use 1/0, true/false, yes/no")
+    if isinstance(default, int):
+        try:
+            return int(raw)
+        except ValueError:
+            raise T2IError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a whole number") from None
+    if isinstance(default, Path):
+        return Path(raw).expanduser()
+    return raw

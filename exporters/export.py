@@ -1,0 +1,165 @@
+"""SOURCE (hub id, local diffusers folder, or ``tiny``) → a checked bundle folder with manifest.json."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from exporters import catalog
+from exporters.check import check_component
+from exporters.contract import COMPONENTS, FORMATS, PRECISIONS
+from runtime.bundle import MANIFEST, MANIFEST_VERSION, file_digest
+
+log = logging.getLogger(__name__)
+
+STATE = ".export-state.json"
+EXPORTER_VERSION = "0.1.0"
+TINY = ("tiny", "tiny-v")
+
+
+class ExportError(RuntimeError):
+    """Export cannot proceed; the message says why and what to do."""
+
+
+def resolve_source(source: str, workdir: Path) -> tuple[Path, dict[str, Any]]:
+    """A local diffusers folder for SOURCE, and what to record about its origin."""
+    if source in TINY:
+        from exporters.tiny import build_tiny_model
+
+        path = build_tiny_model(workdir / source, variant="v" if source == "tiny-v" else "epsilon")
+        return path, {"id": source, "revision": None, "kind": "tiny random test model"}
+    local = Path(source).expanduser()
+    if local.is_dir():
+        if not (local / "model_index.json").is_file():
+            raise ExportError(f"source folder '{local}' has no model_index.json; it is not a diffusers model folder")
+        return local, {"id": str(local.resolve()), "revision": None, "kind": "local folder"}
+    info = catalog.lookup(source)
+    repo = info.source if info else source
+    if "/" not in repo:
+        raise ExportError(
+            f"source '{source}' is not a folder, a hub id (org/name), 'tiny', or a known model "
+            f"({', '.join(catalog.CATALOG)})"
+        )
+    from huggingface_hub import HfApi, snapshot_download
+
+    try:
+        revision = HfApi().model_info(repo).sha
+        path = Path(snapshot_download(
+            repo, revision=revision,
+            allow_patterns=["model_index.json", "*/config.json", "*/*.json", "*/*.txt", "*/*.safetensors"],
+            ignore_patterns=["*.fp16.safetensors", "*ema*", "safety_checker/*", "feature_extractor/*"],
+        ))
+    except Exception as exc:  # network, auth and missing-repo errors all mean: cannot get the weights
+        raise ExportError(f"could not download '{repo}' from the model hub: {exc}") from None
+    return path, {"id": repo, "revision": revision, "kind": "hub"}
+
+
+def export_model(source: str, fmt: str, out: Path, precision: str = "fp32",
+                 say: Callable[[str], None] = print, origin: dict[str, Any] | None = None) -> Path:
+    """Export SOURCE to ``out`` in ``fmt`` (onnx | openvino) at ``precision`` (fp32 | fp16) and check it.
+
+    ``origin`` describes where an already downloaded SOURCE folder came from (hub id and revision); it goes into
+    the manifest and picks the catalogue's defaults.
+
+    Re-running on a finished folder says so and does nothing; an interrupted run resumes after the last finished
+    component.
+    """
+    if fmt not in FORMATS:
+        raise ExportError(f"format '{fmt}' is not known; use one of {', '.join(FORMATS)}")
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision '{precision}' is not known; use one of {', '.join(PRECISIONS)}")
+    out = Path(out)
+    wanted = {"source": source, "format": fmt, "precision": precision}
+    if (out / MANIFEST).is_file():
+        done = json.loads((out / MANIFEST).read_text())
+        if done.get("request") == wanted:
+            say(f"{out} is already a finished {fmt}/{precision} export of {source}; nothing to do")
+            return out
+        raise ExportError(f"{out} already holds a different export ({done.get('request')}); choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    state = json.loads((out / STATE).read_text()) if (out / STATE).is_file() else {"request": wanted, "done": {}}
+    if state["request"] != wanted:
+        raise ExportError(f"{out} holds an unfinished export of {state['request']}; remove it or choose another --out")
+
+    import warnings
+
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from tqdm import tqdm
+
+    from exporters.onnx_graphs import export_component, export_configs, to_fp16
+    from exporters.openvino_ir import convert
+
+    # torch's tracer warns about every Python branch in diffusers' code; none of them matter for these shapes.
+    warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+    with tempfile.TemporaryDirectory(prefix="t2i-export-") as tmp:
+        src, found = resolve_source(source, Path(tmp))
+        origin = origin or found
+        pipe = StableDiffusionPipeline.from_pretrained(src, torch_dtype=torch.float32, safety_checker=None,
+                                                       requires_safety_checker=False)
+        upcast = bool(pipe.unet.config.get("upcast_attention", False))
+        pairs = export_configs(pipe)
+        onnx_dir = out if fmt == "onnx" else Path(tmp) / "onnx"
+        bar = tqdm(COMPONENTS, desc="export", unit="component")
+        for comp in bar:
+            bar.set_description(f"export {comp.name}")
+            if comp.name in state["done"]:
+                say(f"{comp.name}: already exported and checked (error {state['done'][comp.name]:.2g}), skipping")
+                continue
+            graph = export_component(comp.name, pairs[comp.name], onnx_dir)
+            if precision == "fp16" and fmt == "onnx":
+                to_fp16(graph, keep_attention_fp32=upcast and comp.name == "unet")
+            if fmt == "openvino":
+                (out / comp.name).mkdir(parents=True, exist_ok=True)
+                shutil.copy(onnx_dir / comp.name / "config.json", out / comp.name / "config.json")
+                graph = convert(graph, out / comp.name / "openvino_model.xml", precision)
+            err = check_component(comp.name, pairs[comp.name][0], graph, comp.tolerance[precision])
+            state["done"][comp.name] = err
+            (out / STATE).write_text(json.dumps(state))
+        pipe.scheduler.save_pretrained(out / "scheduler")
+        pipe.tokenizer.save_pretrained(out / "tokenizer")
+        _write_model_index(pipe, out)
+    info = catalog.lookup(origin["id"]) or catalog.lookup(source)
+    _write_manifest(out, fmt, precision, origin, wanted, state["done"], info.defaults if info else {})
+    (out / STATE).unlink()
+    say(f"exported {source} → {out} ({fmt}, {precision})")
+    return out
+
+
+def _write_model_index(pipe: Any, out: Path) -> None:
+    """optimum's model_index.json: the diffusers one with the VAE split into the decoder we ship."""
+    pipe.save_config(out)
+    index = json.loads((out / "model_index.json").read_text())
+    index.pop("vae", None)
+    index.pop("_name_or_path", None)  # a temporary path on the exporting machine
+    index["vae_decoder"] = ["diffusers", "AutoencoderKL"]
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _write_manifest(out: Path, fmt: str, precision: str, origin: dict[str, Any], request: dict[str, str],
+                    errors: dict[str, float], defaults: dict[str, Any]) -> None:
+    files = {}
+    for p in sorted(out.rglob("*")):
+        if p.is_file() and p.name not in (MANIFEST, STATE):
+            rel = p.relative_to(out).as_posix()
+            files[rel] = {"size": p.stat().st_size, "sha256": file_digest(p)}
+    manifest = {
+        "format_version": MANIFEST_VERSION,
+        "format": fmt,
+        "precision": precision,
+        "source": origin,
+        "request": request,
+        "static_shape": None,
+        "defaults": defaults,
+        "exporter": {"name": "text2image-sd2", "version": EXPORTER_VERSION},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "check_errors": errors,
+        "files": files,
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

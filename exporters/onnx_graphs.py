@@ -1,0 +1,70 @@
+"""ONNX export of the SD components with optimum, one component at a time (so progress and re-runs are per
+component), and the fp16 conversion."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from exporters.contract import OPSET
+
+log = logging.getLogger(__name__)
+
+
+def export_configs(pipe: Any) -> dict[str, Any]:
+    """optimum's (model, export config) pairs for the components we ship; the VAE encoder is not needed for
+    text-to-image and is left out."""
+    import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the ONNX configs with the TasksManager)
+    from optimum.exporters.utils import get_diffusion_models_for_export
+
+    models = get_diffusion_models_for_export(pipe, int_dtype="int64", float_dtype="fp32", exporter="onnx")
+    return {name: models[name] for name in ("text_encoder", "unet", "vae_decoder")}
+
+
+def export_component(name: str, model_and_config: Any, out: Path) -> Path:
+    """Write ``out/<name>/model.onnx`` (plus ``model.onnx_data`` when over 2 GB) and the component's config."""
+    from optimum.exporters.onnx.convert import export_models
+
+    model, _ = model_and_config
+    (out / name).mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "save_config"):
+        model.save_config(out / name)
+    elif hasattr(model, "config") and hasattr(model.config, "save_pretrained"):
+        model.config.save_pretrained(out / name)
+    export_models({name: model_and_config}, output_dir=out, opset=OPSET, output_names=[f"{name}/model.onnx"],
+                  device="cpu")
+    return out / name / "model.onnx"
+
+
+def to_fp16(path: Path, keep_attention_fp32: bool) -> None:
+    """Convert a graph's weights and math to fp16 in place, inputs and outputs staying fp32.
+
+    ``keep_attention_fp32``: models trained with ``upcast_attention`` (sd2.1 768) overflow in fp16 attention and
+    give black images, so their attention MatMul/Softmax nodes stay fp32.
+    """
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(path), load_external_data=True)
+    blocked = []
+    if keep_attention_fp32:
+        blocked = [n.name for n in model.graph.node
+                   if ("/attn1/" in n.name or "/attn2/" in n.name) and n.op_type in ("MatMul", "Softmax", "Mul")]
+    model = convert_float_to_float16(model, keep_io_types=True, node_block_list=blocked, disable_shape_infer=True)
+    save_onnx(model, path)
+
+
+def save_onnx(model: Any, path: Path) -> None:
+    """Save a graph, its weights in one side file when the protobuf would pass 2 GB."""
+    import onnx
+
+    data = path.with_name(path.name + "_data")
+    if data.exists():
+        data.unlink()
+    big = model.ByteSize() > 2_000_000_000 if hasattr(model, "ByteSize") else True
+    if big:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))

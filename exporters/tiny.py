@@ -1,0 +1,123 @@
+"""A tiny random model with the SD2 component layout, for tests and offline smoke runs.
+
+The weights are random, so its images are noise; what it proves is that every stage (export, tokenizer, scheduler
+loop, decode) is wired like the real SD2 family. ``variant="v"`` mirrors sd2.1-768: v-prediction and
+``upcast_attention``.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+from typing import Literal
+
+TINY_SEED = 0
+TEXT_LENGTH = 77
+
+
+def _tiny_vocab() -> tuple[dict[str, int], list[str]]:
+    """Special tokens, '!' (SD2's pad token) and the letters with and without the end-of-word mark."""
+    tokens = ["!"]
+    tokens += list(string.ascii_lowercase)
+    tokens += [c + "</w>" for c in string.ascii_lowercase]
+    tokens += ["!</w>", "<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(tokens)}, []
+
+
+def write_tokenizer(folder: Path) -> None:
+    """Write CLIP tokenizer files (vocab.json, merges.txt, configs) loadable by transformers' CLIPTokenizer."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = _tiny_vocab()
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges), encoding="utf-8")
+    special = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "!",
+    }
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": TEXT_LENGTH, "do_lower_case": True, **special}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
+def build_tiny_model(out: Path, variant: Literal["epsilon", "v"] = "epsilon") -> Path:
+    """Save a tiny random SD2-architecture diffusers folder at ``out`` and return it."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    out = Path(out)
+    torch.manual_seed(TINY_SEED)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        norm_num_groups=8,
+        upcast_attention=variant == "v",
+    )
+    # Four VAE blocks give SD2's 8× latent downsampling, so a 256² image has SD2's 32² latent and the tests stay
+    # cheap (at 2× the UNet and VAE attention would run over 16k tokens).
+    vae = AutoencoderKL(
+        block_out_channels=(32, 32, 32, 32),
+        layers_per_block=1,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+    vocab, _ = _tiny_vocab()
+    text_config = CLIPTextConfig(
+        bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["!"],
+        hidden_size=32,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=len(vocab),
+        max_position_embeddings=TEXT_LENGTH,
+        hidden_act="gelu",
+        projection_dim=32,
+    )
+    text_encoder = CLIPTextModel(text_config)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="v_prediction" if variant == "v" else "epsilon",
+        timestep_spacing="leading",
+    )
+    tok_dir = out / "_tokenizer_src"
+    write_tokenizer(tok_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out)
+    for f in tok_dir.iterdir():
+        f.unlink()
+    tok_dir.rmdir()
+    return out

@@ -1,0 +1,31 @@
+"""Torch-free SD2 inference: load an exported bundle and turn prompts into images.
+
+>>> from runtime import Pipeline
+>>> pipe = Pipeline.load("bundles/sd-turbo", device="auto", engine="auto", threads=None)
+>>> images = pipe.generate("a red fox in the snow", n=2, seed=7)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from runtime.errors import GenerationCancelled, T2IError
+
+if TYPE_CHECKING:
+    from runtime.bundle import Bundle
+    from runtime.pipeline import Generated, Pipeline
+
+__all__ = ["Bundle", "Generated", "GenerationCancelled", "Pipeline", "T2IError"]
+
+
+def __getattr__(name: str) -> Any:
+    # Loaded on first use, so importing a small piece (errors, bundle) stays cheap.
+    if name == "Bundle":
+        from runtime.bundle import Bundle
+
+        return Bundle
+    if name in ("Pipeline", "Generated"):
+        from runtime import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(name)

@@ -1,0 +1,185 @@
+"""A model bundle on disk: optimum's folder layout plus our optional ``manifest.json``.
+
+Everything the runtime needs to know about a model is read here from the bundle's own files: which format the graphs
+are in, the scheduler config (prediction type, betas, spacing), the VAE's scaling factor and upsampling factor, and
+the static shapes and defaults the exporter recorded. Nothing is assumed from the model's name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from runtime.errors import T2IError
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+GRAPH_FILES: dict[str, str] = {"onnx": "model.onnx", "openvino": "openvino_model.xml"}
+
+Format = Literal["onnx", "openvino"]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise T2IError(f"bundle file {path} is missing") from None
+    except (OSError, ValueError) as exc:
+        raise T2IError(f"bundle file {path} cannot be read as JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise T2IError(f"bundle file {path} must hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def file_digest(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file, read in chunks so multi-GB weights do not need the memory."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A validated view of a bundle folder. Build it with :meth:`Bundle.open`."""
+
+    path: Path
+    format: Format
+    scheduler_config: dict[str, Any]
+    vae_config: dict[str, Any]
+    unet_config: dict[str, Any]
+    manifest: dict[str, Any] | None = None
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, path: str | Path) -> Bundle:
+        """Open the bundle at ``path``; check its layout and, when it has a manifest, every file's size."""
+        root = Path(path).expanduser()
+        if not root.is_dir():
+            raise T2IError(f"model bundle '{root}' is not a folder")
+        if not (root / "model_index.json").is_file():
+            raise T2IError(
+                f"'{root}' is not a model bundle: model_index.json is missing "
+                "(export one with `text2image export SOURCE --out DIR`)"
+            )
+        fmt = cls._detect_format(root)
+        manifest = _read_json(root / MANIFEST) if (root / MANIFEST).is_file() else None
+        files: dict[str, dict[str, Any]] = {}
+        if manifest is not None:
+            if manifest.get("format_version") != MANIFEST_VERSION:
+                raise T2IError(
+                    f"{root / MANIFEST} has format_version {manifest.get('format_version')!r}; "
+                    f"this runtime reads version {MANIFEST_VERSION}"
+                )
+            if manifest.get("format") != fmt:
+                raise T2IError(f"{root / MANIFEST} says format {manifest.get('format')!r} but the graphs are {fmt}")
+            files = manifest.get("files", {})
+            cls._check_sizes(root, files)
+        for component in COMPONENTS:
+            graph = root / component / GRAPH_FILES[fmt]
+            if not graph.is_file():
+                raise T2IError(f"bundle '{root}' is missing {component}/{GRAPH_FILES[fmt]}")
+            if fmt == "openvino" and not graph.with_suffix(".bin").is_file():
+                raise T2IError(f"bundle '{root}' is missing {component}/{graph.with_suffix('.bin').name}")
+        return cls(
+            path=root,
+            format=fmt,
+            scheduler_config=_read_json(root / "scheduler" / "scheduler_config.json"),
+            vae_config=_read_json(root / "vae_decoder" / "config.json"),
+            unet_config=_read_json(root / "unet" / "config.json"),
+            manifest=manifest,
+            files=files,
+        )
+
+    @staticmethod
+    def _detect_format(root: Path) -> Format:
+        found = [fmt for fmt, name in GRAPH_FILES.items() if (root / "unet" / name).is_file()]
+        if not found:
+            raise T2IError(
+                f"bundle '{root}' has no UNet graph: expected unet/model.onnx (ONNX) or unet/openvino_model.xml "
+                "(OpenVINO IR)"
+            )
+        if len(found) > 1:
+            raise T2IError(f"bundle '{root}' holds both ONNX and OpenVINO graphs; keep one format per folder")
+        return found[0]  # type: ignore[return-value]
+
+    @staticmethod
+    def _check_sizes(root: Path, files: dict[str, dict[str, Any]]) -> None:
+        for rel, meta in files.items():
+            p = root / rel
+            if not p.is_file():
+                raise T2IError(f"bundle '{root}' is missing {rel} (listed in {MANIFEST}); re-export or re-download it")
+            size = p.stat().st_size
+            if size != meta.get("size"):
+                raise T2IError(
+                    f"bundle file {rel} has {size} bytes but {MANIFEST} lists {meta.get('size')}: "
+                    "the file is truncated or was changed; re-export or re-download it"
+                )
+
+    def verify_hashes(self) -> list[str]:
+        """Compare every file's sha256 with the manifest; return the files that differ (empty: all good)."""
+        if self.manifest is None:
+            raise T2IError(f"bundle '{self.path}' has no {MANIFEST}, so there is nothing to verify against")
+        return [rel for rel, meta in self.files.items() if file_digest(self.path / rel) != meta.get("sha256")]
+
+    def graph(self, component: str) -> Path:
+        """Path of a component's graph file in this bundle's format."""
+        return self.path / component / GRAPH_FILES[self.format]
+
+    @property
+    def precision(self) -> str:
+        """The precision the exporter wrote (fp32, fp16, int8 …); plain optimum folders count as fp32."""
+        return str((self.manifest or {}).get("precision", "fp32"))
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Image pixels per latent pixel: 2 ** (number of VAE blocks - 1), 8 for SD2."""
+        return int(2 ** (len(self.vae_config.get("block_out_channels", [0, 0, 0, 0])) - 1))
+
+    @property
+    def vae_scaling_factor(self) -> float:
+        """The factor latents were scaled by in training (0.18215 for SD2), from the VAE config."""
+        if "scaling_factor" not in self.vae_config:
+            raise T2IError(f"{self.path / 'vae_decoder' / 'config.json'} has no scaling_factor")
+        return float(self.vae_config["scaling_factor"])
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet_config.get("in_channels", self.vae_config.get("latent_channels", 4)))
+
+    @property
+    def static_shape(self) -> dict[str, int] | None:
+        """Height, width and batch the graphs were fixed to at export, or None for dynamic graphs."""
+        shape = (self.manifest or {}).get("static_shape")
+        return dict(shape) if shape else None
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """Per-model generation defaults recorded by the exporter (steps, guidance, size), possibly empty."""
+        return dict((self.manifest or {}).get("defaults") or {})
+
+    @property
+    def native_size(self) -> int:
+        """The side length the model was trained at: UNet sample_size × VAE factor (512 for sd2.1-base)."""
+        return int(self.unet_config.get("sample_size", 64)) * self.vae_scale_factor
+
+    def summary(self) -> dict[str, Any]:
+        """A short description for `text2image info`."""
+        m = self.manifest or {}
+        return {
+            "path": str(self.path),
+            "format": self.format,
+            "precision": self.precision,
+            "source": m.get("source", {}).get("id", "unknown (plain optimum folder)"),
+            "prediction_type": self.scheduler_config.get("prediction_type", "epsilon"),
+            "scheduler": self.scheduler_config.get("_class_name", "?"),
+            "native_size": self.native_size,
+            "static_shape": self.static_shape,
+            "manifest": m != {},
+            "size_bytes": sum(int(v.get("size", 0)) for v in self.files.values()) or None,
+        }

@@ -1,0 +1,218 @@
+"""Inference engines behind one small interface: onnxruntime (CPU or CUDA) and OpenVINO (CPU).
+
+Choice is explicit, then detected, then verified: an explicit engine/device wins; ``auto`` picks CUDA when
+onnxruntime offers it and a GPU answers, else OpenVINO for an OpenVINO bundle, else onnxruntime on the CPU. After a
+session exists we check what we really got: asking for CUDA and silently running on the CPU is an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from runtime.errors import T2IError
+
+log = logging.getLogger(__name__)
+
+Engine = Literal["onnxruntime", "openvino"]
+Device = Literal["cpu", "cuda"]
+ENGINES = ("auto", "onnxruntime", "openvino")
+DEVICES = ("auto", "cpu", "cuda")
+
+_ORT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+}
+
+
+def default_threads() -> int:
+    """The cores this process may run on (its affinity mask, as a container's cpuset limits it), not the host's."""
+    env = os.environ.get("T2I_THREADS")
+    if env:
+        return parse_threads(env)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def parse_threads(value: str | int) -> int:
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise T2IError(f"threads {value!r} is not a number; use a whole number from 1 to 1024") from None
+    if not 1 <= n <= 1024:
+        raise T2IError(f"threads {n} is out of range; use a whole number from 1 to 1024")
+    return n
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A graph input as the graph declares it: the dtype to feed and the shape (None or a name for dynamic axes)."""
+
+    name: str
+    dtype: type
+    shape: tuple[int | str | None, ...]
+
+
+class Session(Protocol):
+    """One loaded graph. ``run`` takes numpy feeds by input name and returns the outputs in graph order."""
+
+    inputs: dict[str, InputSpec]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
+
+
+def available_engines() -> dict[str, Any]:
+    """What this installation offers, for `text2image info` and for ``auto`` selection."""
+    found: dict[str, Any] = {}
+    try:
+        import onnxruntime as ort
+
+        found["onnxruntime"] = {"version": ort.__version__, "providers": ort.get_available_providers()}
+    except ImportError:
+        pass
+    try:
+        import openvino as ov
+
+        found["openvino"] = {"version": ov.get_version(), "devices": ov.Core().available_devices}
+    except ImportError:
+        pass
+    return found
+
+
+def cuda_usable() -> bool:
+    """True when onnxruntime has the CUDA provider *and* a GPU answers (the provider alone loads without one)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+        count = ctypes.c_int(0)
+        return lib.cuInit(0) == 0 and lib.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+    except OSError:
+        return False
+
+
+def choose(bundle_format: str, engine: str, device: str) -> tuple[Engine, Device, str]:
+    """Resolve ``engine``/``device`` (each possibly ``auto``) for a bundle; return them with the reason."""
+    if engine not in ENGINES:
+        raise T2IError(f"engine '{engine}' is not known; use one of {', '.join(ENGINES)}")
+    if device not in DEVICES:
+        raise T2IError(f"device '{device}' is not known; use one of {', '.join(DEVICES)}")
+    have = available_engines()
+    if engine == "onnxruntime" and bundle_format != "onnx":
+        raise T2IError(
+            f"engine 'onnxruntime' needs an ONNX bundle (model.onnx files) but this bundle is {bundle_format}; "
+            "use --engine openvino or auto, or export the model with --format onnx"
+        )
+    if device == "cuda":
+        if engine == "openvino":
+            raise T2IError("device 'cuda' runs on the onnxruntime engine only; use --engine onnxruntime or auto")
+        if bundle_format != "onnx":
+            raise T2IError("device 'cuda' needs an ONNX bundle; export the model with --format onnx")
+        if not cuda_usable():
+            raise T2IError(
+                "device 'cuda' was asked for but CUDA is not usable here: onnxruntime-gpu's CUDAExecutionProvider "
+                "is missing or no NVIDIA GPU answers; use --device cpu or auto"
+            )
+        return "onnxruntime", "cuda", "asked for CUDA; onnxruntime CUDA provider and a GPU are present"
+    if engine == "auto":
+        if device == "auto" and bundle_format == "onnx" and cuda_usable():
+            return "onnxruntime", "cuda", "auto: onnxruntime offers CUDA and a GPU answers"
+        if bundle_format == "openvino":
+            engine, why = "openvino", "auto: OpenVINO bundle"
+        else:
+            engine, why = "onnxruntime", "auto: ONNX bundle, no usable CUDA"
+    else:
+        why = f"asked for {engine}"
+    if engine not in have:
+        pkg = "openvino" if engine == "openvino" else "onnxruntime"
+        raise T2IError(f"engine '{engine}' is not installed; install {pkg} with: pip install 'text2image-sd2[cpu]'")
+    return engine, "cpu", why  # type: ignore[return-value]
+
+
+class OrtSession:
+    """An onnxruntime InferenceSession with the thread cap and the provider check applied."""
+
+    def __init__(self, path: Path, device: Device, threads: int) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        # One pool of `threads` workers inside each op; ops run one after another (the graph is a chain anyway).
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers: list[Any] = ["CPUExecutionProvider"]
+        if device == "cuda":
+            providers = [("CUDAExecutionProvider", {"arena_extend_strategy": "kSameAsRequested"}), *providers]
+        try:
+            self._session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        except Exception as exc:  # onnxruntime raises several unrelated types for unreadable graphs
+            raise T2IError(
+                f"onnxruntime could not load {path}: {exc}. The file may be truncated or corrupt; re-export it"
+            ) from None
+        got = self._session.get_providers()
+        if device == "cuda" and got[0] != "CUDAExecutionProvider":
+            raise T2IError(f"asked for CUDA for {path.parent.name} but onnxruntime gave {got}")
+        self.inputs = {
+            i.name: InputSpec(i.name, _ORT_DTYPES.get(i.type, np.float32), tuple(i.shape))
+            for i in self._session.get_inputs()
+        }
+        self._outputs = [o.name for o in self._session.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return list(self._session.run(self._outputs, feeds))
+
+
+class OvSession:
+    """An OpenVINO compiled model on the CPU with the thread cap and the precision hint applied."""
+
+    def __init__(self, path: Path, threads: int, precision_hint: str | None) -> None:
+        import openvino as ov
+
+        config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+        if precision_hint:
+            config["INFERENCE_PRECISION_HINT"] = precision_hint
+        core = ov.Core()
+        try:
+            compiled = core.compile_model(str(path), "CPU", config)
+        except Exception as exc:  # OpenVINO raises RuntimeError subclasses with the parser's message
+            raise T2IError(
+                f"OpenVINO could not load {path}: {exc}. The file may be truncated or corrupt; re-export it"
+            ) from None
+        self._request = compiled.create_infer_request()
+        self.inputs = {}
+        for port in compiled.inputs:
+            shape = tuple(d.get_length() if d.is_static else None for d in port.get_partial_shape())
+            name = port.get_any_name()
+            self.inputs[name] = InputSpec(name, port.get_element_type().to_dtype(), shape)
+        self._n_out = len(compiled.outputs)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        self._request.infer(feeds)
+        # Copy: the request reuses its output buffers on the next call.
+        return [np.array(self._request.get_output_tensor(i).data, copy=True) for i in range(self._n_out)]
+
+
+def open_session(path: Path, engine: Engine, device: Device, threads: int, precision: str) -> Session:
+    """Load one graph on the chosen engine. ``precision`` is the bundle's; fp32 bundles keep fp32 math on OpenVINO."""
+    if engine == "onnxruntime":
+        return OrtSession(path, device, threads)
+    # OpenVINO would pick bf16 by itself on CPUs that have it; an fp32 bundle asks for f32 so results match the
+    # reference. Other precisions leave OpenVINO's own default.
+    return OvSession(path, threads, "f32" if precision == "fp32" else None)

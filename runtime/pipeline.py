@@ -1,0 +1,220 @@
+"""Prompt → images from an exported bundle: tokenizer, text encoder, the denoising loop, the VAE decoder."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from runtime import validation as v
+from runtime.bundle import Bundle
+from runtime.engines import Session, choose, default_threads, open_session, parse_threads
+from runtime.errors import GenerationCancelled, T2IError
+from runtime.schedulers import SCHEDULER_NAMES, Scheduler, default_scheduler_name, make_scheduler
+from runtime.tokenizer import ClipTokenizer
+
+log = logging.getLogger(__name__)
+
+#: Called after each denoising step with (steps done, steps in all); returning False stops the run.
+StepCallback = Callable[[int, int], "bool | None"]
+
+DEFAULT_STEPS = 25
+DEFAULT_GUIDANCE = 7.5
+
+
+@dataclass(frozen=True)
+class Generated:
+    """One finished image with the settings that reproduce it."""
+
+    image: Image.Image
+    seed: int
+    settings: dict[str, object]
+
+
+class Pipeline:
+    """A loaded bundle that turns prompts into images. Create it with :meth:`Pipeline.load`."""
+
+    def __init__(self, bundle: Bundle, engine: str, device: str, threads: int, why: str) -> None:
+        self.bundle = bundle
+        self.engine = engine
+        self.device = device
+        self.threads = threads
+        self.tokenizer = ClipTokenizer.load(bundle.path / "tokenizer")
+        t0 = time.perf_counter()
+        self.text_encoder = self._open("text_encoder")
+        self.unet = self._open("unet")
+        self.vae_decoder = self._open("vae_decoder")
+        log.info(
+            "loaded %s (%s, %s) on %s/%s with %d threads in %.1f s [%s]",
+            bundle.path, bundle.format, bundle.precision, engine, device, threads, time.perf_counter() - t0, why,
+        )
+        defaults = bundle.defaults
+        self.default_steps = int(defaults.get("steps", DEFAULT_STEPS))
+        self.default_guidance = float(defaults.get("guidance", DEFAULT_GUIDANCE))
+        self.default_scheduler = str(defaults.get("scheduler") or default_scheduler_name(bundle.scheduler_config))
+        static = bundle.static_shape or {}
+        side = min(max(bundle.native_size, v.MIN_SIDE), v.MAX_SIDE)
+        self.default_size = (int(static.get("width", side)), int(static.get("height", side)))
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        device: str = "auto",
+        engine: str = "auto",
+        threads: int | None = None,
+    ) -> Pipeline:
+        """Load a bundle folder.
+
+        ``device``: auto | cpu | cuda. ``engine``: auto | onnxruntime | openvino. ``threads``: the cap for both
+        engines' op threads; None means env ``T2I_THREADS`` or the cores this process may use.
+        """
+        bundle = Bundle.open(path)
+        chosen_engine, chosen_device, why = choose(bundle.format, engine, device)
+        n_threads = parse_threads(threads) if threads is not None else default_threads()
+        return cls(bundle, chosen_engine, chosen_device, n_threads, why)
+
+    def _open(self, component: str) -> Session:
+        return open_session(self.bundle.graph(component), self.engine, self.device, self.threads,  # type: ignore[arg-type]
+                            self.bundle.precision)
+
+    def generate(
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        n: int = 1,
+        height: int | None = None,
+        width: int | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        seed: int | None = None,
+        scheduler: str | None = None,
+        on_step: StepCallback | None = None,
+        latents: np.ndarray | None = None,
+    ) -> list[Image.Image]:
+        """Generate ``n`` images. See :meth:`generate_detailed`; this returns only the images."""
+        return [g.image for g in self.generate_detailed(
+            prompt, negative_prompt, n, height, width, steps, guidance, seed, scheduler, on_step, latents)]
+
+    def generate_detailed(
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        n: int = 1,
+        height: int | None = None,
+        width: int | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        seed: int | None = None,
+        scheduler: str | None = None,
+        on_step: StepCallback | None = None,
+        latents: np.ndarray | None = None,
+    ) -> list[Generated]:
+        """Generate ``n`` images with their seeds and settings.
+
+        None picks the model's default (steps, guidance, size, scheduler) or a random seed. Image ``i`` uses seed
+        ``seed + i``, so any single image can be made again alone. ``latents`` replaces the seeded starting noise
+        (shape (n, channels, height/f, width/f)), e.g. to reproduce another pipeline exactly.
+        ``on_step(done, total)`` returning False raises :class:`GenerationCancelled` within one step.
+        """
+        s = self._settings(prompt, negative_prompt, n, height, width, steps, guidance, seed, scheduler)
+        f = self.bundle.vae_scale_factor
+        shape = (s["n"], self.bundle.latent_channels, s["height"] // f, s["width"] // f)
+        seeds = [s["seed"] + i for i in range(s["n"])]
+        if latents is None:
+            noise = np.concatenate([np.random.Generator(np.random.PCG64(x)).standard_normal(
+                (1, *shape[1:]), dtype=np.float32) for x in seeds])
+        elif latents.shape != shape:
+            raise T2IError(f"latents of shape {latents.shape} do not fit; expected {shape}")
+        else:
+            noise = latents.astype(np.float32)
+        decoded = self._run(s, noise, on_step)
+        settings = {k: s[k] for k in ("prompt", "negative_prompt", "steps", "guidance", "scheduler", "width", "height")}
+        settings["model"] = (self.bundle.manifest or {}).get("source", {}).get("id") or self.bundle.path.name
+        return [Generated(Image.fromarray(img), x, settings) for img, x in zip(decoded, seeds, strict=True)]
+
+    def _settings(self, prompt: str, negative_prompt: str, n: int, height: int | None, width: int | None,
+                  steps: int | None, guidance: float | None, seed: int | None, scheduler: str | None) -> dict:
+        """Validate every input before any work starts; fill in the model's defaults."""
+        width = v.check_side("width", self.default_size[0] if width is None else width)
+        height = v.check_side("height", self.default_size[1] if height is None else height)
+        static = self.bundle.static_shape
+        if static and (static.get("width"), static.get("height")) != (width, height):
+            raise T2IError(
+                f"size {width}x{height} is not allowed for this bundle; it was exported with static shapes for "
+                f"{static.get('width')}x{static.get('height')} only"
+            )
+        name = self.default_scheduler if scheduler is None else scheduler
+        if name not in SCHEDULER_NAMES:
+            raise T2IError(f"scheduler '{name}' is not known; use one of {', '.join(SCHEDULER_NAMES)}")
+        return {
+            "prompt": v.check_prompt("prompt", prompt),
+            "negative_prompt": v.check_prompt("negative prompt", negative_prompt),
+            "n": v.check_count(n),
+            "width": width,
+            "height": height,
+            "steps": v.check_steps(self.default_steps if steps is None else steps),
+            "guidance": v.check_guidance(self.default_guidance if guidance is None else guidance),
+            "seed": v.check_seed(secrets.randbelow(2**31) if seed is None else seed),
+            "scheduler": name,
+        }
+
+    def _run(self, s: dict, noise: np.ndarray, on_step: StepCallback | None) -> np.ndarray:
+        """The denoising loop, written out: encode, init latents, [UNet → guidance → scheduler step]*, decode."""
+        n, steps, guidance = s["n"], s["steps"], s["guidance"]
+        # Guidance ≤ 1 adds nothing over the conditional prediction, so skip the unconditional half (sd-turbo: 0).
+        cfg = guidance > 1.0
+        cond = self._encode(s["prompt"])
+        # Classifier-free guidance runs uncond and cond as one UNet batch of 2n: one call instead of two.
+        context = np.concatenate([self._encode(s["negative_prompt"])] * n + [cond] * n) if cfg else \
+            np.concatenate([cond] * n)
+        sched: Scheduler = make_scheduler(s["scheduler"], self.bundle.scheduler_config)
+        sched.set_timesteps(steps)
+        latents = noise * np.float32(sched.init_noise_sigma)
+        unet_t = self.unet.inputs["timestep"]
+        for i, t in enumerate(sched.timesteps):
+            model_in = sched.scale_model_input(np.concatenate([latents, latents]) if cfg else latents, t)
+            # The timestep's dtype and rank come from the graph (float scalar in optimum exports, int64 elsewhere).
+            t_in: np.ndarray = np.asarray(t, dtype=unet_t.dtype).reshape([1] * len(unet_t.shape))
+            pred = self.unet.run({
+                "sample": model_in.astype(self.unet.inputs["sample"].dtype),
+                "timestep": t_in,
+                "encoder_hidden_states": context.astype(self.unet.inputs["encoder_hidden_states"].dtype),
+            })[0].astype(np.float32)
+            if cfg:
+                uncond, text = pred[:n], pred[n:]
+                pred = uncond + np.float32(guidance) * (text - uncond)
+            latents = sched.step(pred, t, latents)
+            if on_step is not None and on_step(i + 1, steps) is False:
+                raise GenerationCancelled(f"stopped after step {i + 1} of {steps}")
+        return self._decode(latents)
+
+    def _encode(self, prompt: str) -> np.ndarray:
+        ids = self.tokenizer.encode([prompt])
+        spec = self.text_encoder.inputs["input_ids"]
+        return self.text_encoder.run({"input_ids": ids.astype(spec.dtype)})[0].astype(np.float32)
+
+    def _decode(self, latents: np.ndarray) -> np.ndarray:
+        """Latents → uint8 HWC images. The VAE runs one image at a time: at 512² its activations take GBs and a
+        batch is no faster on the CPU."""
+        spec = self.vae_decoder.inputs["latent_sample"]
+        out = []
+        for one in latents / np.float32(self.bundle.vae_scaling_factor):
+            img = self.vae_decoder.run({"latent_sample": one[None].astype(spec.dtype)})[0][0].astype(np.float32)
+            img = np.clip(img / 2 + 0.5, 0.0, 1.0)
+            out.append((img.transpose(1, 2, 0) * 255).round().astype(np.uint8))
+        return np.stack(out)
+
+
+def psnr(a: Sequence[Image.Image] | np.ndarray, b: Sequence[Image.Image] | np.ndarray) -> float:
+    """Peak signal-to-noise ratio in dB between two image sets (8-bit); inf when identical."""
+    x = np.stack([np.asarray(i, dtype=np.float64) for i in a])
+    y = np.stack([np.asarray(i, dtype=np.float64) for i in b])
+    mse = float(np.mean((x - y) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
