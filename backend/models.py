@@ -58,6 +58,9 @@ def resolve_model(model: str, store: Path, fmt: str, offline: bool = False,
     target = store / f"{_slug(model)}-{fmt}"
     if _is_bundle(target) and (target / "manifest.json").is_file():
         return target
+    downloaded = store / "downloads" / _slug(model)
+    if _is_bundle(downloaded):  # a ready-made bundle fetched earlier: no need to ask the hub again
+        return downloaded
     if model in ("tiny", "tiny-v"):
         say(TINY_WARNING)
         return _export(model, fmt, target, say)
@@ -72,7 +75,7 @@ def resolve_model(model: str, store: Path, fmt: str, offline: bool = False,
         )
     if offline:
         raise T2IError(_how_to_get(model, target, "offline mode is on (T2I_OFFLINE)"))
-    source, revision = _download(repo, store / "downloads" / _slug(repo), model, target)
+    source, revision = _download(repo, downloaded, model, target)
     if _is_bundle(source):
         return source
     return _export(str(source), fmt, target, say, origin={"id": repo, "revision": revision, "kind": "hub"})

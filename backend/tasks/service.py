@@ -1,0 +1,181 @@
+"""The one core that turns a checked request into PNG images, shared by the Nextcloud worker, the standalone task
+service and Python callers. It owns the loaded model, batches the images, reports progress as a fraction, stops
+when told to, and keeps the measured speed that expected runtimes are estimated from."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from backend.config import Settings
+from backend.images import png_bytes
+from backend.tasks.request import ImageRequest, TaskInputError
+from runtime.errors import GenerationCancelled, T2IError
+
+log = logging.getLogger(__name__)
+
+#: Called with the fraction done (0..1); returning False cancels the run within one denoising step.
+ProgressCallback = Callable[[float], "bool | None"]
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """One generated image as PNG bytes (with metadata) and its seed."""
+
+    png: bytes
+    seed: int
+    width: int
+    height: int
+
+
+class ImageService:
+    """A loaded model ready for requests. One run at a time per service; several services can share a machine
+    (each with its own thread cap)."""
+
+    def __init__(self, settings: Settings, mark_ai: bool = True, max_batch: int = 4) -> None:
+        self.settings = settings
+        self.mark_ai = mark_ai
+        self.max_batch = max_batch
+        self.pipeline = None  # type: ignore[var-annotated]
+        self._lock = threading.Lock()
+        # Seconds per image-step at the model's native size, measured on this machine; None until measured.
+        self._step_seconds: float | None = None
+        self._decode_seconds: float | None = None
+
+    # -- loading ---------------------------------------------------------------------------------------------------
+    def load(self, progress: Callable[[int], None] | None = None, bundle: Path | None = None) -> None:
+        """Get the configured model into the store (download/export as needed), load it and measure its speed.
+
+        ``progress`` receives 0..100 for an init status.
+        """
+        from backend.models import default_format, resolve_model
+        from runtime import Pipeline
+
+        report = progress or (lambda _: None)
+        s = self.settings
+        report(1)
+        if bundle is None:
+            fmt = s.format if s.format != "auto" else default_format(s.engine)
+            bundle = resolve_model(s.model, s.model_store, fmt, offline=s.offline, say=log.warning)
+        report(60)
+        self.pipeline = Pipeline.load(bundle, device=s.device, engine=s.engine, threads=s.threads or None)
+        report(85)
+        self.calibrate()
+        report(100)
+
+    @property
+    def ready(self) -> bool:
+        return self.pipeline is not None
+
+    def _pipe(self):  # type: ignore[no-untyped-def]
+        if self.pipeline is None:
+            raise T2IError("the model is not loaded yet; try again when initialisation has finished")
+        return self.pipeline
+
+    @property
+    def model_name(self) -> str:
+        pipe = self._pipe()
+        return str((pipe.bundle.manifest or {}).get("source", {}).get("id") or pipe.bundle.path.name)
+
+    @property
+    def defaults(self) -> dict[str, object]:
+        """The model's defaults, as task-input values."""
+        pipe = self._pipe()
+        w, h = pipe.default_size
+        return {"size": f"{w}x{h}", "steps": pipe.default_steps, "guidance": pipe.default_guidance,
+                "scheduler": pipe.default_scheduler}
+
+    def allowed_sizes(self) -> list[str]:
+        """Sizes offered to users: the model's native one first, then square and 4:3 / 3:4 choices nearby."""
+        pipe = self._pipe()
+        static = pipe.bundle.static_shape
+        if static:
+            return [f"{static['width']}x{static['height']}"]
+        native = pipe.default_size[0]
+        sides = sorted({256, 384, 512, 640, 768, 1024} | {native})
+        sizes = [f"{native}x{native}"] + [f"{s}x{s}" for s in sides if s != native]
+        sizes += [f"{native}x{native * 3 // 4 // 64 * 64}", f"{native * 3 // 4 // 64 * 64}x{native}"]
+        return [sz for sz in dict.fromkeys(sizes) if _fits(sz)]
+
+    # -- speed -----------------------------------------------------------------------------------------------------
+    def calibrate(self) -> None:
+        """Time one small run so expected runtimes are measured, not guessed."""
+        pipe = self._pipe()
+        w, h = pipe.default_size
+        t0 = time.perf_counter()
+        pipe.generate("calibration", n=1, width=w, height=h, steps=1, guidance=pipe.default_guidance, seed=0)
+        total = time.perf_counter() - t0
+        # One run = text encoding + one step + decode. Split it as SD2's FLOPs do: the VAE decode costs about
+        # three UNet evaluations at the same size; the text encoder is negligible.
+        cfg = 2.0 if pipe.default_guidance > 1 else 1.0
+        self._step_seconds = total / (cfg + 3.0) * cfg
+        self._decode_seconds = total - self._step_seconds
+        log.info("calibrated %s: %.2f s per step, %.2f s per decode at %dx%d", self.model_name,
+                 self._step_seconds, self._decode_seconds, w, h)
+
+    def expected_seconds(self, request: ImageRequest) -> float:
+        """Estimated wall time of ``request`` on this machine, from the measured step and decode times."""
+        pipe = self._pipe()
+        if self._step_seconds is None or self._decode_seconds is None:
+            self.calibrate()
+        assert self._step_seconds is not None and self._decode_seconds is not None
+        w, h = request.width or pipe.default_size[0], request.height or pipe.default_size[1]
+        area = (w * h) / (pipe.default_size[0] * pipe.default_size[1])
+        steps = request.steps or pipe.default_steps
+        guidance = pipe.default_guidance if request.guidance is None else request.guidance
+        cfg_factor = (2.0 if guidance > 1 else 1.0) / (2.0 if pipe.default_guidance > 1 else 1.0)
+        per_image = steps * self._step_seconds * cfg_factor + self._decode_seconds
+        return max(0.1, request.n * per_image * area)
+
+    # -- running ---------------------------------------------------------------------------------------------------
+    def run(self, request: ImageRequest, on_progress: ProgressCallback | None = None) -> list[ImageResult]:
+        """Generate the request's images in batches of at most ``max_batch``.
+
+        Raises :class:`TaskInputError` for input the model cannot take (e.g. a size its static graphs do not
+        allow), :class:`GenerationCancelled` when ``on_progress`` returned False.
+        """
+        pipe = self._pipe()
+        with self._lock:
+            steps = request.steps or pipe.default_steps
+            batches = [min(self.max_batch, request.n - i) for i in range(0, request.n, self.max_batch)]
+            total = steps * len(batches)
+            first_seed = request.seed if request.seed is not None else _random_seed()
+            results: list[ImageResult] = []
+            for b, size in enumerate(batches):
+                def step(done: int, _all: int, b: int = b) -> bool:
+                    keep_going = on_progress((b * steps + done) / total) if on_progress else True
+                    return keep_going is not False
+
+                try:
+                    items = pipe.generate_detailed(
+                        request.prompt, request.negative_prompt, n=size, width=request.width,
+                        height=request.height, steps=request.steps, guidance=request.guidance,
+                        seed=first_seed + len(results), scheduler=request.scheduler, on_step=step)
+                except GenerationCancelled:
+                    raise
+                except T2IError as exc:
+                    raise TaskInputError(str(exc)) from None
+                for item in items:
+                    w, h = item.image.size
+                    results.append(ImageResult(png_bytes(item, self.mark_ai), item.seed, w, h))
+            return results
+
+
+def _fits(size: str) -> bool:
+    from runtime.validation import parse_size
+
+    try:
+        parse_size(size)
+    except T2IError:
+        return False
+    return True
+
+
+def _random_seed() -> int:
+    import secrets
+
+    return secrets.randbelow(2**31)
