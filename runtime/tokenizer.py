@@ -1,14 +1,19 @@
 """CLIP's BPE tokenizer for SD2 bundles, without torch or transformers.
 
 It reproduces the ids of transformers' slow ``CLIPTokenizer`` as diffusers' ``StableDiffusionPipeline`` calls it
-(``padding="max_length", truncation=True``) in an environment without ``ftfy`` — the slow tokenizer then cleans the
-text like BERT's ``BasicTokenizer``. transformers' fast tokenizer and its ``tokenizer.json`` skip three parts of that
-cleanup, so the pipeline here adds them back:
+(``padding="max_length", truncation=True``) where ``ftfy`` is not installed: the slow tokenizer then cleans text like
+BERT's ``BasicTokenizer``. transformers' fast tokenizer (and its ``tokenizer.json``) differs from it in a few places,
+which the pipeline here follows the slow tokenizer in:
 
 * control and format characters (NUL, U+FFFD, zero-width spaces and joiners, soft hyphens, ...) are deleted, which can
   join the words on either side of them;
 * each CJK ideograph is a word of its own;
-* a capital sigma that ends a word lowercases to "ς" (Python's ``str.lower``), not "σ".
+* a capital sigma that ends a word lowercases to "ς" (Python's ``str.lower``), not "σ";
+* U+0345 (combining ypogegrammeni) separates words instead of being a symbol of its own.
+
+One difference is left: "<|endoftext|>" or "<|startoftext|>" that only appears once the text is cleaned (written in
+capitals, say) and follows a punctuation mark directly becomes the special token here but plain text in transformers.
+With ``ftfy`` installed, transformers cleans text differently again (no CJK split, ftfy's fixes).
 
 >>> tok = ClipTokenizer.load(Path("bundles/sd2.1/tokenizer"))
 >>> ids = tok.encode(["a red fox in the snow"])  # int64, shape (1, tok.max_length)
@@ -108,8 +113,8 @@ class ClipTokenizer:
             ]
         )
 
-        # Added tokens, matched before the BPE like the slow tokenizer's trie: saved ones first, in id order, so a
-        # token missing from the vocabulary gets the next free id as it did in transformers.
+        # Added tokens, matched before the BPE like the slow tokenizer's trie. Saved ones keep their saved ids; a
+        # special token found nowhere else gets the next free id, in transformers' order.
         specs = [t for _, t in decoder]
         named = {"bos": bos, "eos": eos, "unk": unk, "pad": pad}
         specs += [_spec(config.get(f"{k}_token"), v) for k, v in named.items()]
@@ -210,12 +215,14 @@ def _spec(token: object, content: str) -> dict:
 
 
 def _bpe_from_json(path: Path, decoder: list[tuple[int, dict]]) -> Tokenizer:
-    """The BPE model of a tokenizer.json. Its added tokens move to ``decoder``, to be set up again like the others:
-    tokenizers keeps matching an added token the old way when it is only re-added with new settings."""
+    """The BPE model of a tokenizer.json. Its added tokens move to ``decoder``, to be set up again like the others
+    (tokenizers keeps matching an added token the old way when it is only re-added with new settings)."""
     data = json.loads(path.read_text(encoding="utf-8"))
-    known = {t.get("content") for _, t in decoder}
-    decoder += [(t["id"], t) for t in data.pop("added_tokens", None) or [] if t.get("content") not in known]
-    decoder.sort(key=lambda it: it[0])
+    # Where tokenizer_config.json lists the same token, tokenizer.json's id wins, as in transformers' fast tokenizer.
+    from_json = {t["content"]: (t["id"], t) for t in data.pop("added_tokens", None) or []}
+    decoder[:] = sorted(
+        [*(it for it in decoder if it[1].get("content") not in from_json), *from_json.values()], key=lambda it: it[0]
+    )
     _keep_added_ids(data["model"]["vocab"], decoder)
     return Tokenizer.from_str(json.dumps(data))
 

@@ -151,20 +151,31 @@ def test_files_saved_by_transformers(vocabs: dict[str, Path], tmp_path: Path) ->
 
 @pytest.mark.parametrize("fast", [False, True])
 def test_added_tokens_keep_their_ids(vocabs: dict[str, Path], tmp_path: Path, fast: bool) -> None:
-    # A textual-inversion word added after training: not in vocab.json, saved with its id beside it.
-    ref = _reference(vocabs["bpe"])
-    ref.add_tokens(["<cat-toy>"])
+    # A textual-inversion word added after training: not in vocab.json, saved with its id (moved here to leave a gap,
+    # so that the id must come from the files rather than from counting).
     cls = transformers.CLIPTokenizerFast if fast else transformers.CLIPTokenizer
     saved = cls.from_pretrained(vocabs["bpe"])
     saved.add_tokens(["<cat-toy>"])
     saved.save_pretrained(tmp_path)
+    old_id, new_id = saved.convert_tokens_to_ids("<cat-toy>"), 600
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (tmp_path / name).is_file():
+            text = (tmp_path / name).read_text(encoding="utf-8")
+            text = text.replace(f'"id": {old_id},', f'"id": {new_id},').replace(f'"{old_id}": {{', f'"{new_id}": {{')
+            (tmp_path / name).write_text(text, encoding="utf-8")
     if fast:
         (tmp_path / "vocab.json").unlink()
         (tmp_path / "merges.txt").unlink()
     prompts = ["a <cat-toy> on the beach", "A <CAT-TOY>", "<cat-toy><cat-toy>!"]
+    ref = _reference(vocabs["bpe"])
+    ref.add_tokens(["<cat-toy>"])
+    want = _expected(ref, prompts)
+    want[want == old_id] = new_id
+    if not fast:
+        np.testing.assert_array_equal(_expected(_reference(tmp_path), prompts), want)
     ids = ClipTokenizer.load(tmp_path).encode(prompts)
-    assert ref.convert_tokens_to_ids("<cat-toy>") in ids[0]
-    np.testing.assert_array_equal(ids, _expected(ref, prompts))
+    assert new_id in ids[0]
+    np.testing.assert_array_equal(ids, want)
 
 
 def _variant(source: Path, dest: Path, **configs: object) -> Path:

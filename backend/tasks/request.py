@@ -79,7 +79,9 @@ def _text(name: str, value: Any, limit: int = MAX_PROMPT_CHARS) -> str:
 def parse_task_input(raw: Mapping[str, Any]) -> ImageRequest:
     """Check a task's input dict (Nextcloud keys) and return the request; raise :class:`TaskInputError`."""
     if not isinstance(raw, Mapping):
-        raise TaskInputError(f"task input must be an object with 'input' and 'numberOfImages', got {type(raw).__name__}")
+        raise TaskInputError(
+            f"task input must be an object with 'input' and 'numberOfImages', got {type(raw).__name__}"
+        )
     unknown = sorted(set(raw) - set(CORE_INPUTS) - set(OPTIONAL_INPUTS))
     if unknown:
         allowed = ", ".join([*CORE_INPUTS, *OPTIONAL_INPUTS])
