@@ -196,5 +196,28 @@ def verify(bundle_dir: Path) -> None:
     click.echo(f"{bundle_dir}: all files match manifest.json")
 
 
+@cli.command()
+@click.option("--standalone", is_flag=True,
+              help="Run the standalone task service (Nextcloud's Text-To-Image API, no Nextcloud needed) instead of "
+                   "the Nextcloud ExApp.")
+@click.option("--host", help="Address to listen on. ExApp: APP_HOST; standalone: 127.0.0.1.")
+@click.option("--port", type=int, help="Port to listen on. ExApp: APP_PORT; standalone: 8765.")
+@click.option("--workers", type=int, help="Generation workers in this process (T2I_WORKERS, default 1); the thread "
+                                           "cap is split between them.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Standalone: folder for the task store and images (T2I_DATA_DIR).")
+@_user_errors
+def serve(standalone: bool, host: str | None, port: int | None, workers: int | None, data_dir: Path | None) -> None:
+    """Serve tasks: as a Nextcloud ExApp (default) or as a standalone task service (--standalone)."""
+    if standalone:
+        from backend.standalone.server import serve as serve_standalone
+
+        serve_standalone(host=host, port=port, workers=workers, data_dir=data_dir)
+    else:
+        from backend.nextcloud.app import serve as serve_exapp
+
+        serve_exapp(host=host, port=port, workers=workers)
+
+
 def main() -> None:
     cli()

@@ -35,6 +35,27 @@ class Settings:
     threads: int = 0
     #: Never touch the network; models must already be in the store.
     offline: bool = False
+    #: Generation workers per process; the thread cap is split between them (e.g. one per GPU).
+    workers: int = 1
+    #: Most images run through the UNet at once; larger requests run in several batches.
+    max_batch: int = 4
+    #: Mark generated PNGs as AI-generated in their metadata (IPTC trainedAlgorithmicMedia).
+    ai_marking: bool = True
+    #: Seconds between polls for new tasks when no trigger has arrived (Nextcloud < 33 never triggers).
+    poll_interval: float = 5.0
+    #: Standalone service: folder of the task store (SQLite) and the images.
+    data_dir: Path = field(default_factory=lambda: _default_store().parent / "tasks")
+    #: Standalone service: address and port to listen on.
+    host: str = "127.0.0.1"
+    port: int = 8765
+    #: Standalone service: credentials, "user:secret" pairs separated by commas; a secret works as a bearer token
+    #: and as the basic-auth password of its user.
+    users: str = ""
+    #: Standalone service: schedules allowed per user within rate_window seconds (more answer 429).
+    rate_limit: int = 20
+    rate_window: int = 120
+    #: Standalone service: finished tasks older than this many days are deleted with their images.
+    task_max_age_days: int = 30
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
@@ -63,6 +84,11 @@ def _convert(name: str, raw: str, default: Any) -> Any:
             return int(raw)
         except ValueError:
             raise T2IError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a whole number") from None
+    if isinstance(default, float):
+        try:
+            return float(raw)
+        except ValueError:
+            raise T2IError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a number") from None
     if isinstance(default, Path):
         return Path(raw).expanduser()
     return raw
