@@ -38,7 +38,8 @@ PROMPTS = [
     "hello!world! ! !!",
     # Control and format characters vanish in CLIPTokenizer's cleanup (without ftfy), joining their neighbours.
     "zero\u200bwidth soft\u00adhyphen nul\x00x \ufffd a\x0cb",
-    "ΟΔΟΣ ΑΣ'Β Σ",
+    # Python's lowercasing of a word-final sigma, and U+0345 that CLIPTokenizer's word pattern skips.
+    "ΟΔΟΣ ΑΣ'Β Σ ʰΣ ΑΣ\u0345 Σ\u0345α a\u0345b",
     "Straße İstanbul ǅ",
     "a<|endoftext|>b <|ENDOFTEXT|> <|startoftext|>",
     "ｆｕｌｌｗｉｄｔｈ “curly” ﬁne",
@@ -69,7 +70,7 @@ def _write_bpe(folder: Path) -> None:
     chars = list(bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars]
     merges = [m.split() for m in MERGES.strip().replace("\n", "|").split("|")]
-    tokens += dict.fromkeys(a + b for a, b in merges if a + b not in tokens)
+    tokens += [t for t in dict.fromkeys(a + b for a, b in merges) if t not in tokens]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {t: i for i, t in enumerate(tokens)}
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
