@@ -144,6 +144,10 @@ def generate(prompt: str, model: str | None, n: int, size: str | None, steps: in
     for item in items:
         path = save_png(item, out / f"t2i-{item.seed}.png")
         click.echo(str(path))
+    if (pipe.bundle.manifest or {}).get("source", {}).get("id") in ("tiny", "tiny-v"):
+        from backend.models import TINY_WARNING
+
+        _say(TINY_WARNING)
 
 
 @cli.command()
@@ -161,7 +165,7 @@ def info(model: str | None, as_json: bool) -> None:
         "cuda_usable": cuda_usable(),
         "threads": s.threads or default_threads(),
         "threads_reason": "T2I_THREADS/--threads" if s.threads else "cores this process may use (affinity mask)",
-        "default_model": s.model,
+        "model": s.model,
         "model_store": str(s.model_store),
         "known_models": {k: f"{m.source} — {m.notes}" for k, m in CATALOG.items()},
     }
@@ -178,8 +182,17 @@ def info(model: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    for key, value in report.items():
-        click.echo(f"{key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+    _print_tree(report)
+
+
+def _print_tree(value: Any, indent: int = 0) -> None:
+    for key, item in value.items():
+        if isinstance(item, dict):
+            click.echo(f"{' ' * indent}{key}:")
+            _print_tree(item, indent + 2)
+        else:
+            shown = ", ".join(map(str, item)) if isinstance(item, list) else item
+            click.echo(f"{' ' * indent}{key}: {shown}")
 
 
 @cli.command()

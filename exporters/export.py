@@ -98,6 +98,7 @@ def export_model(source: str, fmt: str, out: Path, precision: str = "fp32",
 
     # torch's tracer warns about every Python branch in diffusers' code; none of them matter for these shapes.
     warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+    warnings.filterwarnings("ignore", message="Exporting aten::index operator", category=UserWarning)
     with tempfile.TemporaryDirectory(prefix="t2i-export-") as tmp:
         src, found = resolve_source(source, Path(tmp))
         origin = origin or found

@@ -46,11 +46,20 @@ def to_fp16(path: Path, keep_attention_fp32: bool) -> None:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = onnx.load(str(path), load_external_data=True)
-    blocked = []
+    # The converter needs every tensor's type to put Casts around the nodes it keeps in fp32; infer them from the
+    # file (in-memory inference refuses models over 2 GB).
+    inferred = path.with_name("inferred.onnx")
+    onnx.shape_inference.infer_shapes_path(str(path), str(inferred))
+    model = onnx.load(str(inferred), load_external_data=True)
+    inferred.unlink()
+    producers = {out: node for node in model.graph.node for out in node.output}
+    # Resize takes its roi/scales as float32 by definition; the converter would turn those constants to fp16 too.
+    blocked = [producers[i].name for node in model.graph.node if node.op_type == "Resize"
+               for i in node.input[1:] if i in producers and producers[i].op_type == "Constant"]
     if keep_attention_fp32:
-        blocked = [n.name for n in model.graph.node
-                   if ("/attn1/" in n.name or "/attn2/" in n.name) and n.op_type in ("MatMul", "Softmax", "Mul")]
+        blocked += [n.name for n in model.graph.node
+                    if ("/attn1/" in n.name or "/attn2/" in n.name) and "/to_" not in n.name  # not the projections
+                    and n.op_type in ("MatMul", "Softmax", "Mul")]
     model = convert_float_to_float16(model, keep_io_types=True, node_block_list=blocked, disable_shape_infer=True)
     save_onnx(model, path)
 
