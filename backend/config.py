@@ -31,6 +31,8 @@ class Settings:
     device: str = "auto"
     #: auto | onnxruntime | openvino
     engine: str = "auto"
+    #: Latent decoder: vae (the model's own) or taesd (much faster, coarser; the bundle must include it).
+    decoder: str = "vae"
     #: Op threads for both engines; 0 = the cores this process may use.
     threads: int = 0
     #: Never touch the network; models must already be in the store.

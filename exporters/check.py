@@ -41,6 +41,8 @@ def torch_reference(name: str, model: Any, feeds: dict[str, np.ndarray]) -> np.n
             out = model(t["input_ids"])[0]
         elif name == "unet":
             out = model(t["sample"], t["timestep"], t["encoder_hidden_states"]).sample
+        elif name == "taesd_decoder":
+            out = model.decode(t["latent_sample"]).sample
         else:
             out = model(t["latent_sample"]).sample  # optimum's vae_decoder is the VAE with forward = decode
     return out.float().numpy()

@@ -61,11 +61,13 @@ def resolve_source(source: str, workdir: Path) -> tuple[Path, dict[str, Any]]:
 
 
 def export_model(source: str, fmt: str, out: Path, precision: str = "fp32",
-                 say: Callable[[str], None] = print, origin: dict[str, Any] | None = None) -> Path:
+                 say: Callable[[str], None] = print, origin: dict[str, Any] | None = None,
+                 taesd: str | None = None) -> Path:
     """Export SOURCE to ``out`` in ``fmt`` (onnx | openvino) at ``precision`` (fp32 | fp16) and check it.
 
     ``origin`` describes where an already downloaded SOURCE folder came from (hub id and revision); it goes into
-    the manifest and picks the catalogue's defaults.
+    the manifest and picks the catalogue's defaults. ``taesd`` adds the TAESD decoder from that source ('tiny',
+    'random', a folder or a hub id such as madebyollin/taesd) as ``taesd_decoder/``.
 
     Re-running on a finished folder says so and does nothing; an interrupted run resumes after the last finished
     component.
@@ -76,6 +78,8 @@ def export_model(source: str, fmt: str, out: Path, precision: str = "fp32",
         raise ExportError(f"precision '{precision}' is not known; use one of {', '.join(PRECISIONS)}")
     out = Path(out)
     wanted = {"source": source, "format": fmt, "precision": precision}
+    if taesd:
+        wanted["taesd"] = taesd
     if (out / MANIFEST).is_file():
         done = json.loads((out / MANIFEST).read_text())
         if done.get("request") == wanted:
@@ -123,6 +127,10 @@ def export_model(source: str, fmt: str, out: Path, precision: str = "fp32",
             err = check_component(comp.name, pairs[comp.name][0], graph, comp.tolerance[precision])
             state["done"][comp.name] = err
             (out / STATE).write_text(json.dumps(state))
+        if taesd:
+            state["done"]["taesd_decoder"] = _export_taesd(taesd, fmt, precision, onnx_dir, out, Path(tmp),
+                                                           state["done"].get("taesd_decoder"), say)
+            (out / STATE).write_text(json.dumps(state))
         pipe.scheduler.save_pretrained(out / "scheduler")
         pipe.tokenizer.save_pretrained(out / "tokenizer")
         _write_model_index(pipe, out)
@@ -131,6 +139,26 @@ def export_model(source: str, fmt: str, out: Path, precision: str = "fp32",
     (out / STATE).unlink()
     say(f"exported {source} → {out} ({fmt}, {precision})")
     return out
+
+
+def _export_taesd(source: str, fmt: str, precision: str, onnx_dir: Path, out: Path, tmp: Path,
+                  done: float | None, say: Callable[[str], None]) -> float:
+    from exporters import taesd as t
+    from exporters.onnx_graphs import to_fp16
+    from exporters.openvino_ir import convert
+
+    if done is not None:
+        say(f"{t.FOLDER}: already exported and checked (error {done:.2g}), skipping")
+        return done
+    model, _ = t.load_taesd(source, tmp)
+    graph = t.export_taesd(model, onnx_dir)
+    if precision == "fp16" and fmt == "onnx":
+        to_fp16(graph, keep_attention_fp32=False)
+    if fmt == "openvino":
+        (out / t.FOLDER).mkdir(parents=True, exist_ok=True)
+        shutil.copy(onnx_dir / t.FOLDER / "config.json", out / t.FOLDER / "config.json")
+        graph = convert(graph, out / t.FOLDER / "openvino_model.xml", precision)
+    return check_component(t.FOLDER, model, graph, t.TOLERANCE[precision])
 
 
 def _write_model_index(pipe: Any, out: Path) -> None:

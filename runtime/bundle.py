@@ -127,6 +127,14 @@ class Bundle:
             raise T2IError(f"bundle '{self.path}' has no {MANIFEST}, so there is nothing to verify against")
         return [rel for rel, meta in self.files.items() if file_digest(self.path / rel) != meta.get("sha256")]
 
+    def has(self, component: str) -> bool:
+        """Whether an optional component (e.g. ``taesd_decoder``) is in the bundle."""
+        return self.graph(component).is_file()
+
+    def component_config(self, component: str) -> dict[str, Any]:
+        """A component's config.json."""
+        return _read_json(self.path / component / "config.json")
+
     def graph(self, component: str) -> Path:
         """Path of a component's graph file in this bundle's format."""
         return self.path / component / GRAPH_FILES[self.format]

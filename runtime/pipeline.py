@@ -26,6 +26,8 @@ StepCallback = Callable[[int, int], "bool | None"]
 
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 7.5
+#: Latents → pixels: the model's own VAE decoder, or the TAESD decoder when the bundle has one (faster, coarser).
+DECODERS = {"vae": "vae_decoder", "taesd": "taesd_decoder"}
 
 
 @dataclass(frozen=True)
@@ -40,19 +42,30 @@ class Generated:
 class Pipeline:
     """A loaded bundle that turns prompts into images. Create it with :meth:`Pipeline.load`."""
 
-    def __init__(self, bundle: Bundle, engine: str, device: str, threads: int, why: str) -> None:
+    def __init__(self, bundle: Bundle, engine: str, device: str, threads: int, why: str,
+                 decoder: str = "vae") -> None:
         self.bundle = bundle
         self.engine = engine
         self.device = device
         self.threads = threads
+        if decoder not in DECODERS:
+            raise T2IError(f"decoder '{decoder}' is not known; use one of {', '.join(DECODERS)}")
+        if not bundle.has(DECODERS[decoder]):
+            raise T2IError(f"bundle '{bundle.path}' has no {decoder} decoder ({DECODERS[decoder]}/); "
+                           "export it with `text2image export SOURCE --taesd madebyollin/taesd` or use --decoder vae")
+        self.decoder = decoder
         self.tokenizer = ClipTokenizer.load(bundle.path / "tokenizer")
         t0 = time.perf_counter()
         self.text_encoder = self._open("text_encoder")
         self.unet = self._open("unet")
-        self.vae_decoder = self._open("vae_decoder")
+        self.vae_decoder = self._open(DECODERS[decoder])
+        # The factor the latents were scaled by for the UNet; TAESD was trained on the scaled latents (factor 1).
+        self._latent_scale = (bundle.vae_scaling_factor if decoder == "vae"
+                              else float(bundle.component_config(DECODERS[decoder]).get("scaling_factor", 1.0)))
         log.info(
-            "loaded %s (%s, %s) on %s/%s with %d threads in %.1f s [%s]",
-            bundle.path, bundle.format, bundle.precision, engine, device, threads, time.perf_counter() - t0, why,
+            "loaded %s (%s, %s, %s decoder) on %s/%s with %d threads in %.1f s [%s]",
+            bundle.path, bundle.format, bundle.precision, decoder, engine, device, threads,
+            time.perf_counter() - t0, why,
         )
         defaults = bundle.defaults
         self.default_steps = int(defaults.get("steps", DEFAULT_STEPS))
@@ -69,16 +82,18 @@ class Pipeline:
         device: str = "auto",
         engine: str = "auto",
         threads: int | None = None,
+        decoder: str = "vae",
     ) -> Pipeline:
         """Load a bundle folder.
 
         ``device``: auto | cpu | cuda. ``engine``: auto | onnxruntime | openvino. ``threads``: the cap for both
-        engines' op threads; None means env ``T2I_THREADS`` or the cores this process may use.
+        engines' op threads; None means env ``T2I_THREADS`` or the cores this process may use. ``decoder``: vae
+        (the model's own) or taesd (about 18× cheaper, coarser pixels; the bundle must include it).
         """
         bundle = Bundle.open(path)
         chosen_engine, chosen_device, why = choose(bundle.format, engine, device)
         n_threads = parse_threads(threads) if threads is not None else default_threads()
-        return cls(bundle, chosen_engine, chosen_device, n_threads, why)
+        return cls(bundle, chosen_engine, chosen_device, n_threads, why, decoder)
 
     def _open(self, component: str) -> Session:
         return open_session(self.bundle.graph(component), self.engine, self.device, self.threads,  # type: ignore[arg-type]
@@ -205,7 +220,7 @@ class Pipeline:
         batch is no faster on the CPU."""
         spec = self.vae_decoder.inputs["latent_sample"]
         out = []
-        for one in latents / np.float32(self.bundle.vae_scaling_factor):
+        for one in latents / np.float32(self._latent_scale):
             img = self.vae_decoder.run({"latent_sample": one[None].astype(spec.dtype)})[0][0].astype(np.float32)
             img = np.clip(img / 2 + 0.5, 0.0, 1.0)
             out.append((img.transpose(1, 2, 0) * 255).round().astype(np.uint8))

@@ -62,7 +62,8 @@ class ImageService:
             fmt = s.format if s.format != "auto" else default_format(s.engine)
             bundle = resolve_model(s.model, s.model_store, fmt, offline=s.offline, say=log.warning)
         report(60)
-        self.pipeline = Pipeline.load(bundle, device=s.device, engine=s.engine, threads=s.threads or None)
+        self.pipeline = Pipeline.load(bundle, device=s.device, engine=s.engine, threads=s.threads or None,
+                                      decoder=s.decoder)
         report(85)
         self.calibrate()
         report(100)

@@ -1,0 +1,79 @@
+"""The exact SD2.1-base architecture with random weights, for speed and memory measurements.
+
+Speed does not depend on the weights' values, so a benchmark can run the real shapes without downloading 5 GB.
+The config values are the published ones of stabilityai/stable-diffusion-2-1-base (UNet 865,910,724 parameters).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from exporters.tiny import TEXT_LENGTH, write_tokenizer
+
+UNET_PARAMS = 865_910_724
+
+
+def build_full_model(out: Path, seed: int = 0) -> Path:
+    """Save a randomly initialised SD2.1-base diffusers folder at ``out`` (about 5 GB in fp32)."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        attention_head_dim=(5, 10, 20, 20),
+        cross_attention_dim=1024,
+        use_linear_projection=True,
+        norm_num_groups=32,
+        upcast_attention=False,
+    )
+    n_params = sum(p.numel() for p in unet.parameters())
+    if n_params != UNET_PARAMS:
+        raise RuntimeError(f"full-size UNet has {n_params} parameters, SD2.1-base has {UNET_PARAMS}")
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=768,
+        scaling_factor=0.18215,
+    )
+    tok_dir = out / "_tokenizer_src"
+    write_tokenizer(tok_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=23,
+        num_attention_heads=16,
+        max_position_embeddings=TEXT_LENGTH,
+        hidden_act="gelu",
+        projection_dim=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ))
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
+                              prediction_type="epsilon")
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(out)
+    for f in tok_dir.iterdir():
+        f.unlink()
+    tok_dir.rmdir()
+    return out
