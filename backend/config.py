@@ -33,6 +33,8 @@ class Settings:
     engine: str = "auto"
     #: Latent decoder: vae (the model's own) or taesd (much faster, coarser; the bundle must include it).
     decoder: str = "vae"
+    #: Math precision: auto (OpenVINO picks bf16 on CPUs with AVX512-BF16/AMX), fp32 (exact), bf16 (OpenVINO).
+    precision: str = "auto"
     #: Op threads for both engines; 0 = the cores this process may use.
     threads: int = 0
     #: Never touch the network; models must already be in the store.

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -180,39 +182,77 @@ class OrtSession:
 
 
 class OvSession:
-    """An OpenVINO compiled model on the CPU with the thread cap and the precision hint applied."""
+    """An OpenVINO model on the CPU with the thread cap and the precision hint applied.
 
-    def __init__(self, path: Path, threads: int, precision_hint: str | None) -> None:
+    The graph is compiled for the exact input shapes of each call (static shapes): OpenVINO's CPU plugin runs
+    static graphs much faster than dynamic ones, and a size change costs one recompile. The last
+    ``keep`` compiled shapes are kept.
+    """
+
+    def __init__(self, path: Path, threads: int, precision_hint: str | None, keep: int = 2) -> None:
         import openvino as ov
 
-        config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+        self._config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
         if precision_hint:
-            config["INFERENCE_PRECISION_HINT"] = precision_hint
-        core = ov.Core()
+            self._config["INFERENCE_PRECISION_HINT"] = precision_hint
+        self._core = ov.Core()
+        self._path = path
         try:
-            compiled = core.compile_model(str(path), "CPU", config)
+            self._model = self._core.read_model(str(path))
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses with the parser's message
             raise T2IError(
                 f"OpenVINO could not load {path}: {exc}. The file may be truncated or corrupt; re-export it"
             ) from None
-        self._request = compiled.create_infer_request()
         self.inputs = {}
-        for port in compiled.inputs:
+        for port in self._model.inputs:
             shape = tuple(d.get_length() if d.is_static else None for d in port.get_partial_shape())
             name = port.get_any_name()
             self.inputs[name] = InputSpec(name, port.get_element_type().to_dtype(), shape)
-        self._n_out = len(compiled.outputs)
+        self._n_out = len(self._model.outputs)
+        self._keep = keep
+        self._compiled: OrderedDict[tuple, Any] = OrderedDict()
+
+    def _request_for(self, feeds: dict[str, np.ndarray]) -> Any:
+        key = tuple((name, feeds[name].shape) for name in sorted(feeds))
+        if key in self._compiled:
+            self._compiled.move_to_end(key)
+            return self._compiled[key]
+        t0 = time.perf_counter()
+        model = self._model.clone()
+        model.reshape({name: list(arr.shape) for name, arr in feeds.items()})
+        try:
+            request = self._core.compile_model(model, "CPU", self._config).create_infer_request()
+        except Exception as exc:
+            raise T2IError(f"OpenVINO could not compile {self._path} for shapes {dict(key)}: {exc}") from None
+        log.info("compiled %s for %s in %.1f s", self._path.parent.name, dict(key), time.perf_counter() - t0)
+        self._compiled[key] = request
+        while len(self._compiled) > self._keep:
+            self._compiled.popitem(last=False)
+        return request
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        self._request.infer(feeds)
+        request = self._request_for(feeds)
+        request.infer(feeds)
         # Copy: the request reuses its output buffers on the next call.
-        return [np.array(self._request.get_output_tensor(i).data, copy=True) for i in range(self._n_out)]
+        return [np.array(request.get_output_tensor(i).data, copy=True) for i in range(self._n_out)]
+
+
+#: Math precision choices: auto leaves each engine its own default (OpenVINO picks bf16 on CPUs with AVX512-BF16 or
+#: AMX, onnxruntime runs the graph's own types); fp32 forces full precision, e.g. to match the reference exactly.
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def open_session(path: Path, engine: Engine, device: Device, threads: int, precision: str) -> Session:
-    """Load one graph on the chosen engine. ``precision`` is the bundle's; fp32 bundles keep fp32 math on OpenVINO."""
+    """Load one graph on the chosen engine with the math ``precision`` (see :data:`PRECISIONS`)."""
     if engine == "onnxruntime":
         return OrtSession(path, device, threads)
-    # OpenVINO would pick bf16 by itself on CPUs that have it; an fp32 bundle asks for f32 so results match the
-    # reference. Other precisions leave OpenVINO's own default.
-    return OvSession(path, threads, "f32" if precision == "fp32" else None)
+    hint = {"auto": None, "fp32": "f32", "bf16": "bf16"}[precision]
+    return OvSession(path, threads, hint)
+
+
+def check_precision(precision: str, engine: str) -> str:
+    if precision not in PRECISIONS:
+        raise T2IError(f"precision '{precision}' is not known; use one of {', '.join(PRECISIONS)}")
+    if precision == "bf16" and engine != "openvino":
+        raise T2IError("precision 'bf16' needs the openvino engine; onnxruntime runs the graph's own types")
+    return precision

@@ -14,7 +14,7 @@ from PIL import Image
 
 from runtime import validation as v
 from runtime.bundle import Bundle
-from runtime.engines import Session, choose, default_threads, open_session, parse_threads
+from runtime.engines import Session, check_precision, choose, default_threads, open_session, parse_threads
 from runtime.errors import GenerationCancelled, T2IError
 from runtime.schedulers import SCHEDULER_NAMES, Scheduler, default_scheduler_name, make_scheduler
 from runtime.tokenizer import ClipTokenizer
@@ -43,11 +43,12 @@ class Pipeline:
     """A loaded bundle that turns prompts into images. Create it with :meth:`Pipeline.load`."""
 
     def __init__(self, bundle: Bundle, engine: str, device: str, threads: int, why: str,
-                 decoder: str = "vae") -> None:
+                 decoder: str = "vae", precision: str = "auto") -> None:
         self.bundle = bundle
         self.engine = engine
         self.device = device
         self.threads = threads
+        self.precision = check_precision(precision, engine)
         if decoder not in DECODERS:
             raise T2IError(f"decoder '{decoder}' is not known; use one of {', '.join(DECODERS)}")
         if not bundle.has(DECODERS[decoder]):
@@ -63,8 +64,8 @@ class Pipeline:
         self._latent_scale = (bundle.vae_scaling_factor if decoder == "vae"
                               else float(bundle.component_config(DECODERS[decoder]).get("scaling_factor", 1.0)))
         log.info(
-            "loaded %s (%s, %s, %s decoder) on %s/%s with %d threads in %.1f s [%s]",
-            bundle.path, bundle.format, bundle.precision, decoder, engine, device, threads,
+            "loaded %s (%s, %s weights, %s math, %s decoder) on %s/%s with %d threads in %.1f s [%s]",
+            bundle.path, bundle.format, bundle.precision, self.precision, decoder, engine, device, threads,
             time.perf_counter() - t0, why,
         )
         defaults = bundle.defaults
@@ -83,21 +84,24 @@ class Pipeline:
         engine: str = "auto",
         threads: int | None = None,
         decoder: str = "vae",
+        precision: str = "auto",
     ) -> Pipeline:
         """Load a bundle folder.
 
         ``device``: auto | cpu | cuda. ``engine``: auto | onnxruntime | openvino. ``threads``: the cap for both
         engines' op threads; None means env ``T2I_THREADS`` or the cores this process may use. ``decoder``: vae
-        (the model's own) or taesd (about 18× cheaper, coarser pixels; the bundle must include it).
+        (the model's own) or taesd (about 18× cheaper, coarser pixels; the bundle must include it). ``precision``:
+        auto (each engine's own default: OpenVINO uses bf16 on CPUs with AVX512-BF16/AMX) | fp32 (full precision,
+        matches the reference) | bf16 (OpenVINO only).
         """
         bundle = Bundle.open(path)
         chosen_engine, chosen_device, why = choose(bundle.format, engine, device)
         n_threads = parse_threads(threads) if threads is not None else default_threads()
-        return cls(bundle, chosen_engine, chosen_device, n_threads, why, decoder)
+        return cls(bundle, chosen_engine, chosen_device, n_threads, why, decoder, precision)
 
     def _open(self, component: str) -> Session:
         return open_session(self.bundle.graph(component), self.engine, self.device, self.threads,  # type: ignore[arg-type]
-                            self.bundle.precision)
+                            self.precision)
 
     def generate(
         self,

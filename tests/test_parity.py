@@ -52,7 +52,7 @@ def test_matches_diffusers(request: pytest.FixtureRequest, variant: str, engine:
     v = "_v" if variant == "v_prediction" else ""
     bundle = request.getfixturevalue(f"{'onnx' if engine == 'onnxruntime' else 'openvino'}{v}_bundle")
     source = request.getfixturevalue(f"tiny{v}_source")
-    pipe = Pipeline.load(bundle, device="cpu", engine=engine, threads=2)
+    pipe = Pipeline.load(bundle, device="cpu", engine=engine, threads=2, precision="fp32")
     assert pipe.bundle.scheduler_config["prediction_type"] == variant
     latents = _latents(pipe)
     ours = pipe.generate(PROMPT, negative_prompt=NEGATIVE, n=N, width=SIZE[0], height=SIZE[1], steps=STEPS,

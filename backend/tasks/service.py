@@ -63,7 +63,7 @@ class ImageService:
             bundle = resolve_model(s.model, s.model_store, fmt, offline=s.offline, say=log.warning)
         report(60)
         self.pipeline = Pipeline.load(bundle, device=s.device, engine=s.engine, threads=s.threads or None,
-                                      decoder=s.decoder)
+                                      decoder=s.decoder, precision=s.precision)
         report(85)
         self.calibrate()
         report(100)

@@ -1,0 +1,37 @@
+"""Speed variants against our fp32 path, with the PSNR they cost: OpenVINO bf16 math (its own default on CPUs with
+AVX512-BF16/AMX) and static-shape recompiles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from runtime import Pipeline, T2IError
+from runtime.pipeline import psnr
+
+ARGS = {"prompt": "a red fox", "steps": 4, "seed": 11, "width": 256, "height": 256, "guidance": 7.5}
+
+
+def test_openvino_bf16_close_to_fp32(openvino_bundle: Path) -> None:
+    fp32 = Pipeline.load(openvino_bundle, device="cpu", engine="openvino", threads=2, precision="fp32")
+    bf16 = Pipeline.load(openvino_bundle, device="cpu", engine="openvino", threads=2, precision="bf16")
+    score = psnr(bf16.generate(**ARGS), fp32.generate(**ARGS))
+    print(f"OpenVINO bf16 vs fp32: PSNR {score:.1f} dB")
+    assert score >= 30
+
+
+def test_static_shapes_recompile_per_size(openvino_bundle: Path) -> None:
+    pipe = Pipeline.load(openvino_bundle, device="cpu", engine="openvino", threads=2, precision="fp32")
+    a = pipe.generate(**ARGS)
+    b = pipe.generate(**{**ARGS, "width": 320, "height": 256})
+    c = pipe.generate(**ARGS)
+    assert b[0].size == (320, 256)
+    assert psnr(a, c) == float("inf"), "going back to a size must give the same pixels"
+
+
+def test_bf16_needs_openvino(onnx_bundle: Path) -> None:
+    with pytest.raises(T2IError, match="precision 'bf16' needs the openvino engine"):
+        Pipeline.load(onnx_bundle, device="cpu", engine="onnxruntime", precision="bf16")
+    with pytest.raises(T2IError, match="precision 'int3' is not known; use one of auto, fp32, bf16"):
+        Pipeline.load(onnx_bundle, device="cpu", engine="onnxruntime", precision="int3")
