@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -78,7 +79,10 @@ def resolve_model(model: str, store: Path, fmt: str, offline: bool = False,
     source, revision = _download(repo, downloaded, model, target)
     if _is_bundle(source):
         return source
-    return _export(str(source), fmt, target, say, origin={"id": repo, "revision": revision, "kind": "hub"})
+    bundle = _export(str(source), fmt, target, say, origin={"id": repo, "revision": revision, "kind": "hub"})
+    # The checkpoint is only the export's input; keeping it would hold the model twice on disk.
+    shutil.rmtree(source, ignore_errors=True)
+    return bundle
 
 
 def _download(repo: str, dest: Path, model: str, target: Path) -> tuple[Path, str | None]:
@@ -89,12 +93,33 @@ def _download(repo: str, dest: Path, model: str, target: Path) -> tuple[Path, st
         revision = HfApi().model_info(repo).sha
         return Path(snapshot_download(
             repo, revision=revision, local_dir=dest,
+            # "*/openvino_model.bin", not "*/*.bin": diffusers repos also hold pytorch .bin (and fp16) weight copies
             allow_patterns=["model_index.json", "manifest.json", "*/*.json", "*/*.txt", "*/*.onnx", "*/*.onnx_data",
-                            "*/*.xml", "*/*.bin", "*/diffusion_pytorch_model.safetensors", "*/model.safetensors"],
+                            "*/*.xml", "*/openvino_model.bin", "*/diffusion_pytorch_model.safetensors",
+                            "*/model.safetensors"],
         )), revision
     except Exception as exc:  # offline, unknown repo, auth: all mean the weights cannot be had this way
-        why = f"download of '{repo}' failed: {type(exc).__name__}: {exc}"
-        raise T2IError(_how_to_get(model, target, why)) from None
+        raise T2IError(_how_to_get(model, target, f"download of '{repo}' failed ({_reason(exc)})")) from None
+
+
+def _reason(exc: Exception) -> str:
+    """One readable line for why a hub request failed; the libraries' own texts run to several lines of URLs."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if isinstance(exc, GatedRepoError):
+        return "the repository is gated: accept its licence on the hub and log in with `hf auth login`"
+    if isinstance(exc, RepositoryNotFoundError):
+        return "no such repository on the hub, or it is private and needs a token"
+    if isinstance(exc, RevisionNotFoundError):
+        return "the repository has no such revision"
+    text = str(exc)
+    for marker in ("Connection refused", "Name or service not known", "Temporary failure in name resolution",
+                   "timed out", "Network is unreachable"):
+        if marker in text:
+            return f"cannot reach the model hub at {constants.ENDPOINT}: {marker}"
+    first_line = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {first_line[:200]}"
 
 
 def _export(source: str, fmt: str, target: Path, say: Callable[[str], None], origin: dict | None = None) -> Path:
