@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from backend.config import Settings
+from backend.standalone.tasks_cli import tasks
 from runtime.errors import T2IError
 
 log = logging.getLogger("text2image")
@@ -60,8 +61,9 @@ def cli(verbose: int) -> None:
 @click.option("--format", "fmt", type=click.Choice(["onnx", "openvino"]), default="onnx", show_default=True,
               help="onnx runs on onnxruntime (CPU and CUDA); openvino is fastest on x86 CPUs.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Bundle folder to write.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
-              help="Weight precision. fp16 halves the size; on CPUs prefer fp32 (OpenVINO picks its own math).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+              help="Weight precision. fp16 halves the size; int8 (OpenVINO only) quantizes the UNet with "
+                   "calibration for CPUs with VNNI/AMX: fastest, changes pixels more.")
 @click.option("--taesd", metavar="SOURCE",
               help="Also export the TAESD decoder (about 18x cheaper than the VAE, coarser pixels) from SOURCE: "
                    "madebyollin/taesd, a folder, or 'tiny'/'random' for tests and benchmarks.")
@@ -241,6 +243,42 @@ def serve(standalone: bool, host: str | None, port: int | None, workers: int | N
         from backend.nextcloud.app import serve as serve_exapp
 
         serve_exapp(host=host, port=port, workers=workers)
+
+
+cli.add_command(tasks)
+
+
+@cli.command()
+@click.option("--cache", type=click.Path(file_okay=False, path_type=Path),
+              default=Path.home() / ".cache" / "text2image-sd2" / "bench", show_default=True,
+              help="Where the full-size random model and its exports are kept between runs (about 20 GB).")
+@click.option("--threads", type=int, help="Threads for every engine. Default: the cores this process may use.")
+@click.option("--latents", default="32,64", show_default=True, help="Latent sides (32 = 256² images, 64 = 512²).")
+@click.option("--batches", default="1,2", show_default=True, help="Images per prompt.")
+@click.option("--steps", type=int, default=2, show_default=True, help="Denoising steps of the whole-image timing.")
+@click.option("--guidance", type=float, default=7.5, show_default=True, help="> 1 runs CFG (UNet batch 2n).")
+@click.option("--repeats", type=int, default=3, show_default=True, help="Timed runs per figure (median).")
+@click.option("--peers/--no-peers", default=True, help="Also measure diffusers PyTorch and optimum's pipelines.")
+@click.option("--int8/--no-int8", default=True, help="Also export and measure the int8 variant.")
+@click.option("--only", help="Comma-separated parts of configuration names to measure (e.g. 'openvino,turbo').")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_user_errors
+def bench(cache: Path, threads: int | None, latents: str, batches: str, steps: int, guidance: float, repeats: int,
+          peers: bool, int8: bool, only: str | None, as_json: bool) -> None:
+    """Time our engines against diffusers and optimum on the full-size SD2.1-base architecture (random weights).
+
+    Text encoder, one UNet step, VAE decode and a whole image, at each latent size and batch, each configuration in
+    its own process (warm-up, then medians, peak memory). Needs the export extra; peers need diffusers and
+    optimum-intel (pip install 'text2image-sd2[bench]'). Takes tens of minutes on 2 cores.
+    """
+    from backend.bench.report import run
+    from runtime.engines import default_threads
+
+    def ints(text: str) -> list[int]:
+        return [int(x) for x in text.split(",") if x.strip()]
+
+    run(cache, threads or default_threads(), ints(latents), ints(batches), steps, guidance, repeats, peers, int8,
+        only.split(",") if only else None, as_json)
 
 
 def main() -> None:

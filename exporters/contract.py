@@ -32,4 +32,5 @@ COMPONENTS: tuple[Component, ...] = (
 )
 
 FORMATS = ("onnx", "openvino")
-PRECISIONS = ("fp32", "fp16")
+#: int8 is OpenVINO only: the UNet quantized with NNCF on calibration data, the rest with int8 weights.
+PRECISIONS = ("fp32", "fp16", "int8")

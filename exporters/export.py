@@ -63,7 +63,7 @@ def resolve_source(source: str, workdir: Path) -> tuple[Path, dict[str, Any]]:
 def export_model(source: str, fmt: str, out: Path, precision: str = "fp32",
                  say: Callable[[str], None] = print, origin: dict[str, Any] | None = None,
                  taesd: str | None = None) -> Path:
-    """Export SOURCE to ``out`` in ``fmt`` (onnx | openvino) at ``precision`` (fp32 | fp16) and check it.
+    """Export SOURCE to ``out`` in ``fmt`` (onnx | openvino) at ``precision`` (fp32 | fp16 | int8) and check it.
 
     ``origin`` describes where an already downloaded SOURCE folder came from (hub id and revision); it goes into
     the manifest and picks the catalogue's defaults. ``taesd`` adds the TAESD decoder from that source ('tiny',
@@ -76,6 +76,10 @@ def export_model(source: str, fmt: str, out: Path, precision: str = "fp32",
         raise ExportError(f"format '{fmt}' is not known; use one of {', '.join(FORMATS)}")
     if precision not in PRECISIONS:
         raise ExportError(f"precision '{precision}' is not known; use one of {', '.join(PRECISIONS)}")
+    if precision == "int8" and fmt != "openvino":
+        raise ExportError("precision 'int8' is made with OpenVINO's NNCF; use --format openvino")
+    # int8 starts as an fp32 export, checked against torch, and is quantized once the bundle is complete.
+    graph_precision = "fp32" if precision == "int8" else precision
     out = Path(out)
     wanted = {"source": source, "format": fmt, "precision": precision}
     if taesd:
@@ -118,24 +122,29 @@ def export_model(source: str, fmt: str, out: Path, precision: str = "fp32",
                 say(f"{comp.name}: already exported and checked (error {state['done'][comp.name]:.2g}), skipping")
                 continue
             graph = export_component(comp.name, pairs[comp.name], onnx_dir)
-            if precision == "fp16" and fmt == "onnx":
+            if graph_precision == "fp16" and fmt == "onnx":
                 to_fp16(graph, keep_attention_fp32=upcast and comp.name == "unet")
             if fmt == "openvino":
                 (out / comp.name).mkdir(parents=True, exist_ok=True)
                 shutil.copy(onnx_dir / comp.name / "config.json", out / comp.name / "config.json")
-                graph = convert(graph, out / comp.name / "openvino_model.xml", precision)
-            err = check_component(comp.name, pairs[comp.name][0], graph, comp.tolerance[precision])
+                graph = convert(graph, out / comp.name / "openvino_model.xml", graph_precision)
+            err = check_component(comp.name, pairs[comp.name][0], graph, comp.tolerance[graph_precision])
             state["done"][comp.name] = err
             (out / STATE).write_text(json.dumps(state))
         if taesd:
-            state["done"]["taesd_decoder"] = _export_taesd(taesd, fmt, precision, onnx_dir, out, Path(tmp),
+            state["done"]["taesd_decoder"] = _export_taesd(taesd, fmt, graph_precision, onnx_dir, out, Path(tmp),
                                                            state["done"].get("taesd_decoder"), say)
             (out / STATE).write_text(json.dumps(state))
         pipe.scheduler.save_pretrained(out / "scheduler")
         pipe.tokenizer.save_pretrained(out / "tokenizer")
         _write_model_index(pipe, out)
+    extra: dict[str, Any] = {}
+    if precision == "int8":
+        from exporters.int8 import quantize_bundle
+
+        extra["quantization"] = quantize_bundle(out, say=say)
     info = catalog.lookup(origin["id"]) or catalog.lookup(source)
-    _write_manifest(out, fmt, precision, origin, wanted, state["done"], info.defaults if info else {})
+    _write_manifest(out, fmt, precision, origin, wanted, state["done"], info.defaults if info else {}, extra)
     (out / STATE).unlink()
     say(f"exported {source} → {out} ({fmt}, {precision})")
     return out
@@ -172,7 +181,7 @@ def _write_model_index(pipe: Any, out: Path) -> None:
 
 
 def _write_manifest(out: Path, fmt: str, precision: str, origin: dict[str, Any], request: dict[str, str],
-                    errors: dict[str, float], defaults: dict[str, Any]) -> None:
+                    errors: dict[str, float], defaults: dict[str, Any], extra: dict[str, Any]) -> None:
     files = {}
     for p in sorted(out.rglob("*")):
         if p.is_file() and p.name not in (MANIFEST, STATE):
@@ -189,6 +198,7 @@ def _write_manifest(out: Path, fmt: str, precision: str, origin: dict[str, Any],
         "exporter": {"name": "text2image-sd2", "version": EXPORTER_VERSION},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "check_errors": errors,
+        **extra,
         "files": files,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

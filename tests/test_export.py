@@ -81,7 +81,7 @@ def test_refuses_a_folder_holding_another_export(tiny_source: Path, onnx_bundle:
 def test_bad_format_and_precision(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="format 'tflite' is not known; use one of onnx, openvino"):
         export_model("tiny", "tflite", tmp_path)
-    with pytest.raises(ExportError, match="precision 'int4' is not known; use one of fp32, fp16"):
+    with pytest.raises(ExportError, match="precision 'int4' is not known; use one of fp32, fp16, int8"):
         export_model("tiny", "onnx", tmp_path, precision="int4")
     with pytest.raises(ExportError, match="is not a folder, a hub id"):
         export_model("nonsense", "onnx", tmp_path / "y")

@@ -35,3 +35,22 @@ def test_bf16_needs_openvino(onnx_bundle: Path) -> None:
         Pipeline.load(onnx_bundle, device="cpu", engine="onnxruntime", precision="bf16")
     with pytest.raises(T2IError, match="precision 'int3' is not known; use one of auto, fp32, bf16"):
         Pipeline.load(onnx_bundle, device="cpu", engine="onnxruntime", precision="int3")
+
+
+def test_int8_export_against_fp32(tiny_source: Path, openvino_bundle: Path, tmp_path: Path) -> None:
+    import json
+
+    from exporters.export import export_model
+
+    out = export_model(str(tiny_source), "openvino", tmp_path / "int8", precision="int8", say=lambda _: None)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["precision"] == "int8"
+    assert manifest["quantization"]["unet"] == "int8 weights and activations"
+    assert manifest["quantization"]["calibration_samples"] == 16
+    xml = (out / "unet" / "openvino_model.xml").read_text()
+    assert "FakeQuantize" in xml or "FakeConvert" in xml, "the UNet carries quantization nodes"
+    int8 = Pipeline.load(out, device="cpu", engine="openvino", threads=2, precision="fp32")
+    fp32 = Pipeline.load(openvino_bundle, device="cpu", engine="openvino", threads=2, precision="fp32")
+    score = psnr(int8.generate(**ARGS), fp32.generate(**ARGS))
+    print(f"OpenVINO int8 vs fp32: PSNR {score:.1f} dB")
+    assert 20 <= score < float("inf")

@@ -1,0 +1,156 @@
+"""One benchmark configuration, measured in a process of its own so that its peak memory is its own.
+
+Run as ``python -m backend.bench.cases '<json>'``; prints one JSON object. Every figure is a median of ``repeats``
+runs after ``warmup`` runs (the first run of an OpenVINO static shape includes its compile).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+PROMPT = "a photograph of a red fox in the snow, detailed fur, soft light"
+
+
+def timed(fn: Callable[[], Any], warmup: int, repeats: int) -> dict[str, float]:
+    """Median wall seconds of ``fn`` and the process's CPU-time / wall-time ratio while it ran."""
+    for _ in range(warmup):
+        fn()
+    walls, cpus = [], []
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), os.times()
+        fn()
+        t1, c1 = time.perf_counter(), os.times()
+        walls.append(t1 - t0)
+        cpus.append((c1.user - c0.user) + (c1.system - c0.system))
+    return {"s": statistics.median(walls), "cpu_per_wall": sum(cpus) / sum(walls)}
+
+
+def _inputs(latent: int, batch: int, dim: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {
+        "sample": rng.standard_normal((batch, 4, latent, latent), dtype=np.float32),
+        "timestep": np.array(500.0, dtype=np.float32),
+        "encoder_hidden_states": rng.standard_normal((batch, 77, dim), dtype=np.float32),
+    }
+
+
+def ours(case: dict[str, Any]) -> dict[str, Any]:
+    """Our runtime: components through the same sessions ``Pipeline.generate`` uses."""
+    from backend.images import png_bytes
+    from runtime import Pipeline
+
+    pipe = Pipeline.load(case["bundle"], device="cpu", engine=case["engine"], threads=case["threads"],
+                         precision=case.get("precision", "auto"), decoder=case.get("decoder", "vae"))
+    dim = int(pipe.unet.inputs["encoder_hidden_states"].shape[-1] or 1024)
+    w, r = case["warmup"], case["repeats"]
+    out: dict[str, Any] = {"text_encoder": timed(lambda: pipe._encode(PROMPT), w, r)}
+    for latent in case["latents"]:
+        lat = np.random.default_rng(1).standard_normal((1, 4, latent, latent), dtype=np.float32)
+        out[f"decode@{latent}"] = timed(lambda lat=lat: pipe._decode(lat), w, r)
+        for n in case["batches"]:
+            feeds = _inputs(latent, 2 * n if case["guidance"] > 1 else n, dim)
+            out[f"unet_step@{latent}x{n}"] = timed(lambda feeds=feeds: pipe.unet.run(feeds), w, r)
+            side = latent * pipe.bundle.vae_scale_factor
+
+            def whole(n: int = n, side: int = side) -> None:
+                for item in pipe.generate_detailed(PROMPT, n=n, width=side, height=side, steps=case["steps"],
+                                                   guidance=case["guidance"], seed=0, scheduler="euler"):
+                    png_bytes(item)
+
+            out[f"image@{latent}x{n}"] = timed(whole, w, r)
+    return out
+
+
+def diffusers_torch(case: dict[str, Any]) -> dict[str, Any]:
+    """The reference: diffusers' StableDiffusionPipeline in PyTorch fp32 on the CPU, same weights."""
+    import diffusers
+    import torch
+
+    torch.set_num_threads(case["threads"])
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(case["source"], safety_checker=None,
+                                                             requires_safety_checker=False)
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    dim = pipe.unet.config.cross_attention_dim
+    ids = pipe.tokenizer([PROMPT], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    w, r = case["warmup"], case["repeats"]
+    out: dict[str, Any] = {}
+    with torch.no_grad():
+        out["text_encoder"] = timed(lambda: pipe.text_encoder(ids), w, r)
+        for latent in case["latents"]:
+            lat = torch.randn(1, 4, latent, latent)
+            out[f"decode@{latent}"] = timed(lambda lat=lat: pipe.vae.decode(lat / 0.18215), w, r)
+            for n in case["batches"]:
+                t = {k: torch.from_numpy(v) for k, v in _inputs(latent, 2 * n if case["guidance"] > 1 else n,
+                                                                dim).items()}
+                out[f"unet_step@{latent}x{n}"] = timed(
+                    lambda t=t: pipe.unet(t["sample"], t["timestep"], t["encoder_hidden_states"]), w, r)
+                side = latent * 8
+                out[f"image@{latent}x{n}"] = timed(lambda n=n, side=side: pipe(
+                    PROMPT, height=side, width=side, num_inference_steps=case["steps"],
+                    guidance_scale=case["guidance"], num_images_per_prompt=n), w, r)
+    return out
+
+
+def optimum_pipeline(case: dict[str, Any]) -> dict[str, Any]:
+    """optimum's own pipelines on the same exported graphs: ORTStableDiffusionPipeline (ONNX) or
+    OVStableDiffusionPipeline (OpenVINO, reshaped to static shapes per measurement, as optimum recommends)."""
+    import diffusers
+
+    is_ov = case["engine"] == "openvino"
+    if is_ov:
+        from optimum.intel import OVStableDiffusionPipeline
+
+        pipe = OVStableDiffusionPipeline.from_pretrained(case["bundle"], compile=False,
+                                                         ov_config={"INFERENCE_NUM_THREADS": case["threads"],
+                                                                    "PERFORMANCE_HINT": "LATENCY"})
+    else:
+        import onnxruntime as ort
+        from optimum.onnxruntime import ORTStableDiffusionPipeline
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = case["threads"], 1
+        pipe = ORTStableDiffusionPipeline.from_pretrained(case["bundle"], session_options=opts)
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    w, r = case["warmup"], case["repeats"]
+    ids = np.asarray(pipe.tokenizer([PROMPT], padding="max_length", max_length=77).input_ids, dtype=np.int64)
+    out: dict[str, Any] = {}
+    for latent in case["latents"]:
+        for n in case["batches"]:
+            side = latent * 8
+            if is_ov:
+                pipe.reshape(batch_size=1, height=side, width=side, num_images_per_prompt=n)
+                pipe.compile()
+            feeds = _inputs(latent, 2 * n if case["guidance"] > 1 else n, 1024)
+            out[f"unet_step@{latent}x{n}"] = timed(lambda feeds=feeds: pipe.unet(**feeds), w, r)
+            out[f"image@{latent}x{n}"] = timed(lambda n=n, side=side: pipe(
+                PROMPT, height=side, width=side, num_inference_steps=case["steps"],
+                guidance_scale=case["guidance"], num_images_per_prompt=n), w, r)
+        lat = np.random.default_rng(1).standard_normal((1, 4, latent, latent), dtype=np.float32)
+        out[f"decode@{latent}"] = timed(lambda lat=lat: pipe.vae_decoder(latent_sample=lat), w, r)
+    out["text_encoder"] = timed(lambda: pipe.text_encoder(input_ids=ids), w, r)
+    return out
+
+
+KINDS = {"ours": ours, "diffusers": diffusers_torch, "optimum": optimum_pipeline}
+
+
+def main() -> None:
+    case = json.loads(sys.argv[1])
+    result = KINDS[case["kind"]](case)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

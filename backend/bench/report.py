@@ -1,0 +1,167 @@
+"""``text2image bench``: our engines against the peers, side by side in one run, on the full-size SD2.1-base
+architecture with random weights (speed does not depend on the weights' values).
+
+Each configuration runs in its own process (warm-ups, then medians; its own peak memory). Ratios are printed
+against diffusers' PyTorch fp32 pipeline, the reference; absolute times depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+#: Analytic FLOPs of one SD2.1-base UNet evaluation per sample at a 64×64 latent (shared/research/performance.md);
+#: attention grows faster than the area, but at 32×32 the area scaling is within a few percent.
+UNET_FLOP_64 = 0.804e12
+REFERENCE = "diffusers torch fp32"
+
+
+def prepare(cache: Path, int8: bool, say: Any) -> dict[str, Path]:
+    """Build the random full-size model once and export it (ONNX, OpenVINO, optionally int8); cached in ``cache``."""
+    from exporters.export import export_model
+    from exporters.fullsize import build_full_model
+
+    src = cache / "sd21-random"
+    if not (src / "model_index.json").is_file():
+        say(f"building the full-size random SD2.1-base model in {src} (about 5 GB) …")
+        build_full_model(src)
+    paths = {"source": src}
+    paths["onnx"] = export_model(str(src), "onnx", cache / "sd21-onnx", say=say, taesd="random")
+    paths["openvino"] = export_model(str(src), "openvino", cache / "sd21-openvino", say=say, taesd="random")
+    if int8:
+        paths["int8"] = export_model(str(src), "openvino", cache / "sd21-int8", precision="int8", say=say,
+                                     taesd="random")
+    return paths
+
+
+def configurations(paths: dict[str, Path], peers: bool) -> list[tuple[str, dict[str, Any]]]:
+    """(label, case) pairs: ours per engine and precision, then the peers on the same weights."""
+    confs = [
+        ("ours onnxruntime fp32", {"kind": "ours", "bundle": paths["onnx"], "engine": "onnxruntime"}),
+        ("ours openvino fp32", {"kind": "ours", "bundle": paths["openvino"], "engine": "openvino",
+                                "precision": "fp32"}),
+        ("ours openvino auto", {"kind": "ours", "bundle": paths["openvino"], "engine": "openvino"}),
+    ]
+    if "int8" in paths:
+        confs.append(("ours openvino int8", {"kind": "ours", "bundle": paths["int8"], "engine": "openvino"}))
+    if peers:
+        confs += [
+            (REFERENCE, {"kind": "diffusers", "source": paths["source"]}),
+            ("optimum onnxruntime fp32", {"kind": "optimum", "bundle": paths["onnx"], "engine": "onnxruntime"}),
+            ("optimum openvino auto", {"kind": "optimum", "bundle": paths["openvino"], "engine": "openvino"}),
+        ]
+    return confs
+
+
+def run_case(case: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Measure one configuration in a fresh process; failures are reported, not raised."""
+    cmd = [sys.executable, "-m", "backend.bench.cases", json.dumps(case, default=str)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    if done.returncode != 0:
+        return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1][:300]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def matmul_peak(threads: int) -> dict[str, float]:
+    """The machine's dense matrix-multiply throughput through OpenVINO, in GFLOP/s, for f32 and bf16 math."""
+    import numpy as np
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    n = 2048
+    a = ops.parameter([n, n], ov.Type.f32)
+    b = ops.constant(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
+    model = ov.Model([ops.matmul(a, b, False, False)], [a])
+    x = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
+    out = {}
+    for hint in ("f32", "bf16"):
+        req = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint,
+                                                     "INFERENCE_NUM_THREADS": threads}).create_infer_request()
+        req.infer([x])
+        t0 = time.perf_counter()
+        reps = 10
+        for _ in range(reps):
+            req.infer([x])
+        out[hint] = 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+    return out
+
+
+def print_report(results: dict[str, dict[str, Any]], peak: dict[str, float], opts: dict[str, Any]) -> None:
+    ref = results.get(REFERENCE, {})
+    keys = sorted({k for r in results.values() for k in r if "@" in k or k == "text_encoder"})
+    click.echo(f"\nSD2.1-base architecture, random weights; {opts['threads']} threads; guidance {opts['guidance']} "
+               f"(CFG batch 2n); whole image = {opts['steps']} Euler steps + decode + PNG")
+    click.echo(f"matrix multiply (OpenVINO, 2048³): f32 {peak['f32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s")
+    header = f"{'configuration':28s}" + "".join(f"{k:>16s}" for k in keys) + f"{'peak MB':>10s}"
+    click.echo(header)
+    for label, r in results.items():
+        if "error" in r:
+            click.echo(f"{label:28s}  failed: {r['error']}")
+            continue
+        cells = []
+        for k in keys:
+            if k not in r:
+                cells.append(f"{'-':>16s}")
+                continue
+            s = r[k]["s"]
+            ratio = f" ({ref[k]['s'] / s:.1f}x)" if k in ref and "error" not in ref else ""
+            cells.append(f"{s:>8.3f}s{ratio:>8s}")
+        click.echo(f"{label:28s}" + "".join(cells) + f"{r['peak_rss_mb']:>10.0f}")
+    click.echo("(x) = speed-up over " + REFERENCE)
+    for label, r in results.items():
+        step = r.get("unet_step@64x1", {}).get("s") if "error" not in r else None
+        if step:
+            flops = UNET_FLOP_64 * (2 if opts["guidance"] > 1 else 1) / step
+            click.echo(f"{label}: UNet step at 512² = {flops / 1e9:.0f} GFLOP/s "
+                       f"({flops / 1e9 / peak['bf16']:.0%} of bf16 matmul peak, "
+                       f"{flops / 1e9 / peak['f32']:.0%} of f32); CPU/wall {r['unet_step@64x1']['cpu_per_wall']:.2f}")
+
+
+def run(cache: Path, threads: int, latents: list[int], batches: list[int], steps: int, guidance: float,
+        repeats: int, peers: bool, int8: bool, only: list[str] | None, as_json: bool) -> dict[str, Any]:
+    """Prepare, measure every configuration, and print (or return as JSON) the comparison."""
+    def say(message: str) -> None:
+        click.echo(message, err=True)
+
+    paths = prepare(cache, int8, say)
+    common = {"threads": threads, "latents": latents, "batches": batches, "steps": steps, "guidance": guidance,
+              "warmup": 1, "repeats": repeats}
+    results: dict[str, dict[str, Any]] = {}
+    for label, case in configurations(paths, peers):
+        if only and not any(o in label for o in only):
+            continue
+        say(f"measuring {label} …")
+        results[label] = run_case({**case, **common}, timeout=3600)
+    turbo = {**common, "batches": [1], "latents": [64], "steps": 1, "guidance": 0.0}
+    if not only or any("turbo" in o for o in only):
+        for label, case in (("turbo ours openvino auto vae", {"kind": "ours", "bundle": paths["openvino"],
+                                                               "engine": "openvino"}),
+                            ("turbo ours openvino auto taesd", {"kind": "ours", "bundle": paths["openvino"],
+                                                                "engine": "openvino", "decoder": "taesd"}),
+                            ("turbo optimum openvino auto", {"kind": "optimum", "bundle": paths["openvino"],
+                                                             "engine": "openvino"})):
+            say(f"measuring {label} …")
+            results[label] = run_case({**case, **turbo}, timeout=3600)
+    peak = matmul_peak(threads)
+    report = {"machine": {"cpus": os.cpu_count(), "threads": threads}, "matmul_gflops": peak, "results": results,
+              "settings": common}
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+    else:
+        print_report({k: v for k, v in results.items() if not k.startswith("turbo")}, peak, common)
+        click.echo("\nsd-turbo shape: 512², 1 step, guidance 0, whole image from prompt to PNG")
+        for label, r in results.items():
+            if label.startswith("turbo"):
+                click.echo(f"  {label[6:]:32s} " + (f"{r['image@64x1']['s']:.2f} s" if "error" not in r
+                                                    else f"failed: {r['error']}"))
+    return report
