@@ -152,7 +152,7 @@ class Pipeline:
         elif latents.shape != shape:
             raise T2IError(f"latents of shape {latents.shape} do not fit; expected {shape}")
         else:
-            noise = latents.astype(np.float32)
+            noise = latents.astype(np.float32, copy=False)
         decoded = self._run(s, noise, on_step)
         settings = {k: s[k] for k in ("prompt", "negative_prompt", "steps", "guidance", "scheduler", "width", "height")}
         settings["model"] = (self.bundle.manifest or {}).get("source", {}).get("id") or self.bundle.path.name
@@ -193,6 +193,9 @@ class Pipeline:
         # Classifier-free guidance runs uncond and cond as one UNet batch of 2n: one call instead of two.
         context = np.concatenate([self._encode(s["negative_prompt"])] * n + [cond] * n) if cfg else \
             np.concatenate([cond] * n)
+        # Converted once, not per step: the graph's dtype (fp32, or fp16 in fp16 ONNX graphs that take fp16 inputs).
+        context = context.astype(self.unet.inputs["encoder_hidden_states"].dtype, copy=False)
+        sample_dtype = self.unet.inputs["sample"].dtype
         sched: Scheduler = make_scheduler(s["scheduler"], self.bundle.scheduler_config)
         sched.set_timesteps(steps)
         latents = noise * np.float32(sched.init_noise_sigma)
@@ -202,10 +205,10 @@ class Pipeline:
             # The timestep's dtype and rank come from the graph (float scalar in optimum exports, int64 elsewhere).
             t_in: np.ndarray = np.asarray(t, dtype=unet_t.dtype).reshape([1] * len(unet_t.shape))
             pred = self.unet.run({
-                "sample": model_in.astype(self.unet.inputs["sample"].dtype),
+                "sample": model_in.astype(sample_dtype, copy=False),
                 "timestep": t_in,
-                "encoder_hidden_states": context.astype(self.unet.inputs["encoder_hidden_states"].dtype),
-            })[0].astype(np.float32)
+                "encoder_hidden_states": context,
+            })[0].astype(np.float32, copy=False)
             if cfg:
                 uncond, text = pred[:n], pred[n:]
                 pred = uncond + np.float32(guidance) * (text - uncond)
