@@ -13,6 +13,12 @@ MAX_STEPS = 100
 MAX_GUIDANCE = 30.0
 MAX_SEED = 2**63 - 1
 
+def shown(value: object, limit: int = 60) -> str:
+    """A value as quoted in an error message, cut short: messages reach users and logs, huge inputs must not."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 _SIZE_RE = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
 
 
@@ -21,7 +27,7 @@ def parse_size(text: str) -> tuple[int, int]:
     m = _SIZE_RE.match(str(text))
     if not m:
         raise T2IError(
-            f"size {text!r} is not of the form WIDTHxHEIGHT; use e.g. 512x512 "
+            f"size {shown(text)} is not of the form WIDTHxHEIGHT; use e.g. 512x512 "
             f"(multiples of {SIDE_STEP} from {MIN_SIDE} to {MAX_SIDE})"
         )
     width, height = int(m.group(1)), int(m.group(2))
@@ -33,7 +39,7 @@ def parse_size(text: str) -> tuple[int, int]:
 def check_side(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise T2IError(
-            f"{name} {value!r} is not a whole number; use a multiple of {SIDE_STEP} from {MIN_SIDE} to {MAX_SIDE}"
+            f"{name} {shown(value)} is not a whole number; use a multiple of {SIDE_STEP} from {MIN_SIDE} to {MAX_SIDE}"
         )
     if value % SIDE_STEP or not MIN_SIDE <= value <= MAX_SIDE:
         raise T2IError(
@@ -44,9 +50,9 @@ def check_side(name: str, value: object) -> int:
 
 def _whole(name: str, value: object, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise T2IError(f"{name} {value!r} is not a whole number; use {low} to {high}")
+        raise T2IError(f"{name} {shown(value)} is not a whole number; use {low} to {high}")
     if not low <= value <= high:
-        raise T2IError(f"{name} {value} is out of range; use {low} to {high}")
+        raise T2IError(f"{name} {shown(value)} is out of range; use {low} to {high}")
     return value
 
 
@@ -63,10 +69,12 @@ def check_seed(seed: object) -> int:
 
 
 def check_guidance(guidance: object) -> float:
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
-        raise T2IError(f"guidance {guidance!r} is not a finite number; use 0 to {MAX_GUIDANCE:g}")
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or (
+        isinstance(guidance, float) and not math.isfinite(guidance)
+    ):
+        raise T2IError(f"guidance {shown(guidance)} is not a finite number; use 0 to {MAX_GUIDANCE:g}")
     if not 0 <= guidance <= MAX_GUIDANCE:
-        raise T2IError(f"guidance {guidance:g} is out of range; use 0 to {MAX_GUIDANCE:g}")
+        raise T2IError(f"guidance {shown(guidance)} is out of range; use 0 to {MAX_GUIDANCE:g}")
     return float(guidance)
 
 

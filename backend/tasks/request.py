@@ -7,6 +7,7 @@ so every range is checked here, and each message names the value and what is all
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 from runtime import validation as v
 from runtime.errors import T2IError
 from runtime.schedulers import SCHEDULER_NAMES
+from runtime.validation import shown
 
 #: CLIP reads 77 tokens; a prompt this long is already far past that. Larger inputs are refused, not truncated.
 MAX_PROMPT_CHARS = 4000
@@ -63,7 +65,8 @@ def _whole(name: str, value: Any, check: Any) -> int:
     """Accept an int or an integral float (JSON has one number type); anything else is refused by name."""
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
         value = int(value)
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    # ASCII digits only: str.isdigit() also admits '²' and '①', which int() then rejects.
+    if isinstance(value, str) and re.fullmatch(r"-?[0-9]{1,19}", value.strip()):
         value = int(value)
     return int(check(value))
 
@@ -96,7 +99,7 @@ def parse_task_input(raw: Mapping[str, Any]) -> ImageRequest:
         width = height = None
         if raw.get("size") not in (None, ""):
             if not isinstance(raw["size"], str):
-                raise TaskInputError(f"size {raw['size']!r} must be text like 512x512")
+                raise TaskInputError(f"size {shown(raw['size'])} must be text like 512x512")
             width, height = v.parse_size(raw["size"])
         steps = None if raw.get("steps") is None else _whole("steps", raw["steps"], v.check_steps)
         seed = None if raw.get("seed") is None else _whole("seed", raw["seed"], v.check_seed)
@@ -115,6 +118,6 @@ def parse_task_input(raw: Mapping[str, Any]) -> ImageRequest:
         raise TaskInputError(str(exc)) from None
     scheduler = raw.get("scheduler") or None
     if scheduler is not None and scheduler not in SCHEDULER_NAMES:
-        raise TaskInputError(f"scheduler {scheduler!r} is not known; use one of {', '.join(SCHEDULER_NAMES)}")
+        raise TaskInputError(f"scheduler {shown(scheduler)} is not known; use one of {', '.join(SCHEDULER_NAMES)}")
     negative = _text("negative prompt", raw.get("negative_prompt") or "")
     return ImageRequest(prompt, n, negative, width, height, steps, guidance, seed, scheduler)
