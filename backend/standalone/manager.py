@@ -1,0 +1,393 @@
+"""Nextcloud's Text-To-Image manager (OCP\\TextToImage\\IManager) for Python callers, over the local task store.
+
+The images are made by the shared core (:func:`backend.tasks.request.parse_task_input` and
+:class:`backend.tasks.service.ImageService`), the same code the Nextcloud connector runs; this module adds the
+queue, the persistence and the events around it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from backend.standalone.store import TaskStore, lock_data_dir
+from backend.standalone.task import (
+    NoProviderError,
+    Task,
+    TaskFailedError,
+    TaskFailedEvent,
+    TaskNotFoundError,
+    TaskStatus,
+    TaskSuccessfulEvent,
+)
+from backend.tasks.request import OPTIONAL_INPUTS, ImageRequest, TaskInputError, parse_task_input
+from runtime.errors import GenerationCancelled, T2IError
+
+if TYPE_CHECKING:
+    from backend.tasks.service import ImageService
+
+log = logging.getLogger(__name__)
+
+#: A task found RUNNING after a crash runs again, up to this many starts in all; then it ends FAILED.
+MAX_ATTEMPTS = 2
+#: Shown to the user when something unexpected broke; the details go to the log and the failure event.
+INTERNAL_ERROR = ("the images could not be made because of an internal error; the administrator can find the "
+                  "details in the service log")
+#: Workers look into the store this often even without a wake-up (cheap, and it bounds any missed wake-up).
+POLL_SECONDS = 5.0
+CLEANUP_EVERY_SECONDS = 3600.0
+MAX_IDENTIFIER_CHARS = 255
+# App and user ids appear in URLs; a strict alphabet keeps them from ever meaning a path.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+SuccessHandler = Callable[[TaskSuccessfulEvent], object]
+FailureHandler = Callable[[TaskFailedEvent], object]
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class TaskManager:
+    """The manager operations of Nextcloud's Text-To-Image API over a task store in ``data_dir``.
+
+    >>> manager = TaskManager(Path("tasks"), services=[service])   # service: a loaded ImageService
+    >>> manager.on_success(lambda event: print(event.task.id, event.images))
+    >>> task = manager.schedule_task(Task("a red fox", "my_app", 2, "alice"))
+    >>> manager.get_user_task(task.id, "alice").status
+    <TaskStatus.SCHEDULED: 1>
+    >>> manager.close()
+
+    One background worker per service runs the scheduled tasks, oldest first. Opening the manager recovers from a
+    crash: tasks left RUNNING are run again (or end FAILED after :data:`MAX_ATTEMPTS` starts). Only one manager
+    (one process) may use a data directory at a time; ``text2image tasks`` may read and delete alongside it.
+    """
+
+    def __init__(self, data_dir: Path, max_age_days: float = 30.0, services: Iterable[ImageService] = ()) -> None:
+        self.data_dir = Path(data_dir)
+        self.max_age_days = max_age_days
+        self._lock_file = lock_data_dir(self.data_dir)
+        self.store = TaskStore(self.data_dir)
+        requeued, failed = self.store.recover(MAX_ATTEMPTS)
+        if requeued or failed:
+            log.warning("tasks left RUNNING by the last process: scheduled again %s, failed %s", requeued, failed)
+        self.store.remove_orphan_images()
+        self._services: list[ImageService] = []
+        self._idle: list[ImageService] = []
+        self._threads: list[threading.Thread] = []
+        self._cond = threading.Condition()
+        self._stopping = threading.Event()
+        self._sync_waiting = 0  # synchronous runs waiting for a service go before the queue
+        self._pending = True  # there may be SCHEDULED tasks; _generation tells a wake-up from a stale "no"
+        self._generation = 0
+        self._deleted: set[int] = set()
+        self._on_success: list[SuccessHandler] = []
+        self._on_failure: list[FailureHandler] = []
+        self._start(self._janitor, "t2i-cleanup")
+        for service in services:
+            self.add_service(service)
+
+    # -- set-up ----------------------------------------------------------------------------------------------------
+    def add_service(self, service: ImageService) -> None:
+        """Add a loaded :class:`ImageService` and a background worker that runs scheduled tasks on it."""
+        if not service.ready:
+            raise T2IError("the image service has no model loaded; call its load() first")
+        with self._cond:
+            self._services.append(service)
+            self._idle.append(service)
+            self._cond.notify_all()
+        self._start(self._worker, f"t2i-worker-{len(self._services)}")
+
+    def on_success(self, handler: SuccessHandler) -> SuccessHandler:
+        """Call ``handler(TaskSuccessfulEvent)`` once for every task that gets its images. Usable as a decorator."""
+        self._on_success.append(handler)
+        return handler
+
+    def on_failure(self, handler: FailureHandler) -> FailureHandler:
+        """Call ``handler(TaskFailedEvent)`` once for every task that ends FAILED. Usable as a decorator."""
+        self._on_failure.append(handler)
+        return handler
+
+    def close(self) -> None:
+        """Stop the workers; a task being made stops within one denoising step and goes back to the queue."""
+        self._stopping.set()
+        with self._cond:
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join()
+        with self._cond:  # synchronous runs in callers' threads stop within a step too; let them store that
+            self._cond.wait_for(lambda: len(self._idle) == len(self._services), timeout=60)
+        self.store.close()
+        self._lock_file.close()
+
+    def __enter__(self) -> TaskManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- Nextcloud's operations ------------------------------------------------------------------------------------
+    def has_providers(self) -> bool:
+        """True when a model is loaded, so tasks can run."""
+        return bool(self._services)
+
+    def validate(self, task: Task) -> ImageRequest:
+        """Check a task without storing it; raise :class:`TaskInputError` with a message for the user.
+
+        Normalises ``task.number_of_images`` and ``task.options`` (e.g. "3" → 3) on the object.
+        """
+        if not isinstance(task.app_id, str) or not _NAME_RE.match(task.app_id):
+            raise TaskInputError(f"appId {_show(task.app_id)} is not allowed; use 1 to 64 letters, digits, '_', "
+                                 "'.', '@' or '-', starting with a letter or digit")
+        if task.user_id is not None and (not isinstance(task.user_id, str) or not _NAME_RE.match(task.user_id)):
+            raise TaskInputError(f"user id {_show(task.user_id)} is not allowed; use 1 to 64 letters, digits, '_', "
+                                 "'.', '@' or '-', starting with a letter or digit")
+        if not isinstance(task.identifier, str) or len(task.identifier) > MAX_IDENTIFIER_CHARS:
+            raise TaskInputError(f"identifier {_show(task.identifier)} is not allowed; use text of at most "
+                                 f"{MAX_IDENTIFIER_CHARS} characters")
+        if not isinstance(task.options, dict):
+            raise TaskInputError(f"options must be an object, got {type(task.options).__name__}")
+        unknown = sorted(repr(k) for k in set(task.options) - set(OPTIONAL_INPUTS))
+        if unknown:
+            raise TaskInputError(f"unknown option {', '.join(unknown)}; allowed: {', '.join(OPTIONAL_INPUTS)}")
+        request = _parse(task.task_input())
+        normal = request.to_input()
+        task.number_of_images = normal.pop("numberOfImages")
+        normal.pop("input")
+        task.options = normal
+        return request
+
+    def schedule_task(self, task: Task) -> Task:
+        """Check ``task``, store it as SCHEDULED and return it at once; a background worker makes the images.
+
+        Raises :class:`TaskInputError` (bad input) or :class:`NoProviderError` (no model loaded).
+        """
+        expected, backlog = self._estimate(self.validate(task))
+        self.store.insert(task, TaskStatus.SCHEDULED, expected, int(time.time() + backlog + expected))
+        with self._cond:
+            self._generation += 1
+            self._pending = True
+            self._cond.notify_all()
+        return task
+
+    def run_task(self, task: Task) -> Task:
+        """Check ``task`` and make its images now, in the calling thread; return it SUCCESSFUL.
+
+        Raises :class:`TaskFailedError` when generation failed (the task is stored as FAILED and the failure event
+        fired), besides the errors of :meth:`schedule_task`. Waits for a free service first; it goes before the
+        queue. If the manager is closed meanwhile the task is returned SCHEDULED and runs after a restart.
+        """
+        expected, _ = self._estimate(self.validate(task))
+        service = self._take(sync=True)
+        if service is None:
+            raise NoProviderError("the task service is stopping; try again when it is back")
+        try:
+            self.store.insert(task, TaskStatus.RUNNING, expected, int(time.time() + expected), attempts=1)
+            self._execute(task, service)
+        finally:
+            self._give(service)
+        assert task.id is not None
+        stored = self.store.get(task.id)
+        if stored is None:
+            raise TaskFailedError("the task was deleted while its images were being made", task)
+        _copy(stored, task)
+        if task.status == TaskStatus.FAILED:
+            raise TaskFailedError(task.error_message or INTERNAL_ERROR, task)
+        return task
+
+    def run_or_schedule_task(self, task: Task, budget_seconds: float) -> Task:
+        """Run ``task`` now when its expected runtime (measured step times of the loaded model, plus the work
+        already queued) fits ``budget_seconds``; otherwise schedule it. Returns the task either way."""
+        expected, backlog = self._estimate(self.validate(task))
+        if expected + backlog <= budget_seconds:
+            return self.run_task(task)
+        return self.schedule_task(task)
+
+    def get_task(self, task_id: int) -> Task:
+        """The task with this id, of any user; raises :class:`TaskNotFoundError`."""
+        return self._found(self.store.get(task_id), task_id)
+
+    def get_user_task(self, task_id: int, user_id: str | None) -> Task:
+        """The task with this id if ``user_id`` owns it; raises :class:`TaskNotFoundError` otherwise."""
+        return self._found(self.store.get(task_id, user_id), task_id)
+
+    def get_user_tasks_by_app(self, user_id: str | None, app_id: str, identifier: str | None = None) -> list[Task]:
+        """The user's tasks of one app, oldest first; only those with ``identifier`` when it is given."""
+        return self.store.find(user_id, app_id, identifier)
+
+    def delete_task(self, task: Task | int) -> None:
+        """Delete a task and its images; a task being made stops within one denoising step."""
+        task_id = task if isinstance(task, int) else task.id
+        stored = None if task_id is None else self.store.get(task_id)
+        if task_id is None or stored is None:
+            raise TaskNotFoundError(f"task {task_id} not found")
+        if stored.status == TaskStatus.RUNNING:
+            self._deleted.add(task_id)
+        self.store.delete(task_id)
+
+    def image_path(self, task: Task, index: int) -> Path:
+        """The PNG file of image ``index`` of a SUCCESSFUL task; raises :class:`TaskNotFoundError`."""
+        path = self.store.image_path(task.id or 0, index)
+        if task.status != TaskStatus.SUCCESSFUL or not 0 <= index < task.number_of_images or not path.is_file():
+            raise TaskNotFoundError(f"image {index} of task {task.id} not found")
+        return path
+
+    def cleanup(self, max_age_days: float | None = None) -> list[int]:
+        """Delete finished tasks (and images) older than ``max_age_days`` (default: the manager's). Returns ids."""
+        days = self.max_age_days if max_age_days is None else max_age_days
+        return self.store.cleanup(days * 86400)
+
+    # -- the workers -----------------------------------------------------------------------------------------------
+    def _estimate(self, request: ImageRequest) -> tuple[float, float]:
+        """(expected seconds of this request, seconds until a worker is free for it)."""
+        if not self._services:
+            raise NoProviderError("no text-to-image model is loaded yet; try again when the service is ready")
+        return self._services[0].expected_seconds(request), self.store.backlog_seconds() / len(self._services)
+
+    def _found(self, task: Task | None, task_id: int) -> Task:
+        if task is None:
+            raise TaskNotFoundError(f"task {task_id} not found")
+        return task
+
+    def _start(self, target: Callable[[], None], name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _take(self, sync: bool, timeout: float | None = None) -> ImageService | None:
+        """An idle service, or None on timeout or when stopping. Workers take one only when there may be work."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            self._sync_waiting += sync
+            try:
+                while not self._stopping.is_set():
+                    if self._idle and (sync or (self._pending and not self._sync_waiting)):
+                        return self._idle.pop()
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        return None
+                    self._cond.wait(left)
+                return None
+            finally:
+                self._sync_waiting -= sync
+
+    def _give(self, service: ImageService) -> None:
+        with self._cond:
+            self._idle.append(service)
+            self._cond.notify_all()
+
+    def _worker(self) -> None:
+        while not self._stopping.is_set():
+            service = self._take(sync=False, timeout=POLL_SECONDS)
+            if service is None:
+                with self._cond:
+                    self._pending = True
+                continue
+            try:
+                with self._cond:
+                    generation = self._generation
+                task = self.store.claim_next()
+                if task is None:
+                    with self._cond:
+                        self._pending = self._generation != generation
+                else:
+                    self._execute(task, service)
+            except Exception:
+                log.exception("the task worker hit an unexpected error; it carries on")
+                self._stopping.wait(1.0)
+            finally:
+                self._give(service)
+
+    def _janitor(self) -> None:
+        while True:
+            try:
+                removed = self.cleanup()
+                if removed:
+                    log.info("deleted %d finished tasks older than %g days", len(removed), self.max_age_days)
+            except Exception:
+                log.exception("cleaning up old tasks failed")
+            if self._stopping.wait(CLEANUP_EVERY_SECONDS):
+                return
+
+    def _execute(self, task: Task, service: ImageService) -> None:
+        """Make a RUNNING task's images and end it SUCCESSFUL or FAILED, firing the event once; never leaves it
+        RUNNING except when cancelled (deleted: gone; stopping: back in the queue)."""
+        task_id = task.id
+        assert task_id is not None
+        checked = [time.monotonic()]
+
+        def on_progress(_fraction: float) -> bool:
+            if self._stopping.is_set() or task_id in self._deleted:
+                return False
+            if time.monotonic() - checked[0] > 1.0:  # deleted by another process (text2image tasks delete)?
+                checked[0] = time.monotonic()
+                return self.store.get(task_id) is not None
+            return True
+
+        try:
+            results = service.run(parse_task_input(task.task_input()), on_progress)
+            paths = self.store.save_images(task_id, [r.png for r in results])
+            if not self.store.finish(task_id, TaskStatus.SUCCESSFUL, seeds=[r.seed for r in results]):
+                self.store.remove_images(task_id)  # deleted while it ran
+                return
+        except GenerationCancelled:
+            if not self.store.requeue(task_id):
+                self.store.remove_images(task_id)
+            return
+        except TaskInputError as exc:
+            self._fail(task_id, str(exc), str(exc))
+            return
+        except Exception as exc:
+            log.exception("task %d failed", task_id)
+            self._fail(task_id, INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+            return
+        finally:
+            self._deleted.discard(task_id)
+        done = self.store.get(task_id)
+        if done is not None:
+            _emit(self._on_success, TaskSuccessfulEvent(done, paths))
+
+    def _fail(self, task_id: int, user_message: str, debug_message: str) -> None:
+        self.store.remove_images(task_id)
+        if self.store.finish(task_id, TaskStatus.FAILED, error_message=user_message, debug_message=debug_message):
+            done = self.store.get(task_id)
+            if done is not None:
+                _emit(self._on_failure, TaskFailedEvent(done, debug_message))
+
+
+def _parse(task_input: dict[str, Any]) -> ImageRequest:
+    """parse_task_input, with its stray errors turned into the user-facing one that names the field: ValueError
+    from int() of text such as '--5' or '²', OverflowError from a guidance integer too large for a float."""
+    try:
+        return parse_task_input(task_input)
+    except (ValueError, OverflowError):
+        for key, name in (("numberOfImages", "number of images"), ("steps", "steps"), ("seed", "seed")):
+            value = task_input.get(key)
+            if isinstance(value, str):
+                try:
+                    int(value)
+                except ValueError:
+                    raise TaskInputError(f"{name} {_show(value)} is not a whole number; write it with the "
+                                         "digits 0-9") from None
+        guidance = task_input.get("guidance")
+        if isinstance(guidance, int) and not isinstance(guidance, bool):
+            raise TaskInputError(f"guidance {_show(guidance)} is out of range; use 0 to 30") from None
+        raise
+
+
+def _emit(handlers: list[Callable[[Any], Any]], event: Any) -> None:
+    for handler in list(handlers):
+        try:
+            handler(event)
+        except Exception:
+            log.exception("an event handler failed for task %s", event.task.id)
+
+
+def _copy(source: Task, target: Task) -> None:
+    for name in Task.__dataclass_fields__:
+        setattr(target, name, getattr(source, name))

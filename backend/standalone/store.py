@@ -1,0 +1,311 @@
+"""The task store: one SQLite database in WAL mode plus the images as PNG files beside it.
+
+Layout of a data directory::
+
+    <data_dir>/tasks.sqlite3 (+ -wal, -shm)   the tasks
+    <data_dir>/images/<task id>/<index>.png    the images of SUCCESSFUL tasks
+
+Standard library only, so ``text2image tasks`` reads the store without the model stack. Safe to use from many
+threads (one connection behind a lock) and from several processes (WAL lets the CLI read and delete while the
+service runs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from backend.standalone.task import Task, TaskStatus
+from runtime.errors import T2IError
+
+DB_NAME = "tasks.sqlite3"
+DAMAGED = "this task's stored data is damaged, so it cannot run; please schedule it again"
+IMAGES_DIR = "images"
+
+# AUTOINCREMENT: ids of deleted tasks are never handed out again, so an app polling an old id cannot reach a task
+# made later for the same user.
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id TEXT,
+    app_id TEXT NOT NULL,
+    identifier TEXT NOT NULL DEFAULT '',
+    input TEXT NOT NULL,
+    options TEXT NOT NULL DEFAULT '{}',
+    number_of_images INTEGER NOT NULL,
+    status INTEGER NOT NULL,
+    expected_seconds REAL NOT NULL DEFAULT 0,
+    completion_expected_at INTEGER,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    error_message TEXT,
+    debug_message TEXT,
+    seeds TEXT NOT NULL DEFAULT '[]',
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS tasks_by_app ON tasks (user_id, app_id, identifier);
+CREATE INDEX IF NOT EXISTS tasks_by_status ON tasks (status, id);
+"""
+
+#: Marks "any user" in queries, as None is a real owner (tasks of Python callers without a user).
+ANY_USER: Any = object()
+
+
+class TaskStore:
+    """Tasks and their images in ``data_dir``. ``create=False`` refuses a directory without a store."""
+
+    def __init__(self, data_dir: Path, create: bool = True) -> None:
+        self.data_dir = Path(data_dir)
+        self.images_dir = self.data_dir / IMAGES_DIR
+        db = self.data_dir / DB_NAME
+        if not create and not db.is_file():
+            raise T2IError(f"there is no task store in {self.data_dir}; start `text2image serve --standalone` "
+                           "first or pass the --data-dir it uses")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(db, timeout=30, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a task acknowledged to a client survives a power cut, not only a crash of this process.
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        # IMMEDIATE takes the write lock at once, so read-then-update (claiming a task) is atomic across processes.
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # -- writing ---------------------------------------------------------------------------------------------------
+    def insert(self, task: Task, status: TaskStatus, expected_seconds: float, completion_expected_at: int,
+               attempts: int = 0) -> Task:
+        """Store a new task; fills in ``task.id``, status and times on the object and returns it."""
+        now = time.time()
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO tasks (user_id, app_id, identifier, input, options, number_of_images, status, "
+                "expected_seconds, completion_expected_at, attempts, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (task.user_id, task.app_id, task.identifier, task.input, json.dumps(task.options),
+                 task.number_of_images, int(status), expected_seconds, completion_expected_at, attempts, now, now))
+        task.id, task.status = cur.lastrowid, status
+        task.completion_expected_at, task.created_at, task.updated_at = completion_expected_at, now, now
+        return task
+
+    def claim_next(self) -> Task | None:
+        """Move the oldest SCHEDULED task to RUNNING and return it; None when there is none.
+
+        A row that cannot be read back (damaged by hand) ends FAILED instead of blocking the queue.
+        """
+        while True:
+            with self._tx() as db:
+                row = db.execute("SELECT id FROM tasks WHERE status = ? ORDER BY id LIMIT 1",
+                                 (int(TaskStatus.SCHEDULED),)).fetchone()
+                if row is None:
+                    return None
+                db.execute("UPDATE tasks SET status = ?, attempts = attempts + 1, updated_at = ? WHERE id = ?",
+                           (int(TaskStatus.RUNNING), time.time(), row["id"]))
+            try:
+                return self.get(row["id"])
+            except (ValueError, KeyError, TypeError) as exc:
+                self.finish(row["id"], TaskStatus.FAILED, error_message=DAMAGED,
+                            debug_message=f"stored task cannot be read: {type(exc).__name__}: {exc}")
+
+    def finish(self, task_id: int, status: TaskStatus, seeds: list[int] | None = None,
+               error_message: str | None = None, debug_message: str | None = None) -> bool:
+        """End a RUNNING task as SUCCESSFUL or FAILED. False when it is gone (deleted while it ran)."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE tasks SET status = ?, seeds = ?, error_message = ?, debug_message = ?, updated_at = ? "
+                "WHERE id = ? AND status = ?",
+                (int(status), json.dumps(seeds or []), error_message, debug_message, time.time(), task_id,
+                 int(TaskStatus.RUNNING)))
+        return cur.rowcount == 1
+
+    def requeue(self, task_id: int) -> bool:
+        """Put a RUNNING task back in the queue, e.g. when the service stops; the attempt does not count."""
+        with self._tx() as db:
+            cur = db.execute("UPDATE tasks SET status = ?, attempts = MAX(attempts - 1, 0), updated_at = ? "
+                             "WHERE id = ? AND status = ?",
+                             (int(TaskStatus.SCHEDULED), time.time(), task_id, int(TaskStatus.RUNNING)))
+        return cur.rowcount == 1
+
+    def recover(self, max_attempts: int) -> tuple[list[int], list[int]]:
+        """After a crash: tasks left RUNNING are scheduled again, or FAILED once they were started ``max_attempts``
+        times (a task that kills the process must not do so forever). Returns (requeued ids, failed ids)."""
+        message = (f"the service stopped {max_attempts} times while making these images, so it was not tried "
+                   "again; try fewer or smaller images, or ask the administrator to check the log")
+        with self._tx() as db:
+            rows = db.execute("SELECT id, attempts FROM tasks WHERE status = ?", (int(TaskStatus.RUNNING),)).fetchall()
+            failed = [r["id"] for r in rows if r["attempts"] >= max_attempts]
+            requeued = [r["id"] for r in rows if r["attempts"] < max_attempts]
+            now = time.time()
+            db.executemany("UPDATE tasks SET status = ?, error_message = ?, debug_message = ?, updated_at = ? "
+                           "WHERE id = ?",
+                           [(int(TaskStatus.FAILED), message, "process ended while the task was RUNNING", now, i)
+                            for i in failed])
+            db.executemany("UPDATE tasks SET status = ?, updated_at = ? WHERE id = ?",
+                           [(int(TaskStatus.SCHEDULED), now, i) for i in requeued])
+        return requeued, failed
+
+    def delete(self, task_id: int) -> bool:
+        """Delete a task and its images. False when there was no such task."""
+        with self._tx() as db:
+            cur = db.execute("DELETE FROM tasks WHERE id = ?", (task_id,))
+        self.remove_images(task_id)
+        return cur.rowcount == 1
+
+    def cleanup(self, older_than_seconds: float) -> list[int]:
+        """Delete finished (SUCCESSFUL or FAILED) tasks last changed more than ``older_than_seconds`` ago."""
+        cutoff = time.time() - older_than_seconds
+        with self._tx() as db:
+            ids = [r["id"] for r in db.execute(
+                "SELECT id FROM tasks WHERE status IN (?, ?) AND updated_at < ?",
+                (int(TaskStatus.SUCCESSFUL), int(TaskStatus.FAILED), cutoff))]
+            db.executemany("DELETE FROM tasks WHERE id = ?", [(i,) for i in ids])
+        for i in ids:
+            self.remove_images(i)
+        return ids
+
+    # -- reading ---------------------------------------------------------------------------------------------------
+    def get(self, task_id: int, user_id: Any = ANY_USER) -> Task | None:
+        """The task with this id (and owner, unless ``user_id`` is ANY_USER); None when there is none."""
+        if user_id is ANY_USER:
+            rows = self._query("SELECT * FROM tasks WHERE id = ?", (task_id,))
+        else:
+            rows = self._query("SELECT * FROM tasks WHERE id = ? AND user_id IS ?", (task_id, user_id))
+        return _task(rows[0]) if rows else None
+
+    def find(self, user_id: Any = ANY_USER, app_id: str | None = None, identifier: str | None = None,
+             status: TaskStatus | None = None) -> list[Task]:
+        """Tasks matching every filter given, oldest first."""
+        where: list[str] = []
+        args: list[Any] = []
+        if user_id is not ANY_USER:
+            where.append("user_id IS ?")
+            args.append(user_id)
+        for column, value in (("app_id", app_id), ("identifier", identifier), ("status", status)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        sql = "SELECT * FROM tasks" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id"
+        return [_task(r) for r in self._query(sql, tuple(args))]
+
+    def backlog_seconds(self) -> float:
+        """Expected seconds of the work queued or running."""
+        rows = self._query("SELECT COALESCE(SUM(expected_seconds), 0) AS s FROM tasks WHERE status IN (?, ?)",
+                           (int(TaskStatus.SCHEDULED), int(TaskStatus.RUNNING)))
+        return float(rows[0]["s"])
+
+    def details(self, task_id: int) -> dict[str, Any] | None:
+        """Everything stored about a task, including the debug message and attempts (for ``tasks show``)."""
+        rows = self._query("SELECT * FROM tasks WHERE id = ?", (task_id,))
+        return dict(rows[0]) if rows else None
+
+    def check(self) -> list[str]:
+        """Problems found: SQLite's integrity check, and images that disagree with task statuses. Empty = fine."""
+        problems = [r[0] for r in self._query("PRAGMA integrity_check") if r[0] != "ok"]
+        successful = {t.id: t.number_of_images for t in self.find(status=TaskStatus.SUCCESSFUL)}
+        for task_id, wanted in successful.items():
+            have = len(list(self.images_dir.joinpath(str(task_id)).glob("*.png")))
+            if have != wanted:
+                problems.append(f"task {task_id} is SUCCESSFUL with {have} of {wanted} images")
+        if self.images_dir.is_dir():
+            for folder in self.images_dir.iterdir():
+                if not folder.name.isdigit() or int(folder.name) not in successful:
+                    problems.append(f"images folder {folder.name} belongs to no SUCCESSFUL task")
+        return problems
+
+    # -- images ----------------------------------------------------------------------------------------------------
+    def image_dir(self, task_id: int) -> Path:
+        return self.images_dir / str(int(task_id))
+
+    def image_path(self, task_id: int, index: int) -> Path:
+        return self.image_dir(task_id) / f"{int(index)}.png"
+
+    def save_images(self, task_id: int, pngs: list[bytes]) -> list[Path]:
+        """Write a task's PNG files; each appears whole or not at all (write, then rename)."""
+        folder = self.image_dir(task_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for index, png in enumerate(pngs):
+            path = self.image_path(task_id, index)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(png)
+            tmp.replace(path)
+            paths.append(path)
+        return paths
+
+    def remove_images(self, task_id: int) -> None:
+        shutil.rmtree(self.image_dir(task_id), ignore_errors=True)
+
+    def remove_orphan_images(self) -> int:
+        """Remove image folders of tasks that are gone or not SUCCESSFUL (left by a crash). Returns how many."""
+        if not self.images_dir.is_dir():
+            return 0
+        keep = {str(t.id) for t in self.find(status=TaskStatus.SUCCESSFUL)}
+        orphans = [f for f in self.images_dir.iterdir() if f.name not in keep]
+        for path in orphans:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        return len(orphans)
+
+
+def _task(row: sqlite3.Row) -> Task:
+    return Task(input=row["input"], app_id=row["app_id"], number_of_images=row["number_of_images"],
+                user_id=row["user_id"], identifier=row["identifier"], options=json.loads(row["options"]),
+                id=row["id"], status=TaskStatus(row["status"]), completion_expected_at=row["completion_expected_at"],
+                error_message=row["error_message"], seeds=json.loads(row["seeds"]), created_at=row["created_at"],
+                updated_at=row["updated_at"])
+
+
+class DirLock:
+    """An exclusive lock on a data directory, held until :meth:`close`."""
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._handle.close()  # closing the file releases the lock
+
+
+def lock_data_dir(data_dir: Path) -> DirLock:
+    """Hold an exclusive lock on ``data_dir`` so that two services never run the same queue twice."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(data_dir / "service.lock", "a+")  # held open for the manager's lifetime
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, one service per data directory is then up to the admin
+        return DirLock(handle)
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise T2IError(f"another task service is using {data_dir}; stop it first or use another data "
+                       "directory (--data-dir / T2I_DATA_DIR)") from None
+    return DirLock(handle)
+

@@ -1,0 +1,252 @@
+"""The standalone TaskManager on the tiny real model: every operation, both paths of run_or_schedule_task, events
+once each, identifier filtering, deletion with images, failures, crash recovery and cleanup."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+from standalone_helpers import load_service, wait_until
+
+from backend.standalone.manager import INTERNAL_ERROR, TaskManager
+from backend.standalone.store import TaskStore
+from backend.standalone.task import (
+    NoProviderError,
+    Task,
+    TaskFailedError,
+    TaskNotFoundError,
+    TaskStatus,
+)
+from backend.tasks.request import TaskInputError, parse_task_input
+from runtime.errors import T2IError
+
+QUICK = {"steps": 2}
+SLOW = {"steps": 100}  # with 4 images: several seconds, long enough to catch the task RUNNING
+
+
+@pytest.fixture(scope="module")
+def service(onnx_bundle: Path) -> Any:
+    return load_service(onnx_bundle)
+
+
+class Recorder:
+    """Collects the events a manager fires."""
+
+    def __init__(self, manager: TaskManager) -> None:
+        self.success: list[Any] = []
+        self.failure: list[Any] = []
+        manager.on_success(self.success.append)
+        manager.on_failure(self.failure.append)
+
+    def ids(self) -> tuple[Counter[int], Counter[int]]:
+        return Counter(e.task.id for e in self.success), Counter(e.task.id for e in self.failure)
+
+
+@pytest.fixture
+def manager(tmp_path: Path, service: Any) -> Iterator[TaskManager]:
+    with TaskManager(tmp_path / "data", services=[service]) as m:
+        yield m
+
+
+def _status(manager: TaskManager, task_id: int | None) -> TaskStatus:
+    assert task_id is not None
+    return manager.get_task(task_id).status
+
+
+def _finished(manager: TaskManager, *tasks: Task) -> bool:
+    return all(_status(manager, t.id) in (TaskStatus.SUCCESSFUL, TaskStatus.FAILED) for t in tasks)
+
+
+def test_schedule_runs_in_background_with_one_success_event_each(manager: TaskManager) -> None:
+    events = Recorder(manager)
+    tasks = [manager.schedule_task(Task(f"fox {i}", "app", 2, "alice", options={**QUICK, "seed": 10 * i}))
+             for i in range(3)]
+    assert all(t.status == TaskStatus.SCHEDULED and t.id for t in tasks)
+    assert all(t.completion_expected_at and t.completion_expected_at >= int(time.time()) for t in tasks)
+    wait_until(lambda: _finished(manager, *tasks), 60, what="3 tasks")
+    time.sleep(0.2)  # an extra event would come right after the status change
+    assert events.ids() == (Counter({t.id: 1 for t in tasks}), Counter())
+    for i, task in enumerate(tasks):
+        done = manager.get_task(task.id or 0)
+        assert done.status == TaskStatus.SUCCESSFUL and done.seeds == [10 * i, 10 * i + 1]
+        paths = [manager.image_path(done, k) for k in range(2)]
+        assert paths == next(e.images for e in events.success if e.task.id == task.id)
+        for path in paths:
+            with Image.open(path) as im:
+                assert im.size == (256, 256) and im.text["seed"] in {str(s) for s in done.seeds}
+
+
+def test_run_task_is_synchronous(manager: TaskManager) -> None:
+    events = Recorder(manager)
+    task = Task("a red fox", "app", 1, "alice", options={**QUICK, "size": "320x256"})
+    assert manager.run_task(task) is task
+    assert task.status == TaskStatus.SUCCESSFUL and task.id is not None
+    with Image.open(manager.image_path(task, 0)) as im:
+        assert im.size == (320, 256)
+    assert events.ids() == (Counter({task.id: 1}), Counter())
+
+
+def test_run_or_schedule_takes_both_paths(manager: TaskManager, service: Any) -> None:
+    task_input = {"input": "a red fox", "numberOfImages": 2, **QUICK}
+    expected = service.expected_seconds(parse_task_input(task_input))
+    fits = manager.run_or_schedule_task(Task("a red fox", "app", 2, "alice", options=QUICK), expected * 1.5)
+    assert fits.status == TaskStatus.SUCCESSFUL  # ran before returning
+    too_long = manager.run_or_schedule_task(Task("a red fox", "app", 2, "alice", options=QUICK), expected * 0.5)
+    assert too_long.status == TaskStatus.SCHEDULED
+    wait_until(lambda: _finished(manager, too_long), 60, what="the scheduled task")
+    assert _status(manager, too_long.id) == TaskStatus.SUCCESSFUL
+
+
+def test_get_task_and_get_user_task(manager: TaskManager) -> None:
+    task = manager.run_task(Task("a red fox", "app", 1, "alice", options=QUICK))
+    assert task.id is not None
+    assert manager.get_task(task.id).to_json() == task.to_json()
+    assert manager.get_user_task(task.id, "alice").input == "a red fox"
+    with pytest.raises(TaskNotFoundError):
+        manager.get_user_task(task.id, "bob")
+    with pytest.raises(TaskNotFoundError):
+        manager.get_user_task(task.id, None)
+    with pytest.raises(TaskNotFoundError):
+        manager.get_task(task.id + 1000)
+
+
+def test_tasks_by_app_filter_on_user_app_and_identifier(manager: TaskManager) -> None:
+    made = [manager.schedule_task(Task("fox", app, 1, user, ident, QUICK))
+            for user, app, ident in [("alice", "app1", ""), ("alice", "app1", "x"), ("alice", "app2", "x"),
+                                     ("bob", "app1", "x"), ("alice", "app1", "x")]]
+    ids = [t.id for t in made]
+
+    def found(*args: Any) -> list[int | None]:
+        return [t.id for t in manager.get_user_tasks_by_app(*args)]
+
+    assert found("alice", "app1") == [ids[0], ids[1], ids[4]]
+    assert found("alice", "app1", "x") == [ids[1], ids[4]]
+    assert found("alice", "app1", "") == [ids[0]]
+    assert found("alice", "app2", None) == [ids[2]]
+    assert found("bob", "app1", "x") == [ids[3]]
+    assert found("bob", "app2") == [] and found("carol", "app1") == []
+    wait_until(lambda: _finished(manager, *made), 60, what="5 tasks")
+
+
+def test_delete_removes_the_task_and_its_images(manager: TaskManager) -> None:
+    task = manager.run_task(Task("a red fox", "app", 2, "alice", options=QUICK))
+    folder = manager.image_path(task, 0).parent
+    assert len(list(folder.glob("*.png"))) == 2
+    manager.delete_task(task)
+    assert not folder.exists()
+    with pytest.raises(TaskNotFoundError):
+        manager.get_task(task.id or 0)
+    with pytest.raises(TaskNotFoundError):
+        manager.delete_task(task)
+
+
+def test_delete_stops_a_running_task(manager: TaskManager) -> None:
+    events = Recorder(manager)
+    task = manager.schedule_task(Task("a slow fox", "app", 4, "alice", options=SLOW))
+    wait_until(lambda: _status(manager, task.id) == TaskStatus.RUNNING, 30, what="RUNNING")
+    started = time.monotonic()
+    manager.delete_task(task.id or 0)
+    quick = manager.run_task(Task("next", "app", 1, "alice", options=QUICK))  # waits for the service to be free
+    assert quick.status == TaskStatus.SUCCESSFUL and time.monotonic() - started < 10
+    assert not manager.store.image_dir(task.id or 0).exists()
+    assert events.ids() == (Counter({quick.id: 1}), Counter())
+
+
+def test_a_failing_task_ends_failed_with_its_message_and_one_failure_event(manager: TaskManager) -> None:
+    events = Recorder(manager)
+    manager.store.images_dir.write_text("not a folder")  # the images cannot be saved: a real, unexpected failure
+    with pytest.raises(TaskFailedError) as raised:
+        manager.run_task(Task("a red fox", "app", 1, "alice", options=QUICK))
+    task = raised.value.task
+    assert task.status == TaskStatus.FAILED and task.error_message == INTERNAL_ERROR
+    scheduled = manager.schedule_task(Task("another fox", "app", 1, "alice", options=QUICK))
+    wait_until(lambda: _finished(manager, scheduled), 60, what="the scheduled task")
+    assert manager.get_task(scheduled.id or 0).error_message == INTERNAL_ERROR
+    time.sleep(0.2)
+    assert events.ids() == (Counter(), Counter({task.id: 1, scheduled.id: 1}))
+    assert all("Error" in e.error_message and e.error_message != INTERNAL_ERROR for e in events.failure)
+
+
+@pytest.mark.parametrize("task, words", [
+    (Task("fox", "../x", 1, "alice"), ["appId", "'../x'"]),
+    (Task("fox", "", 1, "alice"), ["appId"]),
+    (Task("fox", "app", 1, "alice", "i" * 256), ["identifier", "255"]),
+    (Task("fox", "app", 13, "alice"), ["number of images", "13", "1 to 12"]),
+    (Task("", "app", 1, "alice"), ["prompt", "empty"]),
+    (Task("fox", "app", 1, "alice", options={"input": "other"}), ["unknown option", "'input'"]),
+    (Task("fox", "app", 1, "alice", options={"size": "500x500"}), ["500", "multiple of 64"]),
+    (Task("fox", "app", 1, "../alice"), ["user id"]),
+])
+def test_bad_tasks_are_refused_by_name_and_not_stored(manager: TaskManager, task: Task, words: list[str]) -> None:
+    for operation in (manager.schedule_task, manager.run_task):
+        with pytest.raises(TaskInputError) as raised:
+            operation(task)
+        assert all(w in str(raised.value) for w in words), str(raised.value)
+    assert manager.store.find() == []
+
+
+def test_without_a_model_there_is_no_provider(tmp_path: Path) -> None:
+    with TaskManager(tmp_path) as manager:
+        assert not manager.has_providers()
+        for operation in (manager.schedule_task, manager.run_task):
+            with pytest.raises(NoProviderError):
+                operation(Task("fox", "app", 1, "alice"))
+        with pytest.raises(NoProviderError):
+            manager.run_or_schedule_task(Task("fox", "app", 1, "alice"), 10)
+        assert manager.store.find() == []
+
+
+def test_one_manager_per_data_directory(tmp_path: Path) -> None:
+    with TaskManager(tmp_path), pytest.raises(T2IError, match="another task service is using"):
+        TaskManager(tmp_path)
+    TaskManager(tmp_path).close()  # free again
+
+
+def test_close_puts_the_running_task_back_and_it_runs_after_reopening(tmp_path: Path, service: Any) -> None:
+    with TaskManager(tmp_path, services=[service]) as manager:
+        task = manager.schedule_task(Task("a slow fox", "app", 4, "alice", options=SLOW))
+        wait_until(lambda: _status(manager, task.id) == TaskStatus.RUNNING, 30, what="RUNNING")
+    store = TaskStore(tmp_path)
+    assert store.details(task.id or 0)["status"] == TaskStatus.SCHEDULED  # type: ignore[index]
+    store.close()
+    with TaskManager(tmp_path, services=[service]) as manager:
+        events = Recorder(manager)
+        manager.delete_task(task.id or 0)  # too slow to finish here; a quick one proves the queue runs
+        quick = manager.schedule_task(Task("fox", "app", 1, "alice", options=QUICK))
+        wait_until(lambda: _finished(manager, quick), 60, what="the queue")
+        assert events.ids()[0] == Counter({quick.id: 1})
+
+
+def test_tasks_running_at_a_crash_run_again_once_then_fail(tmp_path: Path, service: Any) -> None:
+    store = TaskStore(tmp_path)
+    first_crash = store.insert(Task("fox", "app", 1, "alice", options=QUICK), TaskStatus.RUNNING, 1, 0, attempts=1)
+    second_crash = store.insert(Task("fox", "app", 1, "alice", options=QUICK), TaskStatus.RUNNING, 1, 0, attempts=2)
+    waiting = store.insert(Task("fox", "app", 1, "bob", options=QUICK), TaskStatus.SCHEDULED, 1, 0)
+    store.save_images(first_crash.id or 0, [b"half-written"])  # what a crash mid-save leaves
+    store.close()
+    with TaskManager(tmp_path, services=[service]) as manager:
+        wait_until(lambda: _finished(manager, first_crash, second_crash, waiting), 60, what="recovery")
+        assert _status(manager, first_crash.id) == _status(manager, waiting.id) == TaskStatus.SUCCESSFUL
+        failed = manager.get_task(second_crash.id or 0)
+        assert failed.status == TaskStatus.FAILED and "stopped 2 times" in (failed.error_message or "")
+        assert manager.store.check() == []
+
+
+def test_cleanup_deletes_finished_tasks_older_than_the_age(tmp_path: Path) -> None:
+    with TaskManager(tmp_path, max_age_days=7) as manager:
+        store = manager.store
+        made = {s: store.insert(Task("fox", "app", 1, "alice"), s, 1, 0) for s in TaskStatus if s}
+        store.save_images(made[TaskStatus.SUCCESSFUL].id or 0, [b"png"])
+        assert manager.cleanup() == []
+        with sqlite3.connect(tmp_path / "tasks.sqlite3") as db:  # age every task by eight days
+            db.execute("UPDATE tasks SET updated_at = updated_at - 8 * 86400")
+        removed = manager.cleanup()
+        assert sorted(removed) == sorted([made[TaskStatus.SUCCESSFUL].id, made[TaskStatus.FAILED].id])
+        assert not store.image_dir(made[TaskStatus.SUCCESSFUL].id or 0).exists()
+        assert {t.status for t in store.find()} == {TaskStatus.SCHEDULED, TaskStatus.RUNNING}
