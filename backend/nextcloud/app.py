@@ -1,0 +1,94 @@
+"""The HTTP side of the ExApp (FastAPI under uvicorn) and ``text2image serve``.
+
+AppAPI calls ``GET /heartbeat`` (no auth), ``POST /init``, ``PUT /enabled?enabled=0|1`` and, from Nextcloud 33 on,
+``POST /trigger?providerId=``. Every route but /heartbeat needs AppAPI's headers (checked by nc_py_api's
+``AppAPIAuthMiddleware``); anything else gets 401.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from backend.config import Settings
+from runtime.errors import T2IError
+
+log = logging.getLogger(__name__)
+
+#: Set by AppAPI in the container (``NEXTCLOUD_URL`` … ``APP_SECRET``); nc_py_api reads them.
+REQUIRED_ENV = ("NEXTCLOUD_URL", "APP_ID", "APP_VERSION", "APP_SECRET")
+
+
+def create_app(settings: Settings | None = None):  # type: ignore[no-untyped-def]
+    """The FastAPI application; ``settings`` default to the environment (``T2I_*``)."""
+    from fastapi import FastAPI
+    from nc_py_api import AsyncNextcloudApp
+    from nc_py_api.ex_app import AppAPIAuthMiddleware, set_handlers
+
+    from backend.nextcloud.exapp import ExApp, exapp_settings
+
+    state: dict[str, ExApp] = {}
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        exapp = ExApp(exapp_settings(settings))
+        state["exapp"] = exapp
+        await exapp.start()
+        yield
+        # uvicorn runs this after SIGTERM/SIGINT: finish or report the task in hand, then exit.
+        await exapp.shutdown()
+
+    app = FastAPI(lifespan=lifespan, title="text2image_sd2")
+    app.add_middleware(AppAPIAuthMiddleware)
+
+    async def enabled_handler(enabled: bool, _nc: AsyncNextcloudApp) -> str:
+        exapp = state["exapp"]
+        error = await (exapp.enable() if enabled else exapp.disable())
+        log.info("%s by AppAPI%s", "enabled" if enabled else "disabled", f"; error: {error}" if error else "")
+        return error
+
+    async def trigger_handler(provider_id: str) -> None:
+        state["exapp"].trigger.fire()
+
+    set_handlers(app, enabled_handler, default_init=False, map_app_static=False, trigger_handler=trigger_handler)
+
+    @app.post("/init")
+    async def init() -> dict:
+        # Answer at once; progress (0..100) or an error goes to AppAPI's status endpoint.
+        state["exapp"].spawn(state["exapp"].init(), "init")
+        return {}
+
+    return app
+
+
+def serve(host: str | None = None, port: int | None = None, workers: int | None = None) -> None:
+    """Run the ExApp until SIGTERM/SIGINT. Host and port default to ``APP_HOST``/``APP_PORT``; with HaRP
+    (``HP_SHARED_KEY`` set) it listens on the unix socket ``HP_EXAPP_SOCK`` (default /tmp/exapp.sock) instead."""
+    missing = [name for name in REQUIRED_ENV if not os.environ.get(name)]
+    if missing:
+        raise T2IError(
+            f"the Nextcloud ExApp needs {', '.join(missing)} in its environment (AppAPI sets them when it deploys "
+            "the app); to run without Nextcloud use `text2image serve --standalone`"
+        )
+    try:
+        import uvicorn
+    except ImportError:
+        raise T2IError("the Nextcloud ExApp needs its extra: pip install 'text2image-sd2[nextcloud]'") from None
+    settings = Settings.from_env(workers=workers)
+    for name in ("backend", "runtime"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    where: dict = {}
+    if os.environ.get("HP_SHARED_KEY"):
+        where["uds"] = os.environ.get("HP_EXAPP_SOCK", "/tmp/exapp.sock")
+    else:
+        where["host"] = host or os.environ.get("APP_HOST", "127.0.0.1")
+        where["port"] = port or int(os.environ.get("APP_PORT", "0") or 0)
+        if not where["port"]:
+            raise T2IError("no port to listen on: set APP_PORT (AppAPI does) or pass --port")
+    log.info("text2image_sd2 ExApp %s for %s on %s", os.environ["APP_VERSION"], os.environ["NEXTCLOUD_URL"],
+             where.get("uds") or f"{where['host']}:{where['port']}")
+    uvicorn.run(create_app(settings), log_level="warning", timeout_graceful_shutdown=5, **where)

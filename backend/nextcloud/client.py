@@ -1,0 +1,146 @@
+"""The calls this ExApp makes to Nextcloud, through nc_py_api's async API, with each failure sorted into what to do.
+
+nc_py_api's task-processing helpers swallow HTTP errors (``{}`` for a 500, a 404 and a 412 alike) and let network
+errors through. A worker must tell "Nextcloud is unreachable, try again" from "this task is gone, drop it", so the
+result and state calls go through ``AsyncNextcloudApp.ocs`` here and every failure becomes :class:`Unreachable`
+(retry later) or :class:`Gone` (stop trying).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from typing import Any
+
+from nc_py_api import AsyncNextcloudApp, NextcloudException, NextcloudExceptionNotFound
+from nc_py_api.ex_app.providers.task_processing import TaskProcessingProvider
+
+log = logging.getLogger(__name__)
+
+TASK_TYPE = "core:text2image"
+#: Nextcloud cuts errorMessage to this many characters (and logs the full text); we cut it ourselves, keeping
+#: the start, so what is stored is what we chose.
+MAX_ERROR_CHARS = 1000
+_PROVIDER_API = "/ocs/v2.php/taskprocessing/tasks_provider"
+
+
+class Unreachable(Exception):
+    """Nextcloud did not answer, or answered with a server error: try again later."""
+
+
+class Gone(Exception):
+    """Nextcloud no longer knows this task (deleted or cleaned up): stop trying."""
+
+
+class Backoff:
+    """Exponential waits with jitter between retries: 0.5, 1, 2, 4 … up to ``cap`` seconds."""
+
+    def __init__(self, first: float = 0.5, cap: float = 10.0) -> None:
+        self.first, self.cap, self.failures = first, cap, 0
+
+    def next(self) -> float:
+        delay = min(self.cap, self.first * 2**self.failures)
+        self.failures += 1
+        return delay * random.uniform(0.8, 1.2)
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+def cut(message: str, limit: int = MAX_ERROR_CHARS) -> str:
+    return message if len(message) <= limit else message[: limit - 1] + "…"
+
+
+class Nextcloud:
+    """One connection to Nextcloud as this ExApp (credentials from the AppAPI environment)."""
+
+    def __init__(self) -> None:
+        self.nc = AsyncNextcloudApp()
+        self._major: int | None = None
+
+    async def _ocs(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            return await self.nc.ocs(method, path, **kwargs)
+        except NextcloudExceptionNotFound as exc:
+            raise Gone(str(exc)) from None
+        except NextcloudException as exc:
+            # 5xx, 408 (timeout), 412/401 (AppAPI refuses a disabled app): all pass; nothing we sent was wrong.
+            raise Unreachable(str(exc)) from None
+        except OSError as exc:  # niquests' connection errors are OSErrors
+            raise Unreachable(f"{type(exc).__name__}: {exc}") from None
+
+    async def server_major(self) -> int:
+        """Nextcloud's major version (33+ shows userFacingErrorMessage to users)."""
+        if self._major is None:
+            caps = await self._ocs("GET", "/ocs/v1.php/cloud/capabilities")
+            self._major = int(caps["version"]["major"])
+        return self._major
+
+    async def enabled_state(self) -> bool:
+        """Whether AppAPI has this app enabled (raises :class:`Unreachable`, unlike nc_py_api's property)."""
+        return bool(await self._ocs("GET", "/ocs/v1.php/apps/app_api/ex-app/state"))
+
+    async def set_init_status(self, progress: int, error: str = "") -> None:
+        try:
+            await self.nc.set_init_status(progress, error)
+        except (NextcloudException, OSError) as exc:
+            log.warning("could not report init progress %d%%: %s", progress, exc)
+
+    async def register(self, provider: TaskProcessingProvider) -> None:
+        await self.nc.providers.task_processing.register(provider)
+
+    async def unregister(self, provider_id: str) -> None:
+        await self.nc.providers.task_processing.unregister(provider_id)
+
+    async def next_task(self, provider_ids: list[str]) -> dict[str, Any] | None:
+        """The next task for one of ``provider_ids`` (``{"task", "provider"}``), or None when there is none."""
+        found = await self._ocs("GET", f"{_PROVIDER_API}/next",
+                                json={"providerIds": provider_ids, "taskTypeIds": [TASK_TYPE]})
+        return found or None  # 204 comes back as []
+
+    async def progress(self, task_id: int, fraction: float) -> str | None:
+        """Report progress (0..1); return the task's status as Nextcloud answers it, None when unknown.
+
+        The answer is the only way to learn that a user cancelled the task (``STATUS_CANCELLED``).
+        """
+        try:
+            data = await self._ocs("POST", f"{_PROVIDER_API}/{task_id}/progress",
+                                   json={"taskId": task_id, "progress": min(1.0, max(0.0, fraction))})
+        except Unreachable as exc:
+            log.debug("progress of task %d not reported: %s", task_id, exc)
+            return None
+        return str((data or {}).get("task", {}).get("status") or "") or None
+
+    async def upload(self, task_id: int, png: bytes) -> int:
+        """Upload one result file; return its file id."""
+        data = await self._ocs("POST", f"{_PROVIDER_API}/{task_id}/file", files={"file": png})
+        return int(data["fileId"])
+
+    async def report(self, task_id: int, output: dict[str, Any] | None = None, error: str | None = None,
+                     user_error: str | None = None) -> None:
+        """Report the result; raise unless Nextcloud confirmed it.
+
+        ``errorMessage`` is always sent with a failure; ``userFacingErrorMessage`` only to Nextcloud 33+ (32 has
+        no such field, and sent alone it makes 32 answer 500 and keep the task RUNNING).
+        """
+        body: dict[str, Any] = {"taskId": task_id, "output": output,
+                                "errorMessage": None if error is None else cut(error)}
+        if error is not None and user_error and await self.server_major() >= 33:
+            body["userFacingErrorMessage"] = cut(user_error)
+        data = await self._ocs("POST", f"{_PROVIDER_API}/{task_id}/result", json=body)
+        if not isinstance(data, dict) or "task" not in data:
+            raise Unreachable(f"unexpected answer to the result of task {task_id}: {str(data)[:200]}")
+
+    async def close(self) -> None:
+        adapter = getattr(self.nc._session, "adapter", None)  # no public close in nc_py_api 0.30
+        if adapter is not None:
+            await adapter.close()
+
+
+async def sleep_or(event: asyncio.Event, seconds: float) -> None:
+    """Sleep ``seconds`` unless ``event`` is set first."""
+    try:
+        await asyncio.wait_for(event.wait(), timeout=seconds)
+    except asyncio.TimeoutError:
+        pass

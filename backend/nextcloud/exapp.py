@@ -1,0 +1,256 @@
+"""The ExApp's life: load the models (at /init, or at start when AppAPI already has the app enabled), register the
+providers on enable, run the workers and the delivery, recover the journal's tasks, and stop cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from backend.config import Settings
+from backend.nextcloud.client import Backoff, Nextcloud, Unreachable, sleep_or
+from backend.nextcloud.delivery import Delivery
+from backend.nextcloud.journal import Journal
+from backend.nextcloud.loader import Model, load_models
+from backend.nextcloud.provider import build_provider
+from backend.nextcloud.worker import Trigger, Worker
+from runtime.errors import T2IError
+
+log = logging.getLogger(__name__)
+
+#: A task that was being generated when the service died this many times is failed instead of run again: it may
+#: be what kills the service (e.g. more memory than the machine has).
+MAX_ATTEMPTS = 2
+CRASHED = ("The image service stopped unexpectedly while working on this task, twice; it may need more memory "
+           "than the server has. Try fewer or smaller images.")
+#: On SIGTERM a task in hand is finished if it can be within this many seconds, else stopped and reported failed;
+#: Docker waits 10 s before it kills a container.
+STOP_GRACE = 8.0
+#: AppAPI waits 60 s for the answer to /enabled; a model still loading after this long is registered later.
+ENABLE_WAIT = 45.0
+
+
+def storage_dir() -> Path:
+    """AppAPI's persistent volume (``APP_PERSISTENT_STORAGE``), kept across container updates."""
+    from nc_py_api.ex_app import persistent_storage
+
+    return Path(persistent_storage())
+
+
+def exapp_settings(settings: Settings | None = None, **overrides: Any) -> Settings:
+    """Settings from the environment; models go into the persistent storage unless T2I_MODEL_STORE says otherwise."""
+    settings = settings or Settings.from_env(**overrides)
+    if not os.environ.get("T2I_MODEL_STORE"):
+        settings = replace(settings, model_store=storage_dir() / "models")
+    return settings
+
+
+class ExApp:
+    """Everything one ExApp process holds. Create and use it inside the running event loop."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.nc = Nextcloud()
+        self.journal = Journal(storage_dir() / "journal")
+        self.delivery = Delivery(self.nc, self.journal)
+        self.trigger = Trigger(settings.poll_interval)
+        self.enabled = asyncio.Event()
+        self.stopping = asyncio.Event()
+        self.stop_deadline: float | None = None
+        self.models: dict[str, Model] = {}
+        self.workers: list[Worker] = []
+        self._tasks: list[asyncio.Task] = []
+        self._loading: asyncio.Future | None = None
+        self._init_progress: asyncio.Queue | None = None
+        self._recovered = False
+
+    # -- start and stop ----------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Begin delivering what an earlier run left, and resume work if AppAPI has the app enabled."""
+        self.journal.adopt_orphans()
+        self.spawn(self.delivery.run(self.stopping), "delivery")
+        self.spawn(self._resume(), "resume")
+
+    async def _resume(self) -> None:
+        backoff = Backoff(cap=30.0)
+        while not self.stopping.is_set():
+            try:
+                enabled = await self.nc.enabled_state()
+                break
+            except Unreachable as exc:
+                delay = backoff.next()
+                log.warning("cannot ask Nextcloud whether the app is enabled (%s); next try in %.1f s", exc, delay)
+                await sleep_or(self.stopping, delay)
+        else:
+            return
+        # A restarted container is not initialised again, so it loads its models itself.
+        if enabled and not self.enabled.is_set():
+            log.info("the app is enabled in Nextcloud; loading the models to resume work")
+            error = await self.enable()
+            if error:
+                log.error("could not resume: %s", error)
+            else:
+                log.info("resumed: providers registered, workers running")
+
+    async def shutdown(self, grace: float = STOP_GRACE) -> None:
+        """Stop taking tasks; finish or report the tasks in hand within ``grace`` seconds; deliver what can be."""
+        deadline = time.monotonic() + grace
+        self.stop_deadline = deadline
+        self.stopping.set()
+        self.trigger.fire(from_nextcloud=False)
+        self.delivery.wake.set()
+        busy = [w.current for w in self.workers if w.current is not None]
+        if busy:
+            log.info("stopping: finishing or reporting task(s) %s", busy)
+        running = [t for t in self._tasks if not t.done()]
+        if running:
+            await asyncio.wait(running, timeout=max(0.1, deadline - time.monotonic()))
+        try:
+            await asyncio.wait_for(self.delivery.flush(), timeout=max(0.1, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            pass
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)  # none may touch the journal after this
+        left = self.journal.mine()
+        self.journal.close()
+        await self.nc.close()
+        if left:
+            log.warning("stopped with %d task(s) unsettled (%s); the next start reports them",
+                        len(left), ", ".join(str(e.task_id) for e in left))
+        else:
+            log.info("stopped cleanly: no task left in hand")
+
+    def spawn(self, coro: Any, name: str) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.append(task)
+        return task
+
+    # -- loading -----------------------------------------------------------------------------------------------
+    async def load(self, verify: bool = False) -> dict[str, Model]:
+        """Ready the models once (later callers wait for the same load); raise T2IError when that fails."""
+        if self.models:
+            return self.models
+        if self._loading is None or (self._loading.done() and self._loading.exception() is not None):
+            loop = asyncio.get_running_loop()
+
+            def report(p: int) -> None:
+                if self._init_progress is not None:
+                    loop.call_soon_threadsafe(self._init_progress.put_nowait, p)
+
+            self._loading = loop.run_in_executor(None, load_models, self.settings, report, verify)
+        ready = await asyncio.shield(self._loading)
+        if not self.models:
+            self.models = {pid: Model(name, pid, services) for name, pid, services in ready}
+        return self.models
+
+    async def init(self) -> None:
+        """/init: download and verify the models, load them, and report progress to AppAPI (0..100, or an error)."""
+        self._init_progress = queue = asyncio.Queue()
+        sender = asyncio.get_running_loop().create_task(self._send_init_progress(queue))
+        queue.put_nowait(0)
+        try:
+            await self.load(verify=True)
+        except T2IError as exc:
+            await self._end_init(sender, queue, f"the model could not be made ready: {exc}")
+        except Exception as exc:
+            log.exception("init failed")
+            await self._end_init(sender, queue, f"internal error while loading the model: {type(exc).__name__}: {exc}")
+        else:
+            # AppAPI calls /enabled from inside this report, so the providers are registered after it returns.
+            await self._end_init(sender, queue, None)
+
+    async def _send_init_progress(self, queue: asyncio.Queue) -> None:
+        """Send init progress in order, skipping values that are already stale; end with 100 or the error."""
+        last = -1
+        while True:
+            item = await queue.get()
+            while not queue.empty() and not isinstance(item, tuple):
+                item = queue.get_nowait()
+            if isinstance(item, tuple):
+                error = item[1]
+                await self.nc.set_init_status(max(last, 0) if error else 100, error or "")
+                return
+            if item > last:
+                await self.nc.set_init_status(item)
+                last = item
+
+    async def _end_init(self, sender: asyncio.Task, queue: asyncio.Queue, error: str | None) -> None:
+        self._init_progress = None
+        if error:
+            log.error("init failed: %s", error)
+        await queue.put(("end", error))
+        await sender
+
+    # -- enable and disable ------------------------------------------------------------------------------------
+    async def enable(self) -> str:
+        """Register one provider per model and start the workers; return an error for the admin, or ""."""
+        try:
+            models = await asyncio.wait_for(self.load(), timeout=ENABLE_WAIT)
+        except asyncio.TimeoutError:
+            # Still loading (a restart of a big model): answer AppAPI now, finish enabling when ready.
+            self.spawn(self._enable_when_loaded(), "enable-later")
+            return ""
+        except T2IError as exc:
+            return f"text2image_sd2 cannot start: {exc}"
+        try:
+            for model in models.values():
+                await self.nc.register(build_provider(model.name, model.services[0]))
+        except Exception as exc:
+            log.exception("provider registration failed")
+            return f"text2image_sd2 could not register its provider with Nextcloud: {exc}"
+        self._recover()
+        if not self.workers:
+            self._start_workers()
+        self.enabled.set()
+        self.trigger.fire(from_nextcloud=False)
+        return ""
+
+    async def _enable_when_loaded(self) -> None:
+        error = await self.enable()
+        if error:
+            log.error(error)
+
+    async def disable(self) -> str:
+        """Stop taking tasks and unregister the providers; a task in hand still finishes and is delivered."""
+        self.enabled.clear()
+        errors = []
+        for pid in self.models:
+            try:
+                await self.nc.unregister(pid)
+            except Exception as exc:
+                errors.append(f"{pid}: {exc}")
+        return f"could not unregister {'; '.join(errors)}" if errors else ""
+
+    def _start_workers(self) -> None:
+        for model in self.models.values():
+            for i, service in enumerate(model.services):
+                worker = Worker(f"{model.provider_id}#{i}", model, service, self.journal, self.delivery,
+                                self.trigger, self.enabled, self.stopping, lambda: self.stop_deadline)
+                self.workers.append(worker)
+                self.spawn(worker.run(), worker.name)
+
+    def _recover(self) -> None:
+        """Once per process, before any worker runs: queue the tasks that a dead process (normally this service
+        before a crash or kill) was generating, or fail them when they have already been tried too often."""
+        if self._recovered:
+            return
+        self._recovered = True
+        self.journal.adopt_orphans()
+        for entry in self.journal.mine("running"):
+            model = self.models.get(entry.provider)
+            if entry.attempts >= MAX_ATTEMPTS:
+                self.journal.fail(entry.task_id, f"task {entry.task_id}: the service died {entry.attempts} times "
+                                                 "while generating it", CRASHED)
+            elif model is None:
+                self.journal.fail(entry.task_id, f"task {entry.task_id} is for {entry.provider}, which is no "
+                                  "longer configured (T2I_MODEL)", "This image model is no longer available.")
+            else:
+                log.info("task %d was in hand when the service stopped; running it again", entry.task_id)
+                model.recovered.put_nowait(entry.task)
+        self.delivery.wake.set()

@@ -1,0 +1,109 @@
+"""Getting the configured models ready: resolve (download/export) each into the store, verify the files against the
+bundle's manifest, and load one :class:`ImageService` per worker, reporting progress 0..99 as it goes.
+
+Each worker gets its own service (its own engine sessions) with an equal share of the thread cap: a shared service
+would serialise the workers on its lock, and an OpenVINO infer request must not be used by two threads at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from backend.config import Settings
+from backend.nextcloud.provider import model_names, provider_id
+from backend.tasks.service import ImageService
+from runtime.errors import T2IError
+
+log = logging.getLogger(__name__)
+
+Report = Callable[[int], None]
+
+
+@dataclass
+class Model:
+    """One configured model: its provider id, one service per worker, and tasks recovered from the journal."""
+
+    name: str
+    provider_id: str
+    services: list[ImageService]
+    recovered: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+
+def worker_settings(settings: Settings) -> Settings:
+    """The settings of one worker: the thread cap split evenly between ``settings.workers`` workers."""
+    from runtime.engines import default_threads
+
+    total = settings.threads or default_threads()
+    return replace(settings, threads=max(1, total // max(1, settings.workers)))
+
+
+def load_models(settings: Settings, report: Report, verify: bool) -> list[tuple[str, str, list[ImageService]]]:
+    """Blocking: ready every configured model; return ``(name, provider id, services)`` per model.
+
+    ``verify`` also checks every file's sha256 against the manifest (done at init, skipped on a plain restart).
+    Raises :class:`T2IError` with a message for the admin.
+    """
+    names = model_names(settings.model)
+    if not names:
+        raise T2IError("T2I_MODEL is empty; set it to a model name (e.g. sd-turbo), a hub id or a bundle folder")
+    ids = [provider_id(n) for n in names]
+    if len(set(ids)) != len(ids):
+        raise T2IError(f"T2I_MODEL lists models that would share a provider id: {', '.join(ids)}")
+    if settings.workers < 1:
+        raise T2IError(f"T2I_WORKERS={settings.workers} is not allowed; use 1 or more")
+    per_worker = worker_settings(settings)
+    share = 99 / len(names)
+    ready = []
+    for m, name in enumerate(names):
+        base = m * share
+
+        def at(fraction: float, base: float = base) -> None:
+            report(int(base + share * fraction))
+
+        first = ImageService(replace(per_worker, model=name), mark_ai=settings.ai_marking,
+                             max_batch=settings.max_batch)
+        # Resolving (download or export) is most of the time on a first start; the service reports 1, 60, 85, 100.
+        first.load(progress=lambda p, at=at: at(0.6 * p / 100))
+        bundle_path = first.pipeline.bundle.path
+        if verify:
+            _verify(first, lambda f, at=at: at(0.6 + 0.2 * f))
+        services = [first]
+        for w in range(1, settings.workers):
+            at(0.8 + 0.2 * w / settings.workers)
+            service = ImageService(replace(per_worker, model=name), mark_ai=settings.ai_marking,
+                                   max_batch=settings.max_batch)
+            service.load(bundle=bundle_path)
+            services.append(service)
+        at(1.0)
+        log.info("model %s ready as provider %s: %d worker(s) with %d thread(s) each, bundle %s",
+                 name, ids[m], len(services), per_worker.threads, bundle_path)
+        ready.append((name, ids[m], services))
+    return ready
+
+
+def _verify(service: ImageService, progress: Callable[[float], None]) -> None:
+    """Hash every file the manifest lists, reporting progress by bytes; a bundle without manifest is skipped."""
+    from runtime.bundle import file_digest
+
+    bundle = service.pipeline.bundle
+    if bundle.manifest is None:
+        log.warning("bundle %s has no manifest.json; its files cannot be verified", bundle.path)
+        return
+    files: dict[str, dict] = bundle.files
+    total = sum(int(meta.get("size") or 0) for meta in files.values()) or 1
+    done = 0
+    bad = []
+    for rel, meta in files.items():
+        if file_digest(Path(bundle.path) / rel) != meta.get("sha256"):
+            bad.append(rel)
+        done += int(meta.get("size") or 0)
+        progress(done / total)
+    if bad:
+        raise T2IError(
+            f"{len(bad)} file(s) of the model bundle {bundle.path} do not match its manifest.json "
+            f"({', '.join(bad[:5])}); delete that folder and initialise the app again to download it anew"
+        )

@@ -1,0 +1,223 @@
+"""A worker: take a task from Nextcloud's queue, check its input, generate its images in a thread while reporting
+progress after every denoising step, and hand the outcome to the delivery.
+
+Nextcloud tells a provider that a task was cancelled only in the answer to a progress report, so the generation
+thread waits briefly for that answer after each step and stops within one step when it says CANCELLED. Several
+workers (threads of one process, or other processes and containers) may poll the same queue: Nextcloud hands each
+task to exactly one poller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from backend.nextcloud.client import Backoff, Gone, Nextcloud, Unreachable, cut, sleep_or
+from backend.nextcloud.delivery import Delivery
+from backend.nextcloud.journal import Journal
+from backend.nextcloud.loader import Model
+from backend.tasks.request import TaskInputError, parse_task_input
+from backend.tasks.service import ImageService
+from runtime.errors import GenerationCancelled
+
+log = logging.getLogger(__name__)
+
+CANCELLED = "STATUS_CANCELLED"
+#: Share of the progress bar for the denoising steps; decoding and uploading take the rest (Nextcloud sets 1.0
+#: itself when the result arrives).
+DENOISE_SHARE = 0.9
+#: How long the generation thread waits for the answer to a progress report before it goes on without it (a slow
+#: or unreachable Nextcloud must not slow the generation down).
+PROGRESS_WAIT = 2.0
+#: With triggers (Nextcloud 33+) a poll now and then still catches a trigger that was lost.
+POLL_WITH_TRIGGERS = 60.0
+
+INTERNAL_ERROR = ("The image could not be generated because of an internal error in the image service; your "
+                  "administrator can find the details in the Nextcloud log.")
+STOPPED = ("The image service was stopped (restarted, updated or disabled) before this task finished; "
+           "please try again.")
+
+
+class Trigger:
+    """Wakes idle workers when Nextcloud (33+) says a task is waiting; polling every ``interval`` until then."""
+
+    def __init__(self, poll_interval: float) -> None:
+        self.poll_interval = poll_interval
+        self.seen = False
+        self._event = asyncio.Event()
+
+    def fire(self, from_nextcloud: bool = True) -> None:
+        self.seen = self.seen or from_nextcloud
+        self._event.set()
+        self._event = asyncio.Event()
+
+    def event(self) -> asyncio.Event:
+        """The event the next :meth:`fire` sets; take it *before* asking for a task so no trigger slips through."""
+        return self._event
+
+    @property
+    def interval(self) -> float:
+        return max(self.poll_interval, POLL_WITH_TRIGGERS) if self.seen else self.poll_interval
+
+
+class ProgressBridge:
+    """Called from the generation thread after each step: reports progress through the event loop, learns of a
+    cancellation from the answer, and stops a run that cannot finish before a shutdown deadline."""
+
+    def __init__(self, nc: Nextcloud, task_id: int, loop: asyncio.AbstractEventLoop,
+                 deadline: Callable[[], float | None]) -> None:
+        self.nc, self.task_id, self.loop, self.deadline = nc, task_id, loop, deadline
+        self.cancelled = False
+        self.stopped = False
+        self.started = time.monotonic()
+        self._pending: concurrent.futures.Future | None = None
+
+    def __call__(self, fraction: float) -> bool:
+        # Only a report sent now is waited for: while an older one still hangs (Nextcloud slow or unreachable),
+        # the steps go on without waiting and without piling up more reports.
+        if self._pending is None or self._pending.done():
+            self._read(0)
+            if not self.cancelled:
+                coro = self.nc.progress(self.task_id, DENOISE_SHARE * fraction)
+                self._pending = asyncio.run_coroutine_threadsafe(coro, self.loop)
+                self._read(PROGRESS_WAIT)
+        deadline = self.deadline()
+        if deadline is not None and fraction < 1:
+            now = time.monotonic()
+            left = (now - self.started) / max(fraction, 1e-3) * (1 - fraction)
+            self.stopped = now + 1.2 * left + 0.5 > deadline
+        return not (self.cancelled or self.stopped)
+
+    def _read(self, timeout: float) -> None:
+        if self._pending is None:
+            return
+        try:
+            status = self._pending.result(timeout)
+        except concurrent.futures.TimeoutError:
+            return
+        except Exception:  # the report failed; the next step sends another
+            status = None
+        self._pending = None
+        self.cancelled = self.cancelled or status == CANCELLED
+
+
+class Worker:
+    """One generation slot: a service of its own, a thread to run it in, a loop that takes tasks."""
+
+    def __init__(self, name: str, model: Model, service: ImageService, journal: Journal, delivery: Delivery,
+                 trigger: Trigger, enabled: asyncio.Event, stopping: asyncio.Event,
+                 deadline: Callable[[], float | None]) -> None:
+        self.name, self.model, self.service = name, model, service
+        self.journal, self.delivery, self.trigger = journal, delivery, trigger
+        self.enabled, self.stopping, self.deadline = enabled, stopping, deadline
+        self.nc = Nextcloud()
+        self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=name)
+        self.current: int | None = None
+
+    async def run(self) -> None:
+        """Take and process tasks until the service stops."""
+        backoff = Backoff()
+        try:
+            while not self.stopping.is_set():
+                wake = self.trigger.event()
+                if not self.enabled.is_set():
+                    await sleep_or(wake, 5.0)
+                    continue
+                task = self._recovered()
+                if task is None:
+                    try:
+                        found = await self.nc.next_task([self.model.provider_id])
+                        backoff.reset()
+                    except (Unreachable, Gone) as exc:
+                        delay = backoff.next()
+                        log.warning("%s: cannot reach Nextcloud for tasks (%s); next try in %.1f s",
+                                    self.name, exc, delay)
+                        await sleep_or(wake, delay)
+                        continue
+                    if found is None:
+                        await sleep_or(wake, self.trigger.interval)
+                        continue
+                    task = found["task"]
+                try:
+                    await self.process(task)
+                except Exception as exc:  # a bug or a broken journal must not end this worker
+                    log.exception("%s: task %s could not be handled", self.name, task.get("id"))
+                    await self._report_directly(task, exc)
+        finally:
+            self.executor.shutdown(wait=False)
+            await self.nc.close()
+
+    async def _report_directly(self, task: dict[str, Any], exc: Exception) -> None:
+        """Last resort when the journal cannot take the outcome: tell Nextcloud at once, or leave it to the
+        journal's recovery if that fails too."""
+        try:
+            await self.nc.report(int(task["id"]), error=_admin_detail(int(task["id"]), exc), user_error=INTERNAL_ERROR)
+        except Exception as again:
+            log.error("%s: could not report task %s either: %s", self.name, task.get("id"), again)
+
+    def _recovered(self) -> dict[str, Any] | None:
+        try:
+            return self.model.recovered.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+
+    async def process(self, task: dict[str, Any]) -> None:
+        """Generate one task and hand its outcome (images or an error) to the delivery."""
+        tid = int(task["id"])
+        entry = self.journal.take(task, self.model.provider_id)
+        self.current = tid
+        log.info("%s: task %d taken (attempt %d)", self.name, tid, entry.attempts)
+        try:
+            settled = await self._generate(tid, task)
+        finally:
+            self.current = None
+        if not settled:
+            await self.delivery.deliver(tid)
+
+    async def _generate(self, tid: int, task: dict[str, Any]) -> bool:
+        """Run the task; record its outcome in the journal. True when nothing is left to deliver."""
+        try:
+            request = parse_task_input(task.get("input") or {})
+        except TaskInputError as exc:
+            self.journal.fail(tid, f"task {tid} was refused: {exc}", str(exc))
+            return False
+        bridge = ProgressBridge(self.nc, tid, asyncio.get_running_loop(), self.deadline)
+        t0 = time.monotonic()
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(self.executor, self.service.run, request,
+                                                                       bridge)
+        except GenerationCancelled:
+            if bridge.cancelled:
+                log.info("%s: task %d cancelled by its user after %.1f s; nothing uploaded", self.name, tid,
+                         time.monotonic() - t0)
+                self.journal.remove(tid)
+                return True
+            self.journal.fail(tid, f"task {tid} stopped: the service was shutting down", STOPPED)
+            return False
+        except TaskInputError as exc:
+            self.journal.fail(tid, f"task {tid} was refused: {exc}", str(exc))
+            return False
+        except Exception as exc:
+            log.exception("%s: task %d failed", self.name, tid)
+            self.journal.fail(tid, _admin_detail(tid, exc), INTERNAL_ERROR)
+            return False
+        # The last chance to see a cancel that came during decoding: a cancelled task must upload nothing.
+        if await self.nc.progress(tid, (1 + DENOISE_SHARE) / 2) == CANCELLED:
+            log.info("%s: task %d cancelled by its user; nothing uploaded", self.name, tid)
+            self.journal.remove(tid)
+            return True
+        self.journal.finish(tid, [r.png for r in results])
+        log.info("%s: task %d generated %d image(s) in %.1f s", self.name, tid, len(results), time.monotonic() - t0)
+        return False
+
+
+def _admin_detail(tid: int, exc: BaseException) -> str:
+    """What went wrong, for the admin: the exception and the innermost frames (Nextcloud keeps 1000 chars)."""
+    frames = traceback.extract_tb(exc.__traceback__)[-3:]
+    where = " <- ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in reversed(frames))
+    return cut(f"task {tid} failed: {type(exc).__name__}: {exc} [at {where}]")

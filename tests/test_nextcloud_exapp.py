@@ -1,0 +1,211 @@
+"""The ExApp end to end: the real ``text2image serve`` process against the fake Nextcloud, with the tiny model.
+
+Acceptance 1 (lifecycle and good tasks), 2 (bad tasks), 3 (cancel), 5 (auth) of issue #3.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+from pathlib import Path
+
+import pytest
+from fake_nextcloud import APP_ID, ExAppProcess, FakeNextcloud, ScheduleError
+from PIL import Image
+
+PROVIDER = f"{APP_ID}:tiny-onnx"
+
+
+@pytest.fixture
+def bundle(onnx_bundle: Path, tmp_path: Path) -> Path:
+    """The tiny bundle under a fixed folder name (the provider id is taken from it)."""
+    link = tmp_path / "tiny-onnx"
+    link.symlink_to(onnx_bundle)
+    return link
+
+
+def _service(fake: FakeNextcloud, tmp: Path, bundle: Path, **env: str) -> ExAppProcess:
+    settings = {"T2I_MODEL": str(bundle), "T2I_POLL_INTERVAL": "0.2", "T2I_THREADS": "1", **env}
+    return ExAppProcess(fake, tmp / "storage", settings)
+
+
+@pytest.fixture
+def nc32(tmp_path: Path, bundle: Path):
+    fake = FakeNextcloud(version=32).start()
+    proc = _service(fake, tmp_path, bundle, T2I_MAX_BATCH="1")
+    yield fake, proc
+    proc.stop()
+    fake.stop()
+
+
+def _png(fake: FakeNextcloud, file_id: int) -> Image.Image:
+    return Image.open(io.BytesIO(fake.files[file_id]))
+
+
+def _progress(fake: FakeNextcloud, tid: int) -> list[float]:
+    return [r["body"]["progress"] for r in fake.sent("/progress", tid)]
+
+
+def test_lifecycle_and_three_tasks(nc32) -> None:
+    fake, proc = nc32
+    t0 = time.monotonic()
+    status = fake.install(proc)
+    init_s = time.monotonic() - t0
+    assert status == {**status, "progress": 100, "error": ""}, proc.output()
+    steps = [s["progress"] for s in fake.init_status]
+    assert steps == sorted(steps) and steps[0] == 0 and steps[-1] == 100
+    assert fake.enable_answers[-1] == {"enabled": 1, "status": 200, "answer": {"error": ""}}
+    provider = fake.providers[PROVIDER]
+    assert provider["task_type"] == "core:text2image" and provider["expected_runtime"] >= 1
+    assert {s["name"] for s in provider["optional_input_shape"]} >= {"size", "steps", "guidance", "negative_prompt",
+                                                                      "seed"}
+    assert provider["optional_input_shape_defaults"]["size"] == "256x256"
+
+    tids = [
+        fake.schedule({"input": "a red fox", "numberOfImages": 1}),
+        fake.schedule({"input": "two foxes", "numberOfImages": 2}),
+        fake.schedule({"input": "a fox", "numberOfImages": 2, "size": "384x384", "steps": 3, "guidance": 2.0,
+                       "negative_prompt": "blurry", "seed": 42, "scheduler": "euler"}),
+    ]
+    t1 = time.monotonic()
+    done = fake.wait(tids, timeout=60)
+    tasks_s = time.monotonic() - t1
+    assert [t["status"] for t in done] == ["STATUS_SUCCESSFUL"] * 3, proc.output()
+    for task, (n, side) in zip(done, [(1, 256), (2, 256), (2, 384)], strict=True):
+        assert len(task["output"]["images"]) == n
+        for fid in task["output"]["images"]:
+            assert _png(fake, fid).size == (side, side)
+        sent = _progress(fake, task["id"])
+        assert sent == sorted(sent) and all(0 <= p <= 1 for p in sent) and len(sent) >= 2
+        assert task["progress"] == 1.0
+        assert fake.handouts[task["id"]] == 1
+    # numberOfImages 2 with T2I_MAX_BATCH=1 ran as two batches: the progress went up twice through the steps.
+    assert len(_progress(fake, tids[1])) >= 2 * 25
+    meta = _png(fake, done[2]["output"]["images"][1]).text
+    assert (meta["seed"], meta["steps"], meta["negative_prompt"], meta["size"]) == ("43", "3", "blurry", "384x384")
+    assert meta["AI-generated"] == "true" and "trainedAlgorithmicMedia" in meta["XML:com.adobe.xmp"]
+
+    assert fake.disable(stop_container=lambda: proc.signal()) == ""
+    assert PROVIDER not in fake.providers
+    assert "stopped cleanly" in proc.output()
+    print(f"\ninit to 100: {init_s:.1f} s (process start included); 3 tasks / 5 images: {tasks_s:.1f} s")
+
+
+@pytest.mark.parametrize("version", [32, 33])
+def test_bad_tasks_fail_with_a_message_and_the_worker_goes_on(tmp_path: Path, bundle: Path, version: int) -> None:
+    fake = FakeNextcloud(version=version).start()
+    proc = _service(fake, tmp_path, bundle)
+    try:
+        fake.install(proc)
+        # What a real server refuses at scheduling already (type checks): it never reaches the provider.
+        refused = {'"numberOfImages": Non-numeric item provided for Number slot': {"numberOfImages": "x"},
+                   '"size": Wrong value given for Enum slot. Got "abc"': {"size": "abc"},
+                   'Got "100x100"': {"size": "100x100"}}
+        for what, extra in refused.items():
+            with pytest.raises(ScheduleError) as err:
+                fake.schedule({"input": "a fox", "numberOfImages": 1, **extra})
+            assert err.value.status == 400 and what in err.value.message
+        # What reaches the provider (ranges are the provider's job) ...
+        bad = {
+            "number of images 0 is out of range": {"numberOfImages": 0},
+            "number of images 13 is out of range": {"numberOfImages": 13},
+            "steps 1000 is out of range": {"numberOfImages": 1, "steps": 1000},
+            "prompt is 100000 characters long": {"numberOfImages": 1, "input": "x" * 100_000},
+        }
+        # ... and what only a server without type checks would pass on (check=False stores the input as given).
+        unchecked = {
+            "number of images 'x' is not a whole number": {"numberOfImages": "x"},
+            "size 'abc' is not of the form WIDTHxHEIGHT": {"numberOfImages": 1, "size": "abc"},
+            "width 100 is not allowed": {"numberOfImages": 1, "size": "100x100"},
+            "unknown input 'foo'": {"numberOfImages": 1, "foo": 1},
+        }
+        ids = {msg: fake.schedule({"input": "a fox", **inp}) for msg, inp in bad.items()}
+        ids.update({msg: fake.schedule({"input": "a fox", **inp}, check=False) for msg, inp in unchecked.items()})
+        dropped = fake.schedule({"input": "a fox", "numberOfImages": 1, "foo": 1})  # the server drops "foo"
+        good = fake.schedule({"input": "a fox", "numberOfImages": 1})
+        fake.wait([*ids.values(), dropped, good])
+        for msg, tid in ids.items():
+            task = fake.task(tid)
+            assert task["status"] == "STATUS_FAILED", (msg, task)
+            assert msg in task["_error"] and len(task["_error"]) <= 1000
+            body = fake.sent("/result", tid)[-1]["body"]
+            if version >= 33:
+                assert msg in task["_user_error"] and msg in body["userFacingErrorMessage"]
+            else:
+                assert "userFacingErrorMessage" not in body and task["_user_error"] is None
+        assert "foo" not in fake.task(dropped)["input"]
+        assert fake.task(dropped)["status"] == fake.task(good)["status"] == "STATUS_SUCCESSFUL"
+    finally:
+        proc.stop()
+        fake.stop()
+
+
+def test_cancel_stops_within_a_step_and_uploads_nothing(nc32) -> None:
+    fake, proc = nc32
+    fake.install(proc)
+    slow = fake.schedule({"input": "a fox", "numberOfImages": 1, "size": "512x512", "steps": 100})
+    after = fake.schedule({"input": "next", "numberOfImages": 1})
+    while len(fake.sent("/progress", slow)) < 5:
+        time.sleep(0.02)
+    cancelled_at = time.monotonic()
+    fake.cancel(slow)
+    fake.wait([after], timeout=30)
+    calls = fake.sent("/progress", slow)
+    step_s = (calls[4]["t"] - calls[1]["t"]) / 3
+    late = [c for c in calls if c["t"] > cancelled_at]
+    free_s = next(r["t"] for r in fake.sent("/progress", after)) - cancelled_at
+    assert len(late) <= 1, late  # the answer to the first report after the cancel says CANCELLED
+    assert fake.sent("/file", slow) == [] and fake.sent("/result", slow) == []
+    assert fake.task(slow)["status"] == "STATUS_CANCELLED" and fake.task(after)["status"] == "STATUS_SUCCESSFUL"
+    assert free_s < step_s + 0.5, (free_s, step_s)
+    print(f"\nstep {step_s * 1000:.0f} ms; next task started {free_s * 1000:.0f} ms after the cancel")
+
+
+def test_requests_without_appapi_auth_get_401(nc32) -> None:
+    fake, proc = nc32
+    proc.start()
+    fake.heartbeat()
+    assert fake.call_exapp("GET", "/heartbeat", auth=False) == (200, {"status": "ok"})
+    wrong = base64.b64encode(b":wrong").decode()
+    for headers in ({}, {"AUTHORIZATION-APP-API": wrong}, {"EX-APP-ID": "other"}, {"AUTHORIZATION-APP-API": "x"}):
+        for method, path in (("POST", "/init"), ("PUT", "/enabled?enabled=1"), ("POST", "/trigger?providerId=p"),
+                             ("GET", "/docs"), ("GET", "/nothing")):
+            status, _ = fake.call_exapp(method, path, auth=bool(headers), headers=headers)
+            assert status == 401, (method, path, headers)
+    missing_version = {"EX-APP-VERSION": ""}
+    assert fake.call_exapp("POST", "/trigger?providerId=p", headers=missing_version)[0] == 401
+    assert fake.call_exapp("POST", "/trigger?providerId=p") == (200, {})
+
+
+def test_trigger_wakes_the_worker_on_nextcloud_33(tmp_path: Path, bundle: Path) -> None:
+    fake = FakeNextcloud(version=33).start()
+    proc = _service(fake, tmp_path, bundle, T2I_POLL_INTERVAL="60")
+    try:
+        fake.install(proc)
+        time.sleep(0.5)  # the worker's first poll has come back empty: it now waits 60 s unless triggered
+        t0 = time.monotonic()
+        tid = fake.schedule({"input": "a fox", "numberOfImages": 1, "steps": 2})
+        fake.wait([tid], timeout=20)
+        assert fake.task(tid)["status"] == "STATUS_SUCCESSFUL"
+        assert time.monotonic() - t0 < 10
+    finally:
+        proc.stop()
+        fake.stop()
+
+
+def test_init_failure_is_reported_not_a_crash(tmp_path: Path) -> None:
+    fake = FakeNextcloud(version=32).start()
+    fake.enabled = False  # a first install: AppAPI has not enabled the app yet
+    proc = ExAppProcess(fake, tmp_path / "storage", {"T2I_MODEL": "nobody/no-such-model", "T2I_OFFLINE": "1"})
+    try:
+        status = fake.install(proc)
+        assert "no-such-model" in status["error"] and "offline" in status["error"], status
+        assert fake.enable_answers == []
+        fake.heartbeat(timeout=5)  # still up
+        assert proc.proc is not None and proc.proc.poll() is None
+        error = fake.enable()
+        assert "no-such-model" in error and not fake.enabled
+    finally:
+        proc.stop()
+        fake.stop()
