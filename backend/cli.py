@@ -53,7 +53,9 @@ def cli(verbose: int) -> None:
     """
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("text2image").setLevel(min(level, logging.INFO))
+    # Our own INFO lines (device, engine, threads, where a service listens) are for admins: shown by default.
+    for name in ("text2image", "backend", "runtime", "exporters"):
+        logging.getLogger(name).setLevel(min(level, logging.INFO))
 
 
 @cli.command()

@@ -44,12 +44,14 @@ def default_format(engine: str) -> str:
 
 
 def resolve_model(model: str, store: Path, fmt: str, offline: bool = False,
-                  say: Callable[[str], None] = print) -> Path:
+                  say: Callable[[str], None] = print,
+                  progress: Callable[[float], None] | None = None) -> Path:
     """Return a bundle folder for ``model``.
 
     A folder is used as it is. Otherwise the store is searched for ``<name>-<format>``; if it is not there, the
     model is fetched with huggingface_hub (an exported bundle is used directly, a diffusers checkpoint is exported
-    when the export extra is installed). ``tiny`` is built locally.
+    when the export extra is installed). ``tiny`` is built locally. ``progress`` receives the fraction of the
+    download's files done (0..1).
     """
     local = Path(model).expanduser()
     if local.is_dir() or model.startswith((".", "/", "~")):
@@ -76,7 +78,7 @@ def resolve_model(model: str, store: Path, fmt: str, offline: bool = False,
         )
     if offline:
         raise T2IError(_how_to_get(model, target, "offline mode is on (T2I_OFFLINE)"))
-    source, revision = _download(repo, downloaded, model, target)
+    source, revision = _download(repo, downloaded, model, target, progress)
     if _is_bundle(source):
         return source
     bundle = _export(str(source), fmt, target, say, origin={"id": repo, "revision": revision, "kind": "hub"})
@@ -85,14 +87,25 @@ def resolve_model(model: str, store: Path, fmt: str, offline: bool = False,
     return bundle
 
 
-def _download(repo: str, dest: Path, model: str, target: Path) -> tuple[Path, str | None]:
+def _download(repo: str, dest: Path, model: str, target: Path,
+              progress: Callable[[float], None] | None = None) -> tuple[Path, str | None]:
     from huggingface_hub import HfApi, snapshot_download
+    from tqdm.auto import tqdm
+
+    class Reporting(tqdm):  # type: ignore[misc]
+        """huggingface_hub's per-file bar, also told to ``progress`` (e.g. a Nextcloud init status)."""
+
+        def update(self, n: float | None = 1) -> bool | None:
+            shown = super().update(n)
+            if progress is not None and self.total:
+                progress(min(1.0, self.n / self.total))
+            return shown
 
     log.info("downloading %s into %s", repo, dest)
     try:
         revision = HfApi().model_info(repo).sha
         return Path(snapshot_download(
-            repo, revision=revision, local_dir=dest,
+            repo, revision=revision, local_dir=dest, tqdm_class=Reporting,
             # "*/openvino_model.bin", not "*/*.bin": diffusers repos also hold pytorch .bin (and fp16) weight copies
             allow_patterns=["model_index.json", "manifest.json", "*/*.json", "*/*.txt", "*/*.onnx", "*/*.onnx_data",
                             "*/*.xml", "*/openvino_model.bin", "*/diffusion_pytorch_model.safetensors",

@@ -142,3 +142,18 @@ def test_unreachable_hub_says_download_failed_and_how_to_get_a_model(tmp_path: P
     result = _generate(tmp_path, endpoint, "org/tiny-bundle", tmp_path / "out")
     _assert_clear_failure(result, "org/tiny-bundle", tmp_path / "store", "cannot reach the model hub at http://127.0.0.1:")
     assert "Connection refused" in result.stderr
+
+
+def test_download_reports_progress(hub: FakeHub, onnx_bundle: Path, tmp_path: Path) -> None:
+    """The fraction of files fetched reaches the caller (the ExApp turns it into its init status)."""
+    hub.add_repo("org/tiny-bundle", onnx_bundle)
+    code = ("import json; from pathlib import Path; from backend.models import resolve_model; seen = []; "
+            f"resolve_model('org/tiny-bundle', Path({str(tmp_path / 'store')!r}), 'onnx', say=print, "
+            "progress=seen.append); print(json.dumps(seen))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "T2I_"))}
+    env.update(HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1", HF_HOME=str(tmp_path / "hf"))
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen == sorted(seen) and seen[-1] == 1.0 and len(seen) >= 2

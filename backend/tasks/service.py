@@ -60,7 +60,8 @@ class ImageService:
         report(1)
         if bundle is None:
             fmt = s.format if s.format != "auto" else default_format(s.engine)
-            bundle = resolve_model(s.model, s.model_store, fmt, offline=s.offline, say=log.warning)
+            bundle = resolve_model(s.model, s.model_store, fmt, offline=s.offline, say=log.warning,
+                                   progress=lambda f: report(1 + int(58 * f)))
         report(60)
         self.pipeline = Pipeline.load(bundle, device=s.device, engine=s.engine, threads=s.threads or None,
                                       decoder=s.decoder, precision=s.precision)
