@@ -124,7 +124,7 @@ def _load(model: str | None, device: str | None, engine: str | None, threads: in
 @click.option("--negative", default="", help="Negative prompt: what the image should not show.")
 @click.option("--seed", type=int, help="Seed of the first image; image i uses seed+i. Default: random.")
 @click.option("--scheduler", help="euler, dpm++2m, dpm++2m-karras or ddim. Default: the model's.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Default: auto (CUDA when usable).")
+@click.option("--device", help="auto, cpu, cuda or cuda:N (GPU N). Default: auto (CUDA when usable).")
 @click.option("--engine", type=click.Choice(["auto", "onnxruntime", "openvino"]), help="Default: auto.")
 @click.option("--threads", type=int, help="Op threads for the engine. Default: the cores this process may use.")
 @click.option("--decoder", type=click.Choice(["vae", "taesd"]),

@@ -22,7 +22,8 @@ from runtime.errors import T2IError
 log = logging.getLogger(__name__)
 
 Engine = Literal["onnxruntime", "openvino"]
-Device = Literal["cpu", "cuda"]
+#: "cpu", "cuda" (GPU 0) or "cuda:N" (GPU N, e.g. one worker per GPU).
+Device = str
 ENGINES = ("auto", "onnxruntime", "openvino")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -91,47 +92,72 @@ def available_engines() -> dict[str, Any]:
     return found
 
 
-def cuda_usable() -> bool:
-    """True when onnxruntime has the CUDA provider *and* a GPU answers (the provider alone loads without one)."""
+def cuda_device_count() -> int:
+    """GPUs that onnxruntime's CUDA provider could use: 0 without the provider or without an answering driver."""
     try:
         import onnxruntime as ort
     except ImportError:
-        return False
+        return 0
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return False
+        return 0
     import ctypes
 
     try:
         lib = ctypes.CDLL("libcuda.so.1")
         count = ctypes.c_int(0)
-        return lib.cuInit(0) == 0 and lib.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+        ok = lib.cuInit(0) == 0 and lib.cuDeviceGetCount(ctypes.byref(count)) == 0
+        return count.value if ok else 0
     except OSError:
-        return False
+        return 0
+
+
+def cuda_usable() -> bool:
+    """True when onnxruntime has the CUDA provider *and* a GPU answers (the provider alone loads without one)."""
+    return cuda_device_count() > 0
+
+
+def _cuda_index(device: str) -> int | None:
+    """The GPU index of 'cuda' / 'cuda:N', None for other devices; bad forms raise."""
+    if device == "cuda":
+        return 0
+    if not device.startswith("cuda:"):
+        return None
+    try:
+        index = int(device[5:])
+    except ValueError:
+        index = -1
+    if index < 0:
+        raise T2IError(f"device '{device}' is not known; use auto, cpu, cuda or cuda:N (N = GPU index from 0)")
+    return index
 
 
 def choose(bundle_format: str, engine: str, device: str) -> tuple[Engine, Device, str]:
     """Resolve ``engine``/``device`` (each possibly ``auto``) for a bundle; return them with the reason."""
     if engine not in ENGINES:
         raise T2IError(f"engine '{engine}' is not known; use one of {', '.join(ENGINES)}")
-    if device not in DEVICES:
-        raise T2IError(f"device '{device}' is not known; use one of {', '.join(DEVICES)}")
+    gpu = _cuda_index(device)
+    if device not in DEVICES and gpu is None:
+        raise T2IError(f"device '{device}' is not known; use one of {', '.join(DEVICES)} or cuda:N")
     have = available_engines()
     if engine == "onnxruntime" and bundle_format != "onnx":
         raise T2IError(
             f"engine 'onnxruntime' needs an ONNX bundle (model.onnx files) but this bundle is {bundle_format}; "
             "use --engine openvino or auto, or export the model with --format onnx"
         )
-    if device == "cuda":
+    if gpu is not None:
         if engine == "openvino":
             raise T2IError("device 'cuda' runs on the onnxruntime engine only; use --engine onnxruntime or auto")
         if bundle_format != "onnx":
             raise T2IError("device 'cuda' needs an ONNX bundle; export the model with --format onnx")
-        if not cuda_usable():
+        count = cuda_device_count()
+        if count == 0:
             raise T2IError(
-                "device 'cuda' was asked for but CUDA is not usable here: onnxruntime-gpu's CUDAExecutionProvider "
+                f"device '{device}' was asked for but CUDA is not usable here: onnxruntime-gpu's CUDAExecutionProvider "
                 "is missing or no NVIDIA GPU answers; use --device cpu or auto"
             )
-        return "onnxruntime", "cuda", "asked for CUDA; onnxruntime CUDA provider and a GPU are present"
+        if gpu >= count:
+            raise T2IError(f"device '{device}' asks for GPU {gpu} but only {count} GPU(s) answer (0 to {count - 1})")
+        return "onnxruntime", device, f"asked for {device}; onnxruntime CUDA provider and {count} GPU(s) present"
     if engine == "auto":
         if device == "auto" and bundle_format == "onnx" and cuda_usable():
             return "onnxruntime", "cuda", "auto: onnxruntime offers CUDA and a GPU answers"
@@ -160,8 +186,10 @@ class OrtSession:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers: list[Any] = ["CPUExecutionProvider"]
-        if device == "cuda":
-            providers = [("CUDAExecutionProvider", {"arena_extend_strategy": "kSameAsRequested"}), *providers]
+        gpu = _cuda_index(device)
+        if gpu is not None:
+            options = {"device_id": gpu, "arena_extend_strategy": "kSameAsRequested"}
+            providers = [("CUDAExecutionProvider", options), *providers]
         try:
             self._session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         except Exception as exc:  # onnxruntime raises several unrelated types for unreadable graphs
@@ -169,7 +197,7 @@ class OrtSession:
                 f"onnxruntime could not load {path}: {exc}. The file may be truncated or corrupt; re-export it"
             ) from None
         got = self._session.get_providers()
-        if device == "cuda" and got[0] != "CUDAExecutionProvider":
+        if gpu is not None and got[0] != "CUDAExecutionProvider":
             raise T2IError(f"asked for CUDA for {path.parent.name} but onnxruntime gave {got}")
         self.inputs = {
             i.name: InputSpec(i.name, _ORT_DTYPES.get(i.type, np.float32), tuple(i.shape))

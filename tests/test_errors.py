@@ -93,6 +93,13 @@ def test_cuda_without_gpu(onnx_bundle: Path) -> None:
     assert "device 'cuda' was asked for but CUDA is not usable here" in out
 
 
+def test_unknown_devices(onnx_bundle: Path) -> None:
+    assert "device 'gpu' is not known; use one of auto, cpu, cuda or cuda:N" in cli_error(
+        "generate", "x", "--model", str(onnx_bundle), "--device", "gpu")
+    assert "device 'cuda:x' is not known; use auto, cpu, cuda or cuda:N" in cli_error(
+        "generate", "x", "--model", str(onnx_bundle), "--device", "cuda:x")
+
+
 def test_not_a_bundle(tmp_path: Path) -> None:
     out = cli_error("generate", "x", "--model", str(tmp_path))
     assert "is not a model bundle: model_index.json is missing" in out

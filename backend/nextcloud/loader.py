@@ -41,6 +41,16 @@ def worker_settings(settings: Settings) -> Settings:
     return replace(settings, threads=max(1, total // max(1, settings.workers)))
 
 
+def worker_device(settings: Settings, worker: int) -> str:
+    """One worker per GPU: with several GPUs, worker i runs on GPU i (round robin); otherwise the setting as is."""
+    from runtime.engines import cuda_device_count
+
+    if settings.device not in ("auto", "cuda") or settings.engine == "openvino":
+        return settings.device
+    count = cuda_device_count()
+    return f"cuda:{worker % count}" if count > 1 else settings.device
+
+
 def load_models(settings: Settings, report: Report, verify: bool) -> list[tuple[str, str, list[ImageService]]]:
     """Blocking: ready every configured model; return ``(name, provider id, services)`` per model.
 
@@ -74,8 +84,8 @@ def load_models(settings: Settings, report: Report, verify: bool) -> list[tuple[
         services = [first]
         for w in range(1, settings.workers):
             at(0.8 + 0.2 * w / settings.workers)
-            service = ImageService(replace(per_worker, model=name), mark_ai=settings.ai_marking,
-                                   max_batch=settings.max_batch)
+            service = ImageService(replace(per_worker, model=name, device=worker_device(per_worker, w)),
+                                   mark_ai=settings.ai_marking, max_batch=settings.max_batch)
             service.load(bundle=bundle_path)
             services.append(service)
         at(1.0)
