@@ -13,6 +13,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -124,6 +125,8 @@ def optimum_pipeline(case: dict[str, Any]) -> dict[str, Any]:
     pipe.set_progress_bar_config(disable=True)
     w, r = case["warmup"], case["repeats"]
     ids = np.asarray(pipe.tokenizer([PROMPT], padding="max_length", max_length=77).input_ids, dtype=np.int64)
+    unet_config = json.loads((Path(case["bundle"]) / "unet" / "config.json").read_text())
+    dim = int(unet_config["cross_attention_dim"])
     out: dict[str, Any] = {}
     for latent in case["latents"]:
         for n in case["batches"]:
@@ -131,7 +134,7 @@ def optimum_pipeline(case: dict[str, Any]) -> dict[str, Any]:
             if is_ov:
                 pipe.reshape(batch_size=1, height=side, width=side, num_images_per_prompt=n)
                 pipe.compile()
-            feeds = _inputs(latent, 2 * n if case["guidance"] > 1 else n, 1024)
+            feeds = _inputs(latent, 2 * n if case["guidance"] > 1 else n, dim)
             out[f"unet_step@{latent}x{n}"] = timed(lambda feeds=feeds: pipe.unet(**feeds), w, r)
             out[f"image@{latent}x{n}"] = timed(lambda n=n, side=side: pipe(
                 PROMPT, height=side, width=side, num_inference_steps=case["steps"],
