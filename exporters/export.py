@@ -101,8 +101,7 @@ def export_model(source: str, fmt: str, out: Path, precision: str = "fp32",
     from diffusers import StableDiffusionPipeline
     from tqdm import tqdm
 
-    from exporters.onnx_graphs import export_component, export_configs, to_fp16
-    from exporters.openvino_ir import convert
+    from exporters.onnx_graphs import export_component, export_configs
 
     # torch's tracer warns about every Python branch in diffusers' code; none of them matter for these shapes.
     warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
@@ -122,14 +121,9 @@ def export_model(source: str, fmt: str, out: Path, precision: str = "fp32",
                 say(f"{comp.name}: already exported and checked (error {state['done'][comp.name]:.2g}), skipping")
                 continue
             graph = export_component(comp.name, pairs[comp.name], onnx_dir)
-            if graph_precision == "fp16" and fmt == "onnx":
-                to_fp16(graph, keep_attention_fp32=upcast and comp.name == "unet")
-            if fmt == "openvino":
-                (out / comp.name).mkdir(parents=True, exist_ok=True)
-                shutil.copy(onnx_dir / comp.name / "config.json", out / comp.name / "config.json")
-                graph = convert(graph, out / comp.name / "openvino_model.xml", graph_precision)
-            err = check_component(comp.name, pairs[comp.name][0], graph, comp.tolerance[graph_precision])
-            state["done"][comp.name] = err
+            state["done"][comp.name] = _finish_component(
+                comp.name, graph, pairs[comp.name][0], fmt, graph_precision, out,
+                comp.tolerance[graph_precision], keep_attention_fp32=upcast and comp.name == "unet")
             (out / STATE).write_text(json.dumps(state))
         if taesd:
             state["done"]["taesd_decoder"] = _export_taesd(taesd, fmt, graph_precision, onnx_dir, out, Path(tmp),
@@ -150,24 +144,32 @@ def export_model(source: str, fmt: str, out: Path, precision: str = "fp32",
     return out
 
 
+def _finish_component(name: str, graph: Path, model: Any, fmt: str, precision: str, out: Path, tolerance: float,
+                      keep_attention_fp32: bool = False) -> float:
+    """An exported ONNX graph → the bundle's format and precision, checked against its torch model; returns the
+    measured error."""
+    from exporters.onnx_graphs import to_fp16
+    from exporters.openvino_ir import convert
+
+    if precision == "fp16" and fmt == "onnx":
+        to_fp16(graph, keep_attention_fp32=keep_attention_fp32)
+    if fmt == "openvino":
+        (out / name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(graph.parent / "config.json", out / name / "config.json")
+        graph = convert(graph, out / name / "openvino_model.xml", precision)
+    return check_component(name, model, graph, tolerance)
+
+
 def _export_taesd(source: str, fmt: str, precision: str, onnx_dir: Path, out: Path, tmp: Path,
                   done: float | None, say: Callable[[str], None]) -> float:
     from exporters import taesd as t
-    from exporters.onnx_graphs import to_fp16
-    from exporters.openvino_ir import convert
 
     if done is not None:
         say(f"{t.FOLDER}: already exported and checked (error {done:.2g}), skipping")
         return done
-    model, _ = t.load_taesd(source, tmp)
+    model = t.load_taesd(source, tmp)
     graph = t.export_taesd(model, onnx_dir)
-    if precision == "fp16" and fmt == "onnx":
-        to_fp16(graph, keep_attention_fp32=False)
-    if fmt == "openvino":
-        (out / t.FOLDER).mkdir(parents=True, exist_ok=True)
-        shutil.copy(onnx_dir / t.FOLDER / "config.json", out / t.FOLDER / "config.json")
-        graph = convert(graph, out / t.FOLDER / "openvino_model.xml", precision)
-    return check_component(t.FOLDER, model, graph, t.TOLERANCE[precision])
+    return _finish_component(t.FOLDER, graph, model, fmt, precision, out, t.TOLERANCE[precision])
 
 
 def _write_model_index(pipe: Any, out: Path) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from exporters.tiny import TEXT_LENGTH, write_tokenizer
+from exporters.tiny import TEXT_LENGTH, save_pipeline, special_token_ids
 
 UNET_PARAMS = 865_910_724
 
@@ -16,8 +16,8 @@ UNET_PARAMS = 865_910_724
 def build_full_model(out: Path, seed: int = 0) -> Path:
     """Save a randomly initialised SD2.1-base diffusers folder at ``out`` (about 5 GB in fp32)."""
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     out = Path(out)
     torch.manual_seed(seed)
@@ -50,9 +50,6 @@ def build_full_model(out: Path, seed: int = 0) -> Path:
         sample_size=768,
         scaling_factor=0.18215,
     )
-    tok_dir = out / "_tokenizer_src"
-    write_tokenizer(tok_dir)
-    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=49408,
         hidden_size=1024,
@@ -62,18 +59,9 @@ def build_full_model(out: Path, seed: int = 0) -> Path:
         max_position_embeddings=TEXT_LENGTH,
         hidden_act="gelu",
         projection_dim=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        **special_token_ids(),
     ))
     scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
                               prediction_type="epsilon")
-    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.save_pretrained(out)
-    for f in tok_dir.iterdir():
-        f.unlink()
-    tok_dir.rmdir()
-    return out
+    return save_pipeline(out, unet, vae, text_encoder, scheduler)

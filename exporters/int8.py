@@ -42,7 +42,7 @@ def collect_unet_inputs(bundle: Path, samples: int, steps: int) -> list[dict[str
     prompts = list(CALIBRATION_PROMPTS)
     i = 0
     while len(seen) < samples:
-        pipe.generate(prompts[i % len(prompts)], steps=steps, seed=i, guidance=max(pipe.default_guidance, 0.0))
+        pipe.generate(prompts[i % len(prompts)], steps=steps, seed=i)
         i += 1
     return seen[:samples]
 

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 FOLDER = "taesd_decoder"
-DEFAULT_SOURCE = "madebyollin/taesd"
 #: Relative max error allowed against torch, as for the other components.
 TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2}
 
@@ -30,39 +29,34 @@ def build_random_taesd(out: Path, tiny: bool) -> Path:
     return out
 
 
-def load_taesd(source: str, workdir: Path) -> tuple[Any, dict[str, Any]]:
-    """The torch AutoencoderTiny for SOURCE ('tiny', 'random', a folder or a hub id) and its origin record."""
+def load_taesd(source: str, workdir: Path) -> Any:
+    """The torch AutoencoderTiny for SOURCE: 'tiny', 'random', a folder or a hub id."""
     from diffusers import AutoencoderTiny
 
     if source in ("tiny", "random"):
         path = build_random_taesd(workdir / f"taesd-{source}", tiny=source == "tiny")
-        origin: dict[str, Any] = {"id": f"{source} random TAESD", "revision": None}
     elif Path(source).expanduser().is_dir():
         path = Path(source).expanduser()
-        origin = {"id": str(path.resolve()), "revision": None}
     else:
         from huggingface_hub import snapshot_download
 
         path = Path(snapshot_download(source, allow_patterns=["config.json", "*.safetensors"]))
-        origin = {"id": source, "revision": path.name}
-    return AutoencoderTiny.from_pretrained(path).eval(), origin
+    return AutoencoderTiny.from_pretrained(path).eval()
 
 
-class _Decoder:
-    """Wraps the model so the exported graph is exactly ``decode``: latents → image in [-1, 1]."""
+def _decode_module(model: Any) -> Any:
+    """The model as a module whose forward is exactly ``decode``: latents → image in [-1, 1]."""
+    import torch
 
-    def __new__(cls, model: Any) -> Any:
-        import torch
+    class Decode(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
 
-        class Decode(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.model = model
+        def forward(self, latent_sample: torch.Tensor) -> torch.Tensor:
+            return self.model.decode(latent_sample).sample
 
-            def forward(self, latent_sample: torch.Tensor) -> torch.Tensor:
-                return self.model.decode(latent_sample).sample
-
-        return Decode().eval()
+    return Decode().eval()
 
 
 def export_taesd(model: Any, out: Path) -> Path:
@@ -75,7 +69,8 @@ def export_taesd(model: Any, out: Path) -> Path:
     graph = folder / "model.onnx"
     dummy = torch.randn(1, model.config.latent_channels, 32, 32)
     axes = {0: "batch_size", 2: "latent_height", 3: "latent_width"}
-    torch.onnx.export(_Decoder(model), (dummy,), str(graph), input_names=["latent_sample"], output_names=["sample"],
-                      dynamic_axes={"latent_sample": axes, "sample": {0: "batch_size", 2: "height", 3: "width"}},
+    image_axes = {0: "batch_size", 2: "height", 3: "width"}
+    torch.onnx.export(_decode_module(model), (dummy,), str(graph), input_names=["latent_sample"],
+                      output_names=["sample"], dynamic_axes={"latent_sample": axes, "sample": image_axes},
                       opset_version=17, dynamo=False)
     return graph

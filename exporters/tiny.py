@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import string
+import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 TINY_SEED = 0
 TEXT_LENGTH = 77
@@ -42,11 +43,33 @@ def write_tokenizer(folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
+def special_token_ids() -> dict[str, int]:
+    """bos/eos/pad ids of the test vocabulary, for a CLIPTextConfig."""
+    vocab, _ = _tiny_vocab()
+    return {"bos_token_id": vocab["<|startoftext|>"], "eos_token_id": vocab["<|endoftext|>"],
+            "pad_token_id": vocab["!"]}
+
+
+def save_pipeline(out: Path, unet: Any, vae: Any, text_encoder: Any, scheduler: Any) -> Path:
+    """Save random SD2 components with the test tokenizer as a diffusers folder at ``out``."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="t2i-tokenizer-") as tmp:
+        write_tokenizer(Path(tmp))
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(out)
+    return out
+
+
 def build_tiny_model(out: Path, variant: Literal["epsilon", "v"] = "epsilon") -> Path:
     """Save a tiny random SD2-architecture diffusers folder at ``out`` and return it."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     out = Path(out)
     torch.manual_seed(TINY_SEED)
@@ -79,9 +102,7 @@ def build_tiny_model(out: Path, variant: Literal["epsilon", "v"] = "epsilon") ->
     )
     vocab, _ = _tiny_vocab()
     text_config = CLIPTextConfig(
-        bos_token_id=vocab["<|startoftext|>"],
-        eos_token_id=vocab["<|endoftext|>"],
-        pad_token_id=vocab["!"],
+        **special_token_ids(),
         hidden_size=32,
         intermediate_size=37,
         layer_norm_eps=1e-05,
@@ -103,21 +124,4 @@ def build_tiny_model(out: Path, variant: Literal["epsilon", "v"] = "epsilon") ->
         prediction_type="v_prediction" if variant == "v" else "epsilon",
         timestep_spacing="leading",
     )
-    tok_dir = out / "_tokenizer_src"
-    write_tokenizer(tok_dir)
-    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
-    pipe = StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(out)
-    for f in tok_dir.iterdir():
-        f.unlink()
-    tok_dir.rmdir()
-    return out
+    return save_pipeline(out, unet, vae, text_encoder, scheduler)
