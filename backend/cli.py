@@ -69,8 +69,12 @@ def cli(verbose: int) -> None:
 @click.option("--taesd", metavar="SOURCE",
               help="Also export the TAESD decoder (about 18x cheaper than the VAE, coarser pixels) from SOURCE: "
                    "madebyollin/taesd, a folder, or 'tiny'/'random' for tests and benchmarks.")
+@click.option("--fusions", type=click.Choice(["none", "cpu", "cuda"]), default="none", show_default=True,
+              help="onnxruntime graph fusions (ONNX only). cuda: fused attention, NHWC convolutions, GroupNorm … "
+                   "for GPUs; use with --precision fp16; such a bundle runs on --device cuda only. cpu: the fused "
+                   "ops that have CPU kernels. none: the plain graph every engine reads.")
 @_user_errors
-def export(source: str, fmt: str, out: Path, precision: str, taesd: str | None) -> None:
+def export(source: str, fmt: str, out: Path, precision: str, taesd: str | None, fusions: str) -> None:
     """Export SOURCE to a model bundle.
 
     SOURCE is a hub model id (e.g. stabilityai/sd-turbo), a known short name (sd-turbo, sd2.1-base, sd2.1), a local
@@ -87,13 +91,13 @@ def export(source: str, fmt: str, out: Path, precision: str, taesd: str | None) 
 
         _say(TINY_WARNING)
     try:
-        export_model(source, fmt, out, precision, say=_say, taesd=taesd)
+        export_model(source, fmt, out, precision, say=_say, taesd=taesd, fusions=fusions)
     except ExportError as exc:
         raise T2IError(str(exc)) from None
 
 
 def _load(model: str | None, device: str | None, engine: str | None, threads: int | None, offline: bool,
-          decoder: str | None = None, precision: str | None = None) -> Any:
+          decoder: str | None = None, precision: str | None = None, cuda_graph: bool | None = None) -> Any:
     from backend.models import TINY_WARNING, default_format, resolve_model
     from runtime import Pipeline
     from runtime.engines import parse_threads
@@ -101,11 +105,11 @@ def _load(model: str | None, device: str | None, engine: str | None, threads: in
     if threads is not None:
         parse_threads(threads)
     s = Settings.from_env(model=model, device=device, engine=engine, threads=threads, offline=offline or None,
-                          decoder=decoder, precision=precision)
+                          decoder=decoder, precision=precision, cuda_graph=cuda_graph)
     fmt = s.format if s.format != "auto" else default_format(s.engine)
     path = resolve_model(s.model, s.model_store, fmt, offline=s.offline, say=_say)
     pipe = Pipeline.load(path, device=s.device, engine=s.engine, threads=s.threads or None, decoder=s.decoder,
-                         precision=s.precision)
+                         precision=s.precision, cuda_graph=s.cuda_graph)
     if (pipe.bundle.manifest or {}).get("source", {}).get("id") in ("tiny", "tiny-v") and s.model not in ("tiny",
                                                                                                          "tiny-v"):
         _say(TINY_WARNING)
@@ -132,13 +136,17 @@ def _load(model: str | None, device: str | None, engine: str | None, threads: in
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]),
               help="Math precision. auto: OpenVINO uses bf16 on CPUs with AVX512-BF16/AMX (faster, tiny pixel "
                    "changes); fp32: exact.")
+@click.option("--cuda-graph/--no-cuda-graph", default=None,
+              help="On CUDA, capture a CUDA graph per image size and replay it (less launch overhead, more GPU "
+                   "memory). Default: T2I_CUDA_GRAPH or off.")
 @click.option("--offline", is_flag=True, help="Do not download; use only bundles already on disk.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("."), show_default=True,
               help="Folder for the PNG files.")
 @_user_errors
 def generate(prompt: str, model: str | None, n: int, size: str | None, steps: int | None, guidance: float | None,
              negative: str, seed: int | None, scheduler: str | None, device: str | None, engine: str | None,
-             threads: int | None, decoder: str | None, precision: str | None, offline: bool, out: Path) -> None:
+             threads: int | None, decoder: str | None, precision: str | None, cuda_graph: bool | None, offline: bool,
+             out: Path) -> None:
     """Generate images for PROMPT and write them as PNG files with their settings in the metadata."""
     from backend.images import save_png
     from runtime import validation
@@ -147,7 +155,7 @@ def generate(prompt: str, model: str | None, n: int, size: str | None, steps: in
     validation.check_count(n)
     if steps is not None:
         validation.check_steps(steps)
-    pipe = _load(model, device, engine, threads, offline, decoder, precision)
+    pipe = _load(model, device, engine, threads, offline, decoder, precision, cuda_graph)
     total = steps or pipe.default_steps
     with click.progressbar(length=total, label="denoising", file=sys.stderr) as bar:
         def on_step(done: int, all_steps: int) -> None:
@@ -263,10 +271,13 @@ cli.add_command(tasks)
 @click.option("--peers/--no-peers", default=True, help="Also measure diffusers PyTorch and optimum's pipelines.")
 @click.option("--int8/--no-int8", default=True, help="Also export and measure the int8 variant.")
 @click.option("--only", help="Comma-separated parts of configuration names to measure (e.g. 'openvino,turbo').")
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu, or cuda / cuda:N: our fp16 CUDA-fused ONNX bundle (with and without CUDA graphs) against "
+                   "diffusers PyTorch fp16 on the same GPU; e.g. --device cuda --latents 64 --batches 1 --steps 50.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_user_errors
 def bench(cache: Path, threads: int | None, latents: str, batches: str, steps: int, guidance: float, repeats: int,
-          peers: bool, int8: bool, only: str | None, as_json: bool) -> None:
+          peers: bool, int8: bool, only: str | None, device: str, as_json: bool) -> None:
     """Time our engines against diffusers and optimum on the full-size SD2.1-base architecture (random weights).
 
     Text encoder, one UNet step, VAE decode and a whole image, at each latent size and batch, each configuration in
@@ -279,8 +290,10 @@ def bench(cache: Path, threads: int | None, latents: str, batches: str, steps: i
     def ints(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
 
+    if device != "cpu" and not device.startswith("cuda"):
+        raise T2IError(f"bench device '{device}' is not known; use cpu, cuda or cuda:N")
     run(cache, threads or default_threads(), ints(latents), ints(batches), steps, guidance, repeats, peers, int8,
-        only.split(",") if only else None, as_json)
+        only.split(",") if only else None, as_json, device)
 
 
 def main() -> None:

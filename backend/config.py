@@ -35,6 +35,8 @@ class Settings:
     decoder: str = "vae"
     #: Math precision: auto (OpenVINO picks bf16 on CPUs with AVX512-BF16/AMX), fp32 (exact), bf16 (OpenVINO).
     precision: str = "auto"
+    #: On CUDA, capture a CUDA graph per image size and replay it (less launch overhead, more GPU memory).
+    cuda_graph: bool = False
     #: Op threads for both engines; 0 = the cores this process may use.
     threads: int = 0
     #: Never touch the network; models must already be in the store.

@@ -48,12 +48,14 @@ def torch_reference(name: str, model: Any, feeds: dict[str, np.ndarray]) -> np.n
     return out.float().numpy()
 
 
-def exported_output(graph: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    """The exported graph's first output for ``feeds`` (onnxruntime for .onnx, OpenVINO f32 for .xml)."""
+def exported_output(graph: Path, feeds: dict[str, np.ndarray], on_cuda: bool = False) -> np.ndarray:
+    """The exported graph's first output for ``feeds`` (onnxruntime for .onnx, on its CUDA provider when
+    ``on_cuda``; OpenVINO f32 for .xml)."""
     if graph.suffix == ".onnx":
         import onnxruntime as ort
 
-        sess = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+        providers = ["CUDAExecutionProvider"] if on_cuda else ["CPUExecutionProvider"]
+        sess = ort.InferenceSession(str(graph), providers=providers)
         return np.asarray(sess.run(None, feeds)[0], dtype=np.float32)
     import openvino as ov
 
@@ -61,11 +63,11 @@ def exported_output(graph: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
     return np.asarray(compiled(feeds)[0], dtype=np.float32)
 
 
-def check_component(name: str, model: Any, graph: Path, tolerance: float) -> float:
+def check_component(name: str, model: Any, graph: Path, tolerance: float, on_cuda: bool = False) -> float:
     """Return the relative error max|exported - torch| / max|torch|; raise when it exceeds ``tolerance``."""
     feeds = sample_inputs(name, model)
     ref = torch_reference(name, model, feeds)
-    got = exported_output(graph, feeds)
+    got = exported_output(graph, feeds, on_cuda)
     if got.shape != ref.shape:
         raise ExportCheckError(f"{name}: exported output shape {got.shape} differs from torch's {ref.shape}")
     err = float(np.max(np.abs(got - ref)) / max(float(np.max(np.abs(ref))), 1e-6))

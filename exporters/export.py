@@ -62,8 +62,12 @@ def resolve_source(source: str, workdir: Path) -> tuple[Path, dict[str, Any]]:
 
 def export_model(source: str, fmt: str, out: Path, precision: str = "fp32",
                  say: Callable[[str], None] = print, origin: dict[str, Any] | None = None,
-                 taesd: str | None = None) -> Path:
+                 taesd: str | None = None, fusions: str = "none") -> Path:
     """Export SOURCE to ``out`` in ``fmt`` (onnx | openvino) at ``precision`` (fp32 | fp16 | int8) and check it.
+
+    ``fusions`` (ONNX only) applies onnxruntime's graph fusions: ``cpu`` those with CPU kernels, ``cuda`` the full
+    CUDA set (the graphs then run on onnxruntime's CUDA provider only; with fp16 this is onnxruntime's own GPU
+    recipe). Each component is checked against torch before fusing, and after fusing where it can run here.
 
     ``origin`` describes where an already downloaded SOURCE folder came from (hub id and revision); it goes into
     the manifest and picks the catalogue's defaults. ``taesd`` adds the TAESD decoder from that source ('tiny',
@@ -78,12 +82,21 @@ def export_model(source: str, fmt: str, out: Path, precision: str = "fp32",
         raise ExportError(f"precision '{precision}' is not known; use one of {', '.join(PRECISIONS)}")
     if precision == "int8" and fmt != "openvino":
         raise ExportError("precision 'int8' is made with OpenVINO's NNCF; use --format openvino")
+    from exporters.onnx_graphs import FUSIONS
+
+    if fusions not in FUSIONS:
+        raise ExportError(f"fusions '{fusions}' is not known; use one of {', '.join(FUSIONS)}")
+    if fusions != "none" and fmt != "onnx":
+        raise ExportError(f"fusions '{fusions}' are onnxruntime graph fusions; use --format onnx (OpenVINO fuses "
+                          "its graphs itself when it compiles them)")
     # int8 starts as an fp32 export, checked against torch, and is quantized once the bundle is complete.
     graph_precision = "fp32" if precision == "int8" else precision
     out = Path(out)
     wanted = {"source": source, "format": fmt, "precision": precision}
     if taesd:
         wanted["taesd"] = taesd
+    if fusions != "none":
+        wanted["fusions"] = fusions
     if (out / MANIFEST).is_file():
         done = json.loads((out / MANIFEST).read_text())
         if done.get("request") == wanted:
@@ -123,11 +136,11 @@ def export_model(source: str, fmt: str, out: Path, precision: str = "fp32",
             graph = export_component(comp.name, pairs[comp.name], onnx_dir)
             state["done"][comp.name] = _finish_component(
                 comp.name, graph, pairs[comp.name][0], fmt, graph_precision, out,
-                comp.tolerance[graph_precision], keep_attention_fp32=upcast and comp.name == "unet")
+                comp.tolerance[graph_precision], keep_attention_fp32=upcast and comp.name == "unet", fusions=fusions)
             (out / STATE).write_text(json.dumps(state))
         if taesd:
             state["done"]["taesd_decoder"] = _export_taesd(taesd, fmt, graph_precision, onnx_dir, out, Path(tmp),
-                                                           state["done"].get("taesd_decoder"), say)
+                                                           state["done"].get("taesd_decoder"), say, fusions)
             (out / STATE).write_text(json.dumps(state))
         pipe.scheduler.save_pretrained(out / "scheduler")
         pipe.tokenizer.save_pretrained(out / "tokenizer")
@@ -145,12 +158,21 @@ def export_model(source: str, fmt: str, out: Path, precision: str = "fp32",
 
 
 def _finish_component(name: str, graph: Path, model: Any, fmt: str, precision: str, out: Path, tolerance: float,
-                      keep_attention_fp32: bool = False) -> float:
-    """An exported ONNX graph → the bundle's format and precision, checked against its torch model; returns the
-    measured error."""
-    from exporters.onnx_graphs import to_fp16
+                      keep_attention_fp32: bool = False, fusions: str = "none") -> float:
+    """An exported ONNX graph → the bundle's format, precision and fusions, checked against its torch model;
+    returns the measured error (of the final graph where it runs here, else of the graph before fusing)."""
+    from exporters.onnx_graphs import fuse, to_fp16
     from exporters.openvino_ir import convert
 
+    if fusions != "none":
+        # Fusions match fp32 patterns only: check the plain fp32 graph, fuse, convert, then check what can run here.
+        error = check_component(name, model, graph, tolerance if precision == "fp32" else 1e-3)
+        fused = fuse(graph, name, fusions, precision == "fp16", keep_attention_fp32)
+        log.info("%s: fused %s", name, fused or "nothing")
+        if fusions == "cpu" or _cuda_here():
+            return check_component(name, model, graph, tolerance, on_cuda=fusions == "cuda")
+        log.warning("%s: no GPU here, so the CUDA-fused graph was checked before fusing only", name)
+        return error
     if precision == "fp16" and fmt == "onnx":
         to_fp16(graph, keep_attention_fp32=keep_attention_fp32)
     if fmt == "openvino":
@@ -160,8 +182,14 @@ def _finish_component(name: str, graph: Path, model: Any, fmt: str, precision: s
     return check_component(name, model, graph, tolerance)
 
 
+def _cuda_here() -> bool:
+    from runtime.engines import cuda_usable
+
+    return cuda_usable()
+
+
 def _export_taesd(source: str, fmt: str, precision: str, onnx_dir: Path, out: Path, tmp: Path,
-                  done: float | None, say: Callable[[str], None]) -> float:
+                  done: float | None, say: Callable[[str], None], fusions: str = "none") -> float:
     from exporters import taesd as t
 
     if done is not None:
@@ -169,7 +197,7 @@ def _export_taesd(source: str, fmt: str, precision: str, onnx_dir: Path, out: Pa
         return done
     model = t.load_taesd(source, tmp)
     graph = t.export_taesd(model, onnx_dir)
-    return _finish_component(t.FOLDER, graph, model, fmt, precision, out, t.TOLERANCE[precision])
+    return _finish_component(t.FOLDER, graph, model, fmt, precision, out, t.TOLERANCE[precision], fusions=fusions)
 
 
 def _write_model_index(pipe: Any, out: Path) -> None:

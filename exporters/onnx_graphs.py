@@ -1,9 +1,10 @@
 """ONNX export of the SD components with optimum, one component at a time (so progress and re-runs are per
-component), and the fp16 conversion."""
+component), the fp16 conversion, and onnxruntime's graph fusions."""
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -77,3 +78,47 @@ def save_onnx(model: Any, path: Path) -> None:
                         location=data.name, size_threshold=1024)
     else:
         onnx.save_model(model, str(path))
+
+
+#: Graph fusions of onnxruntime's transformer optimizer. none: the plain graph, which every engine reads. cpu: the
+#: fused ops that have CPU kernels (attention, LayerNorm, Gelu). cuda: the full CUDA set (fused attention, NHWC
+#: convolutions, GroupNorm, BiasSplitGelu …); those graphs run on onnxruntime's CUDA provider only.
+FUSIONS = ("none", "cpu", "cuda")
+#: Fused ops that onnxruntime's CPU provider has no kernel for (session creation fails with NOT_IMPLEMENTED).
+CUDA_ONLY_OPS = ("GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "BiasAdd", "NhwcConv", "NhwcFusedConv")
+_MODEL_TYPES = {"text_encoder": "clip", "unet": "unet", "vae_decoder": "vae", "taesd_decoder": "vae"}
+
+
+def fuse(path: Path, component: str, target: str, fp16: bool, keep_attention_fp32: bool) -> dict[str, int]:
+    """Apply onnxruntime's fusions for ``target`` (cpu | cuda) to a fp32 graph in place, then convert it to fp16
+    when asked (fusion first: the patterns no longer match after the conversion). Returns the fused ops' counts.
+
+    ``keep_attention_fp32`` keeps the fused attention in fp32 for models trained with ``upcast_attention``
+    (sd2.1 768), whose fp16 attention overflows into black images.
+    """
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    model_type = _MODEL_TYPES[component]
+    options = FusionOptions(model_type)
+    if model_type in ("unet", "vae"):
+        cuda = target == "cuda"
+        options.enable_group_norm = options.enable_skip_group_norm = cuda
+        options.enable_bias_splitgelu = options.enable_bias_add = options.enable_nhwc_conv = cuda
+        # Packed Q/K/V layouts have CUDA kernels only, and onnxruntime's own recipe packs them for fp16 alone.
+        options.enable_packed_qkv = options.enable_packed_kv = cuda and fp16
+    optimized = optimize_model(str(path), model_type=model_type, opt_level=0, use_gpu=target == "cuda",
+                               optimization_options=options)
+    if fp16:
+        blocked = [n.name for n in optimized.model.graph.node if n.op_type == "Resize"]
+        ops = ["MultiHeadAttention", "Attention"] if keep_attention_fp32 else []
+        optimized.convert_float_to_float16(keep_io_types=True, op_block_list=ops, node_block_list=blocked)
+        optimized.topological_sort()  # the converter appends its input Casts at the end of the node list
+    counts = Counter(n.op_type for n in optimized.model.graph.node if n.domain == "com.microsoft")
+    if counts and not any(o.domain == "com.microsoft" for o in optimized.model.opset_import):
+        import onnx
+
+        # Declare the contrib domain the fused ops live in; strict readers (onnx.checker) refuse the graph without.
+        optimized.model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    save_onnx(optimized.model, path)
+    return dict(sorted(counts.items()))

@@ -145,6 +145,11 @@ class Bundle:
         return str((self.manifest or {}).get("precision", "fp32"))
 
     @property
+    def fusions(self) -> str:
+        """onnxruntime graph fusions applied at export: none, cpu, or cuda (runs on the CUDA provider only)."""
+        return str(((self.manifest or {}).get("request") or {}).get("fusions", "none"))
+
+    @property
     def vae_scale_factor(self) -> int:
         """Image pixels per latent pixel: 2 ** (number of VAE blocks - 1), 8 for SD2."""
         return int(2 ** (len(self.vae_config.get("block_out_channels", [0, 0, 0, 0])) - 1))
@@ -183,6 +188,7 @@ class Bundle:
             "path": str(self.path),
             "format": self.format,
             "precision": self.precision,
+            "fusions": self.fusions,
             "source": m.get("source", {}).get("id", "unknown (plain optimum folder)"),
             "prediction_type": self.scheduler_config.get("prediction_type", "epsilon"),
             "scheduler": self.scheduler_config.get("_class_name", "?"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -174,9 +175,19 @@ def choose(bundle_format: str, engine: str, device: str) -> tuple[Engine, Device
 
 
 class OrtSession:
-    """An onnxruntime InferenceSession with the thread cap and the provider check applied."""
+    """An onnxruntime InferenceSession with the thread cap and the provider check applied.
 
-    def __init__(self, path: Path, device: Device, threads: int) -> None:
+    On CUDA the graph runs through IOBinding: per input shape, device buffers for the inputs and outputs are
+    allocated once and reused, so a denoising step costs one host→device copy of the new inputs and one copy of
+    the result back. With ``cuda_graph`` the CUDA provider also captures each shape's kernel launches into a CUDA
+    graph on first use and replays it afterwards (static shapes; up to :attr:`MAX_GRAPHS` shapes).
+    ``io_binding`` forces the bound path on or off (it also runs on the CPU, which the tests use).
+    """
+
+    MAX_GRAPHS = 4
+
+    def __init__(self, path: Path, device: Device, threads: int, io_binding: bool | None = None,
+                 cuda_graph: bool = False) -> None:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -187,8 +198,12 @@ class OrtSession:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers: list[Any] = ["CPUExecutionProvider"]
         gpu = _cuda_index(device)
+        if cuda_graph and gpu is None:
+            raise T2IError(f"CUDA graphs need a CUDA device; device '{device}' is not one")
         if gpu is not None:
             options = {"device_id": gpu, "arena_extend_strategy": "kSameAsRequested"}
+            if cuda_graph:
+                options["enable_cuda_graph"] = "1"
             providers = [("CUDAExecutionProvider", options), *providers]
         try:
             self._session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
@@ -204,9 +219,79 @@ class OrtSession:
             for i in self._session.get_inputs()
         }
         self._outputs = [o.name for o in self._session.get_outputs()]
+        self._name = path.parent.name
+        self._where = ("cuda", gpu) if gpu is not None else ("cpu", 0)
+        self._io_binding = gpu is not None if io_binding is None else io_binding
+        self._cuda_graph = cuda_graph
+        self._bound: dict[tuple, _Bound] = {}
+        self._lock = threading.Lock()
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return list(self._session.run(self._outputs, feeds))
+        if not self._io_binding:
+            return list(self._session.run(self._outputs, feeds))
+        # np.require keeps 0-d inputs (a scalar timestep) 0-d; ascontiguousarray would make them 1-d.
+        typed = {name: np.require(arr, self.inputs[name].dtype, "C") for name, arr in feeds.items()}
+        key = tuple((name, typed[name].shape) for name in sorted(typed))
+        with self._lock:
+            bound = self._bound.get(key)
+            if bound is None:
+                bound, first = self._bind(typed)
+                self._bound[key] = bound
+                return first
+            for name, arr in typed.items():
+                bound.inputs[name].update_inplace(arr)
+            self._session.run_with_iobinding(bound.binding, bound.run_options)
+            bound.binding.synchronize_outputs()
+            return [np.array(value.numpy(), copy=True) for value in bound.outputs]
+
+    def _bind(self, feeds: dict[str, np.ndarray]) -> tuple[_Bound, list[np.ndarray]]:
+        """First call with these shapes: device buffers for the inputs, one run to learn the outputs' shapes, then
+        device buffers for the outputs (fixed addresses, as a CUDA graph needs). Returns the binding and the
+        outputs of that first run."""
+        import onnxruntime as ort
+
+        kind, index = self._where
+        inputs = {name: ort.OrtValue.ortvalue_from_numpy(arr, kind, index) for name, arr in feeds.items()}
+        probe = self._session.io_binding()
+        for name, value in inputs.items():
+            probe.bind_ortvalue_input(name, value)
+        for name in self._outputs:
+            probe.bind_output(name, kind, index)
+        skip = ort.RunOptions()
+        if self._cuda_graph:
+            skip.add_run_config_entry("gpu_graph_id", "-1")  # no capture for the probe: outputs are not fixed yet
+        self._session.run_with_iobinding(probe, skip)
+        probe.synchronize_outputs()
+        first = [np.array(value.numpy(), copy=True) for value in probe.get_outputs()]
+        binding = self._session.io_binding()
+        for name, value in inputs.items():
+            binding.bind_ortvalue_input(name, value)
+        outputs = []
+        for name, arr in zip(self._outputs, first, strict=True):
+            value = ort.OrtValue.ortvalue_from_shape_and_type(arr.shape, arr.dtype, kind, index)
+            binding.bind_ortvalue_output(name, value)
+            outputs.append(value)
+        run_options = ort.RunOptions()
+        if self._cuda_graph:
+            graphs = sum(1 for b in self._bound.values() if b.graph_id >= 0)
+            graph_id = graphs if graphs < self.MAX_GRAPHS else -1
+            run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
+            log.info("%s: shapes %s get CUDA graph %s", self._name, {n: a.shape for n, a in feeds.items()},
+                     graph_id if graph_id >= 0 else "none (graph limit reached)")
+        else:
+            graph_id = -1
+        return _Bound(binding, inputs, outputs, run_options, graph_id), first
+
+
+@dataclass
+class _Bound:
+    """One input shape's IOBinding: its device buffers stay put, so a CUDA graph can replay over them."""
+
+    binding: Any
+    inputs: dict[str, Any]
+    outputs: list[Any]
+    run_options: Any
+    graph_id: int
 
 
 class OvSession:
@@ -270,10 +355,12 @@ class OvSession:
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
-def open_session(path: Path, engine: Engine, device: Device, threads: int, precision: str) -> Session:
-    """Load one graph on the chosen engine with the math ``precision`` (see :data:`PRECISIONS`)."""
+def open_session(path: Path, engine: Engine, device: Device, threads: int, precision: str,
+                 cuda_graph: bool = False) -> Session:
+    """Load one graph on the chosen engine with the math ``precision`` (see :data:`PRECISIONS`); ``cuda_graph``
+    captures CUDA graphs per static shape (onnxruntime on CUDA only)."""
     if engine == "onnxruntime":
-        return OrtSession(path, device, threads)
+        return OrtSession(path, device, threads, cuda_graph=cuda_graph)
     hint = {"auto": None, "fp32": "f32", "bf16": "bf16"}[precision]
     return OvSession(path, threads, hint)
 

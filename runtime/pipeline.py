@@ -43,7 +43,10 @@ class Pipeline:
     """A loaded bundle that turns prompts into images. Create it with :meth:`Pipeline.load`."""
 
     def __init__(self, bundle: Bundle, engine: str, device: str, threads: int, why: str,
-                 decoder: str = "vae", precision: str = "auto") -> None:
+                 decoder: str = "vae", precision: str = "auto", cuda_graph: bool = False) -> None:
+        if cuda_graph and not device.startswith("cuda"):
+            raise T2IError(f"CUDA graphs need --device cuda; this pipeline runs on {device}")
+        self.cuda_graph = cuda_graph
         self.bundle = bundle
         self.engine = engine
         self.device = device
@@ -85,6 +88,7 @@ class Pipeline:
         threads: int | None = None,
         decoder: str = "vae",
         precision: str = "auto",
+        cuda_graph: bool = False,
     ) -> Pipeline:
         """Load a bundle folder.
 
@@ -92,16 +96,23 @@ class Pipeline:
         engines' op threads; None means env ``T2I_THREADS`` or the cores this process may use. ``decoder``: vae
         (the model's own) or taesd (about 18× cheaper, coarser pixels; the bundle must include it). ``precision``:
         auto (each engine's own default: OpenVINO uses bf16 on CPUs with AVX512-BF16/AMX) | fp32 (full precision,
-        matches the reference) | bf16 (OpenVINO only).
+        matches the reference) | bf16 (OpenVINO only). ``cuda_graph``: on CUDA, capture each static shape's kernel
+        launches once and replay them (cuts launch overhead; costs GPU memory per shape).
         """
         bundle = Bundle.open(path)
         chosen_engine, chosen_device, why = choose(bundle.format, engine, device)
+        if bundle.fusions == "cuda" and not chosen_device.startswith("cuda"):
+            raise T2IError(
+                f"bundle '{bundle.path}' was exported with --fusions cuda: its fused GroupNorm/NHWC ops have no CPU "
+                f"kernels, so it runs on --device cuda only (here: {chosen_device}, {why}); for the CPU export it "
+                "with --fusions none or cpu"
+            )
         n_threads = parse_threads(threads) if threads is not None else default_threads()
-        return cls(bundle, chosen_engine, chosen_device, n_threads, why, decoder, precision)
+        return cls(bundle, chosen_engine, chosen_device, n_threads, why, decoder, precision, cuda_graph)
 
     def _open(self, component: str) -> Session:
         return open_session(self.bundle.graph(component), self.engine, self.device, self.threads,  # type: ignore[arg-type]
-                            self.precision)
+                            self.precision, self.cuda_graph)
 
     def generate(
         self,

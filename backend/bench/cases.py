@@ -49,8 +49,9 @@ def ours(case: dict[str, Any]) -> dict[str, Any]:
     from backend.images import png_bytes
     from runtime import Pipeline
 
-    pipe = Pipeline.load(case["bundle"], device="cpu", engine=case["engine"], threads=case["threads"],
-                         precision=case.get("precision", "auto"), decoder=case.get("decoder", "vae"))
+    pipe = Pipeline.load(case["bundle"], device=case.get("device", "cpu"), engine=case["engine"],
+                         threads=case["threads"], precision=case.get("precision", "auto"),
+                         decoder=case.get("decoder", "vae"), cuda_graph=case.get("cuda_graph", False))
     dim = int(pipe.unet.inputs["encoder_hidden_states"].shape[-1] or 1024)
     w, r = case["warmup"], case["repeats"]
     out: dict[str, Any] = {"text_encoder": timed(lambda: pipe._encode(PROMPT), w, r)}
@@ -72,29 +73,46 @@ def ours(case: dict[str, Any]) -> dict[str, Any]:
 
 
 def diffusers_torch(case: dict[str, Any]) -> dict[str, Any]:
-    """The reference: diffusers' StableDiffusionPipeline in PyTorch fp32 on the CPU, same weights."""
+    """The reference: diffusers' StableDiffusionPipeline in PyTorch, same weights; fp32 on the CPU, or on a GPU
+    (``device`` cuda) in ``dtype`` fp16, as diffusers is run there."""
     import diffusers
     import torch
 
     torch.set_num_threads(case["threads"])
+    device = case.get("device", "cpu")
+    dtype = torch.float16 if case.get("dtype") == "fp16" else torch.float32
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(case["source"], safety_checker=None,
-                                                             requires_safety_checker=False)
+                                                             requires_safety_checker=False, torch_dtype=dtype)
+    pipe = pipe.to(device)
     pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     dim = pipe.unet.config.cross_attention_dim
-    ids = pipe.tokenizer([PROMPT], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    ids = pipe.tokenizer([PROMPT], padding="max_length", max_length=77, return_tensors="pt").input_ids.to(device)
+
+    def synced(fn: Callable[[], Any]) -> Callable[[], Any]:
+        """GPU work is asynchronous: a timing must wait for it to finish."""
+        if not device.startswith("cuda"):
+            return fn
+
+        def run() -> Any:
+            out = fn()
+            torch.cuda.synchronize()
+            return out
+
+        return run
+
     w, r = case["warmup"], case["repeats"]
     out: dict[str, Any] = {}
     with torch.no_grad():
-        out["text_encoder"] = timed(lambda: pipe.text_encoder(ids), w, r)
+        out["text_encoder"] = timed(synced(lambda: pipe.text_encoder(ids)), w, r)
         for latent in case["latents"]:
-            lat = torch.randn(1, 4, latent, latent)
-            out[f"decode@{latent}"] = timed(lambda lat=lat: pipe.vae.decode(lat / 0.18215), w, r)
+            lat = torch.randn(1, 4, latent, latent, device=device, dtype=dtype)
+            out[f"decode@{latent}"] = timed(synced(lambda lat=lat: pipe.vae.decode(lat / 0.18215)), w, r)
             for n in case["batches"]:
-                t = {k: torch.from_numpy(v) for k, v in _inputs(latent, 2 * n if case["guidance"] > 1 else n,
-                                                                dim).items()}
-                out[f"unet_step@{latent}x{n}"] = timed(
-                    lambda t=t: pipe.unet(t["sample"], t["timestep"], t["encoder_hidden_states"]), w, r)
+                t = {k: torch.from_numpy(v).to(device, dtype) for k, v in
+                     _inputs(latent, 2 * n if case["guidance"] > 1 else n, dim).items()}
+                out[f"unet_step@{latent}x{n}"] = timed(synced(
+                    lambda t=t: pipe.unet(t["sample"], t["timestep"], t["encoder_hidden_states"])), w, r)
                 side = latent * 8
                 out[f"image@{latent}x{n}"] = timed(lambda n=n, side=side: pipe(
                     PROMPT, height=side, width=side, num_inference_steps=case["steps"],

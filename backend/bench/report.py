@@ -21,10 +21,12 @@ import click
 #: attention grows faster than the area, but at 32×32 the area scaling is within a few percent.
 UNET_FLOP_64 = 0.804e12
 REFERENCE = "diffusers torch fp32"
+GPU_REFERENCE = "diffusers torch fp16 cuda"
 
 
-def prepare(cache: Path, int8: bool, say: Any) -> dict[str, Path]:
-    """Build the random full-size model once and export it (ONNX, OpenVINO, optionally int8); cached in ``cache``."""
+def prepare(cache: Path, int8: bool, say: Any, device: str = "cpu") -> dict[str, Path]:
+    """Build the random full-size model once and export it (ONNX, OpenVINO, optionally int8; on a GPU the fp16
+    ONNX bundle with onnxruntime's CUDA fusions); cached in ``cache``."""
     from exporters.export import export_model
     from exporters.fullsize import build_full_model
 
@@ -33,6 +35,10 @@ def prepare(cache: Path, int8: bool, say: Any) -> dict[str, Path]:
         say(f"building the full-size random SD2.1-base model in {src} (about 5 GB) …")
         build_full_model(src)
     paths = {"source": src}
+    if device.startswith("cuda"):
+        paths["cuda"] = export_model(str(src), "onnx", cache / "sd21-onnx-cuda-fp16", precision="fp16", say=say,
+                                     taesd="random", fusions="cuda")
+        return paths
     paths["onnx"] = export_model(str(src), "onnx", cache / "sd21-onnx", say=say, taesd="random")
     paths["openvino"] = export_model(str(src), "openvino", cache / "sd21-openvino", say=say, taesd="random")
     if int8:
@@ -41,8 +47,16 @@ def prepare(cache: Path, int8: bool, say: Any) -> dict[str, Path]:
     return paths
 
 
-def configurations(paths: dict[str, Path], peers: bool) -> list[tuple[str, dict[str, Any]]]:
+def configurations(paths: dict[str, Path], peers: bool, device: str = "cpu") -> list[tuple[str, dict[str, Any]]]:
     """(label, case) pairs: ours per engine and precision, then the peers on the same weights."""
+    if device.startswith("cuda"):
+        ours = {"kind": "ours", "bundle": paths["cuda"], "engine": "onnxruntime", "device": device}
+        confs = [("ours onnxruntime cuda fp16", ours),
+                 ("ours onnxruntime cuda fp16 graphs", {**ours, "cuda_graph": True})]
+        if peers:
+            confs.append((GPU_REFERENCE, {"kind": "diffusers", "source": paths["source"], "device": device,
+                                          "dtype": "fp16"}))
+        return confs
     confs = [
         ("ours onnxruntime fp32", {"kind": "ours", "bundle": paths["onnx"], "engine": "onnxruntime"}),
         ("ours openvino fp32", {"kind": "ours", "bundle": paths["openvino"], "engine": "openvino",
@@ -97,8 +111,28 @@ def matmul_peak(threads: int) -> dict[str, float]:
     return out
 
 
+def turbo_configurations(paths: dict[str, Path], peers: bool, device: str = "cpu") -> list[tuple[str, dict]]:
+    """The sd-turbo shape (512², 1 step, guidance 0) from prompt to PNG, with the VAE and with TAESD."""
+    if device.startswith("cuda"):
+        ours = {"kind": "ours", "bundle": paths["cuda"], "engine": "onnxruntime", "device": device,
+                "cuda_graph": True}
+        confs = [("turbo ours onnxruntime cuda fp16 graphs vae", ours),
+                 ("turbo ours onnxruntime cuda fp16 graphs taesd", {**ours, "decoder": "taesd"})]
+        if peers:
+            confs.append(("turbo " + GPU_REFERENCE, {"kind": "diffusers", "source": paths["source"],
+                                                     "device": device, "dtype": "fp16"}))
+        return confs
+    ours = {"kind": "ours", "bundle": paths["openvino"], "engine": "openvino"}
+    confs = [("turbo ours openvino auto vae", ours), ("turbo ours openvino auto taesd", {**ours, "decoder": "taesd"})]
+    if peers:
+        confs.append(("turbo optimum openvino auto", {"kind": "optimum", "bundle": paths["openvino"],
+                                                      "engine": "openvino"}))
+    return confs
+
+
 def print_report(results: dict[str, dict[str, Any]], peak: dict[str, float], opts: dict[str, Any]) -> None:
-    ref = results.get(REFERENCE, {})
+    reference = GPU_REFERENCE if GPU_REFERENCE in results else REFERENCE
+    ref = results.get(reference, {})
     keys = sorted({k for r in results.values() for k in r if "@" in k or k == "text_encoder"})
     click.echo(f"\nSD2.1-base architecture, random weights; {opts['threads']} threads; guidance {opts['guidance']} "
                f"(CFG batch 2n); whole image = {opts['steps']} Euler steps + decode + PNG")
@@ -118,7 +152,7 @@ def print_report(results: dict[str, dict[str, Any]], peak: dict[str, float], opt
             ratio = f" ({ref[k]['s'] / s:.1f}x)" if k in ref and "error" not in ref else ""
             cells.append(f"{s:>8.3f}s{ratio:>8s}")
         click.echo(f"{label:28s}" + "".join(cells) + f"{r['peak_rss_mb']:>10.0f}")
-    click.echo("(x) = speed-up over " + REFERENCE)
+    click.echo("(x) = speed-up over " + reference)
     for label, r in results.items():
         step = r.get("unet_step@64x1", {}).get("s") if "error" not in r else None
         if step:
@@ -129,34 +163,30 @@ def print_report(results: dict[str, dict[str, Any]], peak: dict[str, float], opt
 
 
 def run(cache: Path, threads: int, latents: list[int], batches: list[int], steps: int, guidance: float,
-        repeats: int, peers: bool, int8: bool, only: list[str] | None, as_json: bool) -> dict[str, Any]:
+        repeats: int, peers: bool, int8: bool, only: list[str] | None, as_json: bool,
+        device: str = "cpu") -> dict[str, Any]:
     """Prepare, measure every configuration, and print (or return as JSON) the comparison."""
     def say(message: str) -> None:
         click.echo(message, err=True)
 
-    paths = prepare(cache, int8, say)
+    paths = prepare(cache, int8, say, device)
     common = {"threads": threads, "latents": latents, "batches": batches, "steps": steps, "guidance": guidance,
               "warmup": 1, "repeats": repeats}
     results: dict[str, dict[str, Any]] = {}
-    for label, case in configurations(paths, peers):
+    for label, case in configurations(paths, peers, device):
         if only and not any(o in label for o in only):
             continue
         say(f"measuring {label} …")
         results[label] = run_case({**case, **common}, timeout=3600)
     turbo = {**common, "batches": [1], "latents": [64], "steps": 1, "guidance": 0.0}
-    for label, case in (("turbo ours openvino auto vae", {"kind": "ours", "bundle": paths["openvino"],
-                                                           "engine": "openvino"}),
-                        ("turbo ours openvino auto taesd", {"kind": "ours", "bundle": paths["openvino"],
-                                                            "engine": "openvino", "decoder": "taesd"}),
-                        ("turbo optimum openvino auto", {"kind": "optimum", "bundle": paths["openvino"],
-                                                         "engine": "openvino"})):
+    for label, case in turbo_configurations(paths, peers, device):
         if only and not any(o in label for o in only):
             continue
         say(f"measuring {label} …")
         results[label] = run_case({**case, **turbo}, timeout=3600)
     peak = matmul_peak(threads)
-    report = {"machine": {"cpus": os.cpu_count(), "threads": threads}, "matmul_gflops": peak, "results": results,
-              "settings": common}
+    report = {"machine": {"cpus": os.cpu_count(), "threads": threads, "device": device}, "matmul_gflops": peak,
+              "results": results, "settings": common}
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
     else:

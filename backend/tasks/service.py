@@ -64,7 +64,7 @@ class ImageService:
                                    progress=lambda f: report(1 + int(58 * f)))
         report(60)
         self.pipeline = Pipeline.load(bundle, device=s.device, engine=s.engine, threads=s.threads or None,
-                                      decoder=s.decoder, precision=s.precision)
+                                      decoder=s.decoder, precision=s.precision, cuda_graph=s.cuda_graph)
         report(85)
         self.calibrate()
         report(100)

@@ -1,0 +1,36 @@
+"""The benchmark's harness on the tiny model: a configuration measured in its own process gives every figure, and
+the GPU run compares our CUDA bundle (with and without CUDA graphs) with diffusers fp16 on the same device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from backend.bench.report import GPU_REFERENCE, configurations, run_case, turbo_configurations
+
+
+def test_a_configuration_is_measured_in_its_own_process(openvino_bundle: Path) -> None:
+    case = {"kind": "ours", "bundle": openvino_bundle, "engine": "openvino", "threads": 1, "latents": [32],
+            "batches": [1], "steps": 1, "guidance": 7.5, "warmup": 1, "repeats": 1}
+    result = run_case(case, timeout=600)
+    assert "error" not in result, result
+    for key in ("text_encoder", "decode@32", "unet_step@32x1", "image@32x1"):
+        assert result[key]["s"] > 0, key
+    assert 0.5 < result["unet_step@32x1"]["cpu_per_wall"] < 1.5, "one thread was asked for"
+    assert result["peak_rss_mb"] > 0
+
+
+def test_a_failing_configuration_is_reported_not_raised(tmp_path: Path) -> None:
+    case = {"kind": "ours", "bundle": tmp_path / "missing", "engine": "openvino", "threads": 1, "latents": [32],
+            "batches": [1], "steps": 1, "guidance": 0.0, "warmup": 0, "repeats": 1}
+    assert "missing" in run_case(case, timeout=600)["error"]
+
+
+def test_gpu_configurations() -> None:
+    paths = {"source": Path("src"), "cuda": Path("cuda-bundle")}
+    confs = dict(configurations(paths, peers=True, device="cuda:1"))
+    ours = [c for label, c in confs.items() if label.startswith("ours")]
+    assert ours and all(c["device"] == "cuda:1" and c["engine"] == "onnxruntime" for c in ours)
+    assert {bool(c.get("cuda_graph")) for c in ours} == {True, False}
+    assert confs[GPU_REFERENCE] == {"kind": "diffusers", "source": Path("src"), "device": "cuda:1", "dtype": "fp16"}
+    turbo = dict(turbo_configurations(paths, peers=True, device="cuda"))
+    assert {c.get("decoder", "vae") for label, c in turbo.items() if "ours" in label} == {"vae", "taesd"}
