@@ -4,6 +4,7 @@ component), the fp16 conversion, and onnxruntime's graph fusions."""
 from __future__ import annotations
 
 import logging
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -66,18 +67,32 @@ def to_fp16(path: Path, keep_attention_fp32: bool) -> None:
 
 
 def save_onnx(model: Any, path: Path) -> None:
-    """Save a graph, its weights in one side file when the protobuf would pass 2 GB."""
+    """Save a graph, its weights in one side file when the protobuf would pass 2 GB.
+
+    Written into a scratch folder beside it first and then moved over the old files, so a failed save leaves the
+    previous graph and weights intact.
+    """
     import onnx
 
     data = path.with_name(path.name + "_data")
-    if data.exists():
-        data.unlink()
-    big = model.ByteSize() > 2_000_000_000 if hasattr(model, "ByteSize") else True
+    try:
+        big = model.ByteSize() > 2_000_000_000
+    except Exception:  # protobuf refuses to even measure a message over 2 GB (EncodeError)
+        big = True
+    scratch = path.parent / ".saving"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
     if big:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+        onnx.save_model(model, str(scratch / path.name), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data.name, size_threshold=1024)
     else:
-        onnx.save_model(model, str(path))
+        onnx.save_model(model, str(scratch / path.name))
+    (scratch / path.name).replace(path)
+    if (scratch / data.name).exists():
+        (scratch / data.name).replace(data)
+    elif data.exists():
+        data.unlink()
+    scratch.rmdir()
 
 
 #: Graph fusions of onnxruntime's transformer optimizer. none: the plain graph, which every engine reads. cpu: the
