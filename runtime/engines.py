@@ -224,6 +224,7 @@ class OrtSession:
         self._io_binding = gpu is not None if io_binding is None else io_binding
         self._cuda_graph = cuda_graph
         self._bound: dict[tuple, _Bound] = {}
+        self._graphs_used = 0
         self._lock = threading.Lock()
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -240,7 +241,18 @@ class OrtSession:
                 return first
             for name, arr in typed.items():
                 bound.inputs[name].update_inplace(arr)
-            self._session.run_with_iobinding(bound.binding, bound.run_options)
+            try:
+                self._session.run_with_iobinding(bound.binding, bound.run_options)
+            except Exception as exc:
+                if bound.graph_id < 0:
+                    raise
+                # A graph that cannot be captured or replayed must not take the service down: run this shape
+                # without a graph from now on (same buffers, so nothing else changes).
+                log.warning("%s: CUDA graph %d failed (%s); running this shape without a graph", self._name,
+                            bound.graph_id, exc)
+                bound.run_options = _graph_options(-1)
+                bound.graph_id = -1
+                self._session.run_with_iobinding(bound.binding, bound.run_options)
             bound.binding.synchronize_outputs()
             return [np.array(value.numpy(), copy=True) for value in bound.outputs]
 
@@ -257,10 +269,8 @@ class OrtSession:
             probe.bind_ortvalue_input(name, value)
         for name in self._outputs:
             probe.bind_output(name, kind, index)
-        skip = ort.RunOptions()
-        if self._cuda_graph:
-            skip.add_run_config_entry("gpu_graph_id", "-1")  # no capture for the probe: outputs are not fixed yet
-        self._session.run_with_iobinding(probe, skip)
+        # No capture for the probe: its outputs are not at fixed addresses yet.
+        self._session.run_with_iobinding(probe, _graph_options(-1 if self._cuda_graph else None))
         probe.synchronize_outputs()
         first = [np.array(value.numpy(), copy=True) for value in probe.get_outputs()]
         binding = self._session.io_binding()
@@ -271,16 +281,25 @@ class OrtSession:
             value = ort.OrtValue.ortvalue_from_shape_and_type(arr.shape, arr.dtype, kind, index)
             binding.bind_ortvalue_output(name, value)
             outputs.append(value)
-        run_options = ort.RunOptions()
+        graph_id = -1
+        if self._cuda_graph and self._graphs_used < self.MAX_GRAPHS:
+            graph_id = self._graphs_used  # ids are never reused, not even after a graph failed
+            self._graphs_used += 1
         if self._cuda_graph:
-            graphs = sum(1 for b in self._bound.values() if b.graph_id >= 0)
-            graph_id = graphs if graphs < self.MAX_GRAPHS else -1
-            run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
             log.info("%s: shapes %s get CUDA graph %s", self._name, {n: a.shape for n, a in feeds.items()},
                      graph_id if graph_id >= 0 else "none (graph limit reached)")
-        else:
-            graph_id = -1
-        return _Bound(binding, inputs, outputs, run_options, graph_id), first
+        return _Bound(binding, inputs, outputs, _graph_options(graph_id if self._cuda_graph else None), graph_id), first
+
+
+def _graph_options(graph_id: int | None) -> Any:
+    """onnxruntime RunOptions naming the CUDA graph of a run: an id to capture/replay, -1 for none (on a session
+    with CUDA graphs enabled), None for a session without them."""
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    if graph_id is not None:
+        options.add_run_config_entry("gpu_graph_id", str(graph_id))
+    return options
 
 
 @dataclass
