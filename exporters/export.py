@@ -136,7 +136,7 @@ def export_model(source: str, fmt: str, out: Path, precision: str = "fp32",
             graph = export_component(comp.name, pairs[comp.name], onnx_dir)
             state["done"][comp.name] = _finish_component(
                 comp.name, graph, pairs[comp.name][0], fmt, graph_precision, out,
-                comp.tolerance[graph_precision], keep_attention_fp32=upcast and comp.name == "unet", fusions=fusions)
+                comp.tolerance, keep_attention_fp32=upcast and comp.name == "unet", fusions=fusions)
             (out / STATE).write_text(json.dumps(state))
         if taesd:
             state["done"]["taesd_decoder"] = _export_taesd(taesd, fmt, graph_precision, onnx_dir, out, Path(tmp),
@@ -157,19 +157,22 @@ def export_model(source: str, fmt: str, out: Path, precision: str = "fp32",
     return out
 
 
-def _finish_component(name: str, graph: Path, model: Any, fmt: str, precision: str, out: Path, tolerance: float,
-                      keep_attention_fp32: bool = False, fusions: str = "none") -> float:
-    """An exported ONNX graph → the bundle's format, precision and fusions, checked against its torch model;
-    returns the measured error (of the final graph where it runs here, else of the graph before fusing)."""
+def _finish_component(name: str, graph: Path, model: Any, fmt: str, precision: str, out: Path,
+                      tolerances: dict[str, float], keep_attention_fp32: bool = False, fusions: str = "none") -> float:
+    """An exported ONNX graph → the bundle's format, precision and fusions, checked against its torch model within
+    ``tolerances[precision]``; returns the measured error (of the final graph where it runs here, else of the fp32
+    graph before fusing)."""
     from exporters.onnx_graphs import fuse, to_fp16
     from exporters.openvino_ir import convert
+    from runtime.engines import cuda_usable
 
+    tolerance = tolerances[precision]
     if fusions != "none":
         # Fusions match fp32 patterns only: check the plain fp32 graph, fuse, convert, then check what can run here.
-        error = check_component(name, model, graph, tolerance if precision == "fp32" else 1e-3)
+        error = check_component(name, model, graph, tolerances["fp32"])
         fused = fuse(graph, name, fusions, precision == "fp16", keep_attention_fp32)
         log.info("%s: fused %s", name, fused or "nothing")
-        if fusions == "cpu" or _cuda_here():
+        if fusions == "cpu" or cuda_usable():
             return check_component(name, model, graph, tolerance, on_cuda=fusions == "cuda")
         log.warning("%s: no GPU here, so the CUDA-fused graph was checked before fusing only", name)
         return error
@@ -182,12 +185,6 @@ def _finish_component(name: str, graph: Path, model: Any, fmt: str, precision: s
     return check_component(name, model, graph, tolerance)
 
 
-def _cuda_here() -> bool:
-    from runtime.engines import cuda_usable
-
-    return cuda_usable()
-
-
 def _export_taesd(source: str, fmt: str, precision: str, onnx_dir: Path, out: Path, tmp: Path,
                   done: float | None, say: Callable[[str], None], fusions: str = "none") -> float:
     from exporters import taesd as t
@@ -197,7 +194,7 @@ def _export_taesd(source: str, fmt: str, precision: str, onnx_dir: Path, out: Pa
         return done
     model = t.load_taesd(source, tmp)
     graph = t.export_taesd(model, onnx_dir)
-    return _finish_component(t.FOLDER, graph, model, fmt, precision, out, t.TOLERANCE[precision], fusions=fusions)
+    return _finish_component(t.FOLDER, graph, model, fmt, precision, out, t.TOLERANCE, fusions=fusions)
 
 
 def _write_model_index(pipe: Any, out: Path) -> None:
