@@ -384,6 +384,28 @@ def open_session(path: Path, engine: Engine, device: Device, threads: int, preci
     return OvSession(path, threads, hint)
 
 
+_OV_PRECISION: dict[str | None, str] = {}
+
+
+def openvino_math_precision(precision: str) -> str:
+    """What OpenVINO's CPU plugin computes in for our ``precision`` choice on this CPU: "bf16" or "f32".
+
+    OpenVINO decides by the hardware: ``auto`` becomes bf16 where the CPU has native bf16 (AMX or AVX512-BF16) and f32
+    elsewhere, and a bf16 hint on a CPU without it quietly runs f32. Read from a compiled one-op model, because only
+    the compiled model tells what the plugin really chose.
+    """
+    hint = {"auto": None, "fp32": "f32", "bf16": "bf16"}[precision]
+    if hint not in _OV_PRECISION:
+        import openvino as ov
+        from openvino import opset13 as ops
+
+        x = ops.parameter([1, 16], np.float32)
+        probe = ov.Model([ops.matmul(x, ops.constant(np.ones((16, 16), np.float32)), False, False)], [x])
+        compiled = ov.Core().compile_model(probe, "CPU", {"INFERENCE_PRECISION_HINT": hint} if hint else {})
+        _OV_PRECISION[hint] = str(compiled.get_property("INFERENCE_PRECISION_HINT").to_string())
+    return _OV_PRECISION[hint]
+
+
 def check_precision(precision: str, engine: str) -> str:
     if precision not in PRECISIONS:
         raise T2IError(f"precision '{precision}' is not known; use one of {', '.join(PRECISIONS)}")

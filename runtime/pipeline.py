@@ -14,7 +14,15 @@ from PIL import Image
 
 from runtime import validation as v
 from runtime.bundle import Bundle
-from runtime.engines import Session, check_precision, choose, default_threads, open_session, parse_threads
+from runtime.engines import (
+    Session,
+    check_precision,
+    choose,
+    default_threads,
+    open_session,
+    openvino_math_precision,
+    parse_threads,
+)
 from runtime.errors import GenerationCancelled, T2IError
 from runtime.schedulers import SCHEDULER_NAMES, Scheduler, default_scheduler_name, make_scheduler
 from runtime.tokenizer import ClipTokenizer
@@ -52,6 +60,12 @@ class Pipeline:
         self.device = device
         self.threads = threads
         self.precision = check_precision(precision, engine)
+        #: What the engine really computes in: OpenVINO picks by the CPU (see openvino_math_precision); onnxruntime
+        #: runs the graph's own types.
+        self.math_precision = openvino_math_precision(self.precision) if engine == "openvino" else bundle.precision
+        if self.precision == "bf16" and self.math_precision != "bf16":
+            log.warning("precision bf16 was asked for, but this CPU has no native bf16 (AMX or AVX512-BF16): "
+                        "OpenVINO computes in %s", self.math_precision)
         if decoder not in DECODERS:
             raise T2IError(f"decoder '{decoder}' is not known; use one of {', '.join(DECODERS)}")
         if not bundle.has(DECODERS[decoder]):
@@ -67,8 +81,9 @@ class Pipeline:
         self._latent_scale = (bundle.vae_scaling_factor if decoder == "vae"
                               else float(bundle.component_config(DECODERS[decoder]).get("scaling_factor", 1.0)))
         log.info(
-            "loaded %s (%s, %s weights, %s math, %s decoder) on %s/%s with %d threads in %.1f s [%s]",
-            bundle.path, bundle.format, bundle.precision, self.precision, decoder, engine, device, threads,
+            "loaded %s (%s, %s weights, %s math (asked: %s), %s decoder) on %s/%s with %d threads in %.1f s [%s]",
+            bundle.path, bundle.format, bundle.precision, self.math_precision, self.precision, decoder, engine, device,
+            threads,
             time.perf_counter() - t0, why,
         )
         defaults = bundle.defaults

@@ -3,6 +3,10 @@ the GPU run compares our CUDA bundle (with and without CUDA graphs) with diffuse
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from backend.bench.report import GPU_REFERENCE, configurations, run_case, turbo_configurations
@@ -35,3 +39,28 @@ def test_gpu_configurations() -> None:
     assert confs[GPU_REFERENCE] == {"kind": "diffusers", "source": Path("src"), "device": "cuda:1", "dtype": "fp16"}
     turbo = dict(turbo_configurations(paths, peers=True, device="cuda"))
     assert {c.get("decoder", "vae") for label, c in turbo.items() if "ours" in label} == {"vae", "taesd"}
+
+
+JSON_RULE = r'''
+import os, sys
+import backend.bench.report as report
+from nncf.common.logging.track_progress import track
+
+def noisy_measure(*args, **kwargs):
+    # What the int8 export does on stdout: NNCF's rich progress table, a plain print, native code writing to fd 1.
+    for _ in track(range(3), description="Statistics collection"):
+        pass
+    print("INFO:nncf:Compressing weights")
+    os.write(1, b"native progress line\n")
+    return {"machine": {}, "matmul_gflops": {}, "results": {"x": {"s": 1.0}}, "settings": {}}
+
+report.measure = noisy_measure
+report.run(None, 1, [64], [1], 1, 0.0, 1, False, True, None, as_json=True)
+'''
+
+
+def test_bench_json_is_the_json_alone() -> None:
+    done = subprocess.run([sys.executable, "-c", JSON_RULE], capture_output=True, text=True, check=True,
+                          env={**os.environ, "FORCE_COLOR": "1"})
+    assert json.loads(done.stdout)["results"] == {"x": {"s": 1.0}}, done.stdout
+    assert "native progress line" in done.stderr and "Compressing weights" in done.stderr

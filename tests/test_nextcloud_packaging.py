@@ -186,3 +186,12 @@ def test_harp_mode_listens_on_the_unix_socket_and_the_healthcheck_sees_frpc(tmp_
     finally:
         runner.kill()
         proc.stop()
+
+
+def test_readme_main_command_installs_what_serve_needs() -> None:
+    # "Both services use the environment the main command created": its install line must bring the ExApp's extra.
+    readme = (REPO / "README.md").read_text()
+    main = next(line for line in readme.splitlines() if line.startswith("python3 -m venv .venv &&"))
+    extras = re.search(r"pip install -e '\.\[([a-z,]+)\]'", main)
+    assert extras, main
+    assert {"cpu", "nextcloud"} <= set(extras.group(1).split(",")), main

@@ -21,6 +21,17 @@ def test_openvino_bf16_close_to_fp32(openvino_bundle: Path) -> None:
     assert score >= 30
 
 
+@pytest.mark.parametrize("asked", ["auto", "bf16", "fp32"])
+def test_math_precision_follows_the_cpu(openvino_bundle: Path, asked: str) -> None:
+    # The rule, on any CPU: bf16 math only where the CPU has it natively (OpenVINO lists BF16 among its
+    # capabilities: AMX or AVX512-BF16), and then for auto too; fp32 is always f32.
+    import openvino as ov
+
+    native = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    pipe = Pipeline.load(openvino_bundle, device="cpu", engine="openvino", threads=1, precision=asked)
+    assert pipe.math_precision == ("bf16" if native and asked != "fp32" else "f32")
+
+
 def test_static_shapes_recompile_per_size(openvino_bundle: Path) -> None:
     pipe = Pipeline.load(openvino_bundle, device="cpu", engine="openvino", threads=2, precision="fp32")
     a = pipe.generate(**ARGS)

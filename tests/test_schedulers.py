@@ -29,6 +29,7 @@ from runtime.schedulers import (  # noqa: E402  (after the importorskip guards)
 )
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
+EPS32 = float(np.finfo(np.float32).eps)
 SHAPE = (2, 4, 8, 8)
 STEPS = (1, 2, 4, 20, 50)
 PREDICTIONS = ("epsilon", "v_prediction")
@@ -67,6 +68,19 @@ def sd2(**changes: Any) -> dict[str, Any]:
     return {**SD2, **changes}
 
 
+def step_tolerance(*inputs: np.ndarray) -> dict[str, float]:
+    """``TOL`` for a step's result, its absolute part grown by 4 float32 ulps of the step's largest input.
+
+    A step forms its result (a few units) from terms as large as its inputs: with ``rescale_betas_zero_snr``,
+    σ_max ≈ 4096, so the first latents reach ~1e4, where one float32 ulp is ~1e-3. torch and numpy round those terms
+    differently by an ulp or two depending on the CPU's vector paths (seen: 2 ulps on an AMD Zen 5, none on an
+    Intel Xeon), so a fixed ``atol`` of 1e-5 is a statement about one CPU, not about the scheduler. At ordinary
+    magnitudes (|x| ≲ 20) the added term is under 1e-5 and the tolerance stays what it was.
+    """
+    scale = max(float(np.max(np.abs(a))) for a in inputs)
+    return {"rtol": TOL["rtol"], "atol": TOL["atol"] + 4 * EPS32 * scale}
+
+
 def compare_run(ours: Any, ref: Any, steps: int) -> None:
     """Set both schedulers to ``steps`` steps and compare everything the denoising loop sees, step by step."""
     ours.set_timesteps(steps)
@@ -88,7 +102,8 @@ def compare_run(ours: Any, ref: Any, steps: int) -> None:
         prev = ours.step(model_out, t, latents)
         ref_prev = ref.step(torch.from_numpy(model_out), ref_t, torch.from_numpy(latents)).prev_sample
         assert prev.dtype == np.float32
-        np.testing.assert_allclose(prev, ref_prev.numpy(), **TOL, err_msg=f"step {i} of {steps}")
+        np.testing.assert_allclose(prev, ref_prev.numpy(), **step_tolerance(latents, model_out),
+                                   err_msg=f"step {i} of {steps}")
         latents = prev
 
 
@@ -124,6 +139,39 @@ def test_euler_sd_turbo(steps: int) -> None:
 def test_euler_variants(changes: dict[str, Any], steps: int) -> None:
     cfg = sd2(_class_name="EulerDiscreteScheduler", **changes)
     compare_run(EulerDiscreteScheduler(cfg), diffusers.EulerDiscreteScheduler.from_config(cfg), steps)
+
+
+class PerturbedSigmaEuler(EulerDiscreteScheduler):
+    """A defect the comparison must catch: one σ of the schedule off by 1e-4 (relative)."""
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        super().set_timesteps(num_inference_steps)
+        self._sigmas = self._sigmas.copy()
+        self._sigmas[1] *= np.float32(1 + 1e-4)
+
+
+ZERO_SNR = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"}
+
+
+@pytest.mark.parametrize("changes", [{}, ZERO_SNR], ids=["sd2", "zero-snr"])
+@pytest.mark.parametrize("steps", (4, 25))
+def test_comparison_catches_a_perturbed_sigma(changes: dict[str, Any], steps: int) -> None:
+    # The tolerance grows with the inputs' magnitude; it must stay far below what a real defect costs.
+    cfg = sd2(_class_name="EulerDiscreteScheduler", **changes)
+    with pytest.raises(AssertionError, match=r"step \d+"):
+        compare_run(PerturbedSigmaEuler(cfg), diffusers.EulerDiscreteScheduler.from_config(cfg), steps)
+
+
+@pytest.mark.parametrize("cls", [EulerDiscreteScheduler, DPMSolverMultistepScheduler, DDIMScheduler],
+                         ids=lambda c: c.__name__)
+@pytest.mark.parametrize("changes", [{"prediction_type": "v_prediction"}, ZERO_SNR], ids=["v", "zero-snr"])
+@pytest.mark.filterwarnings("ignore:divide by zero")  # ε read at ᾱ_T = 0 (zero SNR) is the defect itself
+def test_comparison_catches_the_wrong_prediction_branch(cls: Any, changes: dict[str, Any]) -> None:
+    # Ours computes x̂₀ as if the model predicted ε while the reference reads v: every step must be caught.
+    cfg = sd2(_class_name=cls.__name__, **changes)
+    ref = getattr(diffusers, cls.__name__).from_config(cfg)
+    with pytest.raises(AssertionError, match=r"step 0 of 4"):
+        compare_run(cls({**cfg, "prediction_type": "epsilon"}), ref, 4)
 
 
 # --- DPM-Solver++ 2M --------------------------------------------------------------------------------------------

@@ -7,11 +7,13 @@ against diffusers' PyTorch fp32 pipeline, the reference; absolute times depend o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -171,10 +173,48 @@ def print_report(results: dict[str, dict[str, Any]], peak: dict[str, float], opt
                        f"{flops / 1e9 / peak['f32']:.0%} of f32); CPU/wall {r['unet_step@64x1']['cpu_per_wall']:.2f}")
 
 
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send everything written to standard output meanwhile to standard error, at the file descriptor too.
+
+    ``--json`` output must be the JSON alone, but the libraries the bench drives write progress to stdout: NNCF's
+    progress tables during the int8 export, OpenVINO's and onnxruntime's native code straight to fd 1.
+    """
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def run(cache: Path, threads: int, latents: list[int], batches: list[int], steps: int, guidance: float,
         repeats: int, peers: bool, int8: bool, only: list[str] | None, as_json: bool,
         device: str = "cpu") -> dict[str, Any]:
     """Prepare, measure every configuration, and print (or return as JSON) the comparison."""
+    with stdout_to_stderr() if as_json else contextlib.nullcontext():
+        report = measure(cache, threads, latents, batches, steps, guidance, repeats, peers, int8, only, device)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+        return report
+    results = report["results"]
+    print_report({k: v for k, v in results.items() if not k.startswith("turbo")}, report["matmul_gflops"],
+                 report["settings"])
+    click.echo("\nsd-turbo shape: 512², 1 step, guidance 0, whole image from prompt to PNG")
+    for label, r in results.items():
+        if label.startswith("turbo"):
+            click.echo(f"  {label[6:]:32s} " + (f"{r['image@64x1']['s']:.2f} s" if "error" not in r
+                                                else f"failed: {r['error']}"))
+    return report
+
+
+def measure(cache: Path, threads: int, latents: list[int], batches: list[int], steps: int, guidance: float,
+            repeats: int, peers: bool, int8: bool, only: list[str] | None, device: str = "cpu") -> dict[str, Any]:
+    """Prepare the bundles and measure every configuration; progress goes to standard error."""
     def say(message: str) -> None:
         click.echo(message, err=True)
 
@@ -194,15 +234,5 @@ def run(cache: Path, threads: int, latents: list[int], batches: list[int], steps
         say(f"measuring {label} …")
         results[label] = run_case({**case, **turbo}, timeout=3600)
     peak = matmul_peak(threads)
-    report = {"machine": {"cpus": os.cpu_count(), "threads": threads, "device": device}, "matmul_gflops": peak,
-              "results": results, "settings": common}
-    if as_json:
-        click.echo(json.dumps(report, indent=2, default=str))
-    else:
-        print_report({k: v for k, v in results.items() if not k.startswith("turbo")}, peak, common)
-        click.echo("\nsd-turbo shape: 512², 1 step, guidance 0, whole image from prompt to PNG")
-        for label, r in results.items():
-            if label.startswith("turbo"):
-                click.echo(f"  {label[6:]:32s} " + (f"{r['image@64x1']['s']:.2f} s" if "error" not in r
-                                                    else f"failed: {r['error']}"))
-    return report
+    return {"machine": {"cpus": os.cpu_count(), "threads": threads, "device": device}, "matmul_gflops": peak,
+            "results": results, "settings": common}
