@@ -73,13 +73,19 @@ def cli(verbose: int) -> None:
               help="onnxruntime graph fusions (ONNX only). cuda: fused attention, NHWC convolutions, GroupNorm … "
                    "for GPUs; use with --precision fp16; such a bundle runs on --device cuda only. cpu: the fused "
                    "ops that have CPU kernels. none: the plain graph every engine reads.")
+@click.option("--converter", type=click.Choice(["auto", "torch", "template"]), default="auto", show_default=True,
+              help="torch: optimum's export, each graph checked against torch (needs the export extra). template: "
+                   "no torch; the checkpoint's safetensors are bound into graph templates of that same export "
+                   "(sd-turbo, sd2.1-base, sd2.1 architectures). auto: torch where installed, else template.")
 @_user_errors
-def export(source: str, fmt: str, out: Path, precision: str, taesd: str | None, fusions: str) -> None:
+def export(source: str, fmt: str, out: Path, precision: str, taesd: str | None, fusions: str,
+           converter: str) -> None:
     """Export SOURCE to a model bundle.
 
     SOURCE is a hub model id (e.g. stabilityai/sd-turbo), a known short name (sd-turbo, sd2.1-base, sd2.1), a local
-    diffusers folder, or 'tiny' (a small random model for tests; 'tiny-v' is its v-prediction variant). Each
-    component is checked against the torch model after export; re-running on a finished folder does nothing.
+    diffusers folder, or 'tiny' (a small random model for tests; 'tiny-v' is its v-prediction variant). With torch
+    each component is checked against the torch model after export; without it the torch-free converter is used.
+    Re-running on a finished folder does nothing.
     """
     try:
         from exporters.export import ExportError, export_model
@@ -91,7 +97,7 @@ def export(source: str, fmt: str, out: Path, precision: str, taesd: str | None, 
 
         _say(TINY_WARNING)
     try:
-        export_model(source, fmt, out, precision, say=_say, taesd=taesd, fusions=fusions)
+        export_model(source, fmt, out, precision, say=_say, taesd=taesd, fusions=fusions, converter=converter)
     except ExportError as exc:
         raise T2IError(str(exc)) from None
 

@@ -3,6 +3,7 @@ over the contract's tolerance fails the export with the measured error."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,22 +14,27 @@ class ExportCheckError(RuntimeError):
     """The exported graph does not reproduce the torch model within tolerance."""
 
 
-def sample_inputs(name: str, model: Any) -> dict[str, np.ndarray]:
-    """A small deterministic input for a component, shaped from the model's own config."""
+def sample_inputs(name: str, config: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """A small deterministic input for a component, shaped from its config (config.json's values)."""
     rng = np.random.default_rng(0)
-    cfg = model.config
     if name == "text_encoder":
-        ids = rng.integers(0, cfg.vocab_size, size=(1, cfg.max_position_embeddings), dtype=np.int64)
+        ids = rng.integers(0, config["vocab_size"], size=(1, config["max_position_embeddings"]), dtype=np.int64)
         return {"input_ids": ids}
     if name == "unet":
-        side = min(int(cfg.sample_size), 32)
+        side = min(int(config.get("sample_size") or 32), 32)
         return {
-            "sample": rng.standard_normal((2, cfg.in_channels, side, side), dtype=np.float32),
+            "sample": rng.standard_normal((2, config["in_channels"], side, side), dtype=np.float32),
             "timestep": np.array(500.0, dtype=np.float32),
-            "encoder_hidden_states": rng.standard_normal((2, 77, cfg.cross_attention_dim), dtype=np.float32),
+            "encoder_hidden_states": rng.standard_normal((2, 77, config["cross_attention_dim"]), dtype=np.float32),
         }
     side = 32
-    return {"latent_sample": rng.standard_normal((1, cfg.latent_channels, side, side), dtype=np.float32)}
+    return {"latent_sample": rng.standard_normal((1, config["latent_channels"], side, side), dtype=np.float32)}
+
+
+def model_config(model: Any) -> dict[str, Any]:
+    """A torch model's config as a plain dict (diffusers keeps a mapping, transformers an object)."""
+    cfg = model.config
+    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
 
 
 def torch_reference(name: str, model: Any, feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -65,15 +71,19 @@ def exported_output(graph: Path, feeds: dict[str, np.ndarray], on_cuda: bool = F
 
 def check_component(name: str, model: Any, graph: Path, tolerance: float, on_cuda: bool = False) -> float:
     """Return the relative error max|exported - torch| / max|torch|; raise when it exceeds ``tolerance``."""
-    feeds = sample_inputs(name, model)
-    ref = torch_reference(name, model, feeds)
-    got = exported_output(graph, feeds, on_cuda)
+    feeds = sample_inputs(name, model_config(model))
+    return compare(name, exported_output(graph, feeds, on_cuda), torch_reference(name, model, feeds), tolerance,
+                   "the torch model")
+
+
+def compare(name: str, got: np.ndarray, ref: np.ndarray, tolerance: float, reference: str) -> float:
+    """The relative error max|got - ref| / max|ref|; raise when it exceeds ``tolerance``."""
     if got.shape != ref.shape:
-        raise ExportCheckError(f"{name}: exported output shape {got.shape} differs from torch's {ref.shape}")
+        raise ExportCheckError(f"{name}: exported output shape {got.shape} differs from {reference}'s {ref.shape}")
     err = float(np.max(np.abs(got - ref)) / max(float(np.max(np.abs(ref))), 1e-6))
     if not np.isfinite(err) or err > tolerance:
         raise ExportCheckError(
-            f"{name}: exported graph deviates from the torch model by {err:.3g} (relative max error), "
+            f"{name}: exported graph deviates from {reference} by {err:.3g} (relative max error), "
             f"over the tolerance {tolerance:g}"
         )
     return err

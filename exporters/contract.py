@@ -34,3 +34,5 @@ COMPONENTS: tuple[Component, ...] = (
 FORMATS = ("onnx", "openvino")
 #: int8 is OpenVINO only: the UNet quantized with NNCF on calibration data, the rest with int8 weights.
 PRECISIONS = ("fp32", "fp16", "int8")
+#: How a checkpoint becomes graphs: torch (optimum's export), template (torch-free), auto (torch where installed).
+CONVERTERS = ("auto", "torch", "template")

@@ -13,7 +13,8 @@ from typing import Any
 
 from exporters import catalog
 from exporters.check import check_component
-from exporters.contract import COMPONENTS, FORMATS, PRECISIONS
+from exporters.contract import COMPONENTS, CONVERTERS, FORMATS, PRECISIONS
+from exporters.convert import write_model_index
 from runtime.bundle import MANIFEST, MANIFEST_VERSION, file_digest
 
 log = logging.getLogger(__name__)
@@ -60,9 +61,38 @@ def resolve_source(source: str, workdir: Path) -> tuple[Path, dict[str, Any]]:
     return path, {"id": repo, "revision": revision, "kind": "hub"}
 
 
+def torch_available() -> bool:
+    """Whether the export extra (torch, diffusers, optimum) is installed here."""
+    import importlib.util
+
+    try:
+        return all(importlib.util.find_spec(m) is not None for m in ("torch", "diffusers", "optimum"))
+    except ImportError:
+        return False
+
+
+def choose_converter(converter: str, taesd: str | None = None, fusions: str = "none") -> str:
+    """``torch`` (the optimum export, checked against torch) or ``template`` (torch-free, see exporters.convert).
+
+    ``auto`` takes torch where the export extra is installed, else the templates."""
+    if converter not in CONVERTERS:
+        raise ExportError(f"converter '{converter}' is not known; use one of {', '.join(CONVERTERS)}")
+    if converter == "auto":
+        converter = "torch" if torch_available() else "template"
+    if converter == "torch" and not torch_available():
+        raise ExportError("converter 'torch' needs the export extra: pip install 'text2image-sd2[export]'")
+    if converter == "template":
+        needs_torch = "--taesd" if taesd else f"--fusions {fusions}" if fusions != "none" else None
+        if needs_torch:
+            raise ExportError(f"{needs_torch} needs the export extra (pip install 'text2image-sd2[export]'); the "
+                              "torch-free converter writes the plain graphs only")
+    return converter
+
+
 def export_model(source: str, fmt: str, out: Path, precision: str = "fp32",
                  say: Callable[[str], None] = print, origin: dict[str, Any] | None = None,
-                 taesd: str | None = None, fusions: str = "none") -> Path:
+                 taesd: str | None = None, fusions: str = "none", converter: str = "auto",
+                 progress: Callable[[float], None] | None = None) -> Path:
     """Export SOURCE to ``out`` in ``fmt`` (onnx | openvino) at ``precision`` (fp32 | fp16 | int8) and check it.
 
     ``fusions`` (ONNX only) applies onnxruntime's graph fusions: ``cpu`` those with CPU kernels, ``cuda`` the full
@@ -72,6 +102,10 @@ def export_model(source: str, fmt: str, out: Path, precision: str = "fp32",
     ``origin`` describes where an already downloaded SOURCE folder came from (hub id and revision); it goes into
     the manifest and picks the catalogue's defaults. ``taesd`` adds the TAESD decoder from that source ('tiny',
     'random', a folder or a hub id such as madebyollin/taesd) as ``taesd_decoder/``.
+
+    ``converter``: torch (optimum's export, each graph checked against torch), template (no torch: the
+    checkpoint's safetensors bound into graph templates of the same export), or auto (torch where installed).
+    ``progress`` gets the fraction done (template converter).
 
     Re-running on a finished folder says so and does nothing; an interrupted run resumes after the last finished
     component.
@@ -89,6 +123,7 @@ def export_model(source: str, fmt: str, out: Path, precision: str = "fp32",
     if fusions != "none" and fmt != "onnx":
         raise ExportError(f"fusions '{fusions}' are onnxruntime graph fusions; use --format onnx (OpenVINO fuses "
                           "its graphs itself when it compiles them)")
+    converter = choose_converter(converter, taesd, fusions)
     # int8 starts as an fp32 export, checked against torch, and is quantized once the bundle is complete.
     graph_precision = "fp32" if precision == "int8" else precision
     out = Path(out)
@@ -108,6 +143,41 @@ def export_model(source: str, fmt: str, out: Path, precision: str = "fp32",
     if state["request"] != wanted:
         raise ExportError(f"{out} holds an unfinished export of {state['request']}; remove it or choose another --out")
 
+    def finished(name: str, error: float) -> None:
+        state["done"][name] = error
+        (out / STATE).write_text(json.dumps(state))
+
+    with tempfile.TemporaryDirectory(prefix="t2i-export-") as tmp:
+        src, found = resolve_source(source, Path(tmp))
+        origin = origin or found
+        if converter == "torch":
+            _export_with_torch(src, fmt, graph_precision, out, Path(tmp), state["done"], finished, say, taesd,
+                               fusions)
+        else:
+            from exporters.convert import convert_checkpoint
+            from exporters.graph_template import TemplateError
+
+            try:
+                convert_checkpoint(src, fmt, out, graph_precision, state["done"], finished, progress, say)
+            except TemplateError as exc:
+                raise ExportError(str(exc)) from None
+    extra: dict[str, Any] = {"converter": converter}
+    if precision == "int8":
+        from exporters.int8 import quantize_bundle
+
+        extra["quantization"] = quantize_bundle(out, say=say)
+    info = catalog.lookup(origin["id"]) or catalog.lookup(source)
+    _write_manifest(out, fmt, precision, origin, wanted, state["done"], info.defaults if info else {}, extra)
+    (out / STATE).unlink()
+    say(f"exported {source} → {out} ({fmt}, {precision})")
+    return out
+
+
+def _export_with_torch(src: Path, fmt: str, precision: str, out: Path, tmp: Path, done: dict[str, float],
+                       finished: Callable[[str, float], None], say: Callable[[str], None], taesd: str | None,
+                       fusions: str) -> None:
+    """optimum's ONNX export of each component not in ``done``, finished to ``fmt``/``precision`` and checked
+    against its torch model."""
     import warnings
 
     import torch
@@ -119,42 +189,28 @@ def export_model(source: str, fmt: str, out: Path, precision: str = "fp32",
     # torch's tracer warns about every Python branch in diffusers' code; none of them matter for these shapes.
     warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
     warnings.filterwarnings("ignore", message="Exporting aten::index operator", category=UserWarning)
-    with tempfile.TemporaryDirectory(prefix="t2i-export-") as tmp:
-        src, found = resolve_source(source, Path(tmp))
-        origin = origin or found
-        pipe = StableDiffusionPipeline.from_pretrained(src, torch_dtype=torch.float32, safety_checker=None,
-                                                       requires_safety_checker=False)
-        upcast = bool(pipe.unet.config.get("upcast_attention", False))
-        pairs = export_configs(pipe)
-        onnx_dir = out if fmt == "onnx" else Path(tmp) / "onnx"
-        bar = tqdm(COMPONENTS, desc="export", unit="component")
-        for comp in bar:
-            bar.set_description(f"export {comp.name}")
-            if comp.name in state["done"]:
-                say(f"{comp.name}: already exported and checked (error {state['done'][comp.name]:.2g}), skipping")
-                continue
-            graph = export_component(comp.name, pairs[comp.name], onnx_dir)
-            state["done"][comp.name] = _finish_component(
-                comp.name, graph, pairs[comp.name][0], fmt, graph_precision, out,
-                comp.tolerance, keep_attention_fp32=upcast and comp.name == "unet", fusions=fusions)
-            (out / STATE).write_text(json.dumps(state))
-        if taesd:
-            state["done"]["taesd_decoder"] = _export_taesd(taesd, fmt, graph_precision, onnx_dir, out, Path(tmp),
-                                                           state["done"].get("taesd_decoder"), say, fusions)
-            (out / STATE).write_text(json.dumps(state))
-        pipe.scheduler.save_pretrained(out / "scheduler")
-        pipe.tokenizer.save_pretrained(out / "tokenizer")
-        _write_model_index(pipe, out)
-    extra: dict[str, Any] = {}
-    if precision == "int8":
-        from exporters.int8 import quantize_bundle
-
-        extra["quantization"] = quantize_bundle(out, say=say)
-    info = catalog.lookup(origin["id"]) or catalog.lookup(source)
-    _write_manifest(out, fmt, precision, origin, wanted, state["done"], info.defaults if info else {}, extra)
-    (out / STATE).unlink()
-    say(f"exported {source} → {out} ({fmt}, {precision})")
-    return out
+    pipe = StableDiffusionPipeline.from_pretrained(src, torch_dtype=torch.float32, safety_checker=None,
+                                                   requires_safety_checker=False)
+    upcast = bool(pipe.unet.config.get("upcast_attention", False))
+    pairs = export_configs(pipe)
+    onnx_dir = out if fmt == "onnx" else tmp / "onnx"
+    bar = tqdm(COMPONENTS, desc="export", unit="component")
+    for comp in bar:
+        bar.set_description(f"export {comp.name}")
+        if comp.name in done:
+            say(f"{comp.name}: already exported and checked (error {done[comp.name]:.2g}), skipping")
+            continue
+        graph = export_component(comp.name, pairs[comp.name], onnx_dir)
+        finished(comp.name, _finish_component(
+            comp.name, graph, pairs[comp.name][0], fmt, precision, out,
+            comp.tolerance, keep_attention_fp32=upcast and comp.name == "unet", fusions=fusions))
+    if taesd:
+        finished("taesd_decoder", _export_taesd(taesd, fmt, precision, onnx_dir, out, tmp, done.get("taesd_decoder"),
+                                                say, fusions))
+    pipe.scheduler.save_pretrained(out / "scheduler")
+    pipe.tokenizer.save_pretrained(out / "tokenizer")
+    pipe.save_config(out)
+    write_model_index(json.loads((out / "model_index.json").read_text()), out)
 
 
 def _finish_component(name: str, graph: Path, model: Any, fmt: str, precision: str, out: Path,
@@ -197,21 +253,11 @@ def _export_taesd(source: str, fmt: str, precision: str, onnx_dir: Path, out: Pa
     return _finish_component(t.FOLDER, graph, model, fmt, precision, out, t.TOLERANCE, fusions=fusions)
 
 
-def _write_model_index(pipe: Any, out: Path) -> None:
-    """optimum's model_index.json: the diffusers one with the VAE split into the decoder we ship."""
-    pipe.save_config(out)
-    index = json.loads((out / "model_index.json").read_text())
-    index.pop("vae", None)
-    index.pop("_name_or_path", None)  # a temporary path on the exporting machine
-    index["vae_decoder"] = ["diffusers", "AutoencoderKL"]
-    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
 def _write_manifest(out: Path, fmt: str, precision: str, origin: dict[str, Any], request: dict[str, str],
                     errors: dict[str, float], defaults: dict[str, Any], extra: dict[str, Any]) -> None:
     files = {}
     for p in sorted(out.rglob("*")):
-        if p.is_file() and p.name not in (MANIFEST, STATE):
+        if p.is_file() and p.name not in (MANIFEST, STATE) and not p.relative_to(out).parts[0].startswith("."):
             rel = p.relative_to(out).as_posix()
             files[rel] = {"size": p.stat().st_size, "sha256": file_digest(p)}
     manifest = {

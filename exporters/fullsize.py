@@ -1,28 +1,35 @@
-"""The exact SD2.1-base architecture with random weights, for speed and memory measurements.
+"""The exact SD2.1 architectures with random weights, for speed and memory measurements and the graph templates.
 
 Speed does not depend on the weights' values, so a benchmark can run the real shapes without downloading 5 GB.
-The config values are the published ones of stabilityai/stable-diffusion-2-1-base (UNet 865,910,724 parameters).
+The config values are the published ones of stabilityai/stable-diffusion-2-1-base (UNet 865,910,724 parameters),
+token ids of its text encoder included; ``variant="v"`` is stable-diffusion-2-1 (768², v-prediction,
+``upcast_attention``), whose networks are otherwise the same.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from exporters.tiny import TEXT_LENGTH, save_pipeline, special_token_ids
+from exporters.tiny import TEXT_LENGTH, save_pipeline
 
 UNET_PARAMS = 865_910_724
+#: The published text encoder's token ids (OpenCLIP's conversion: eos_token_id 2 selects transformers' legacy
+#: pooling by argmax, which is part of the graph).
+SD2_TEXT_TOKEN_IDS = {"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
 
 
-def build_full_model(out: Path, seed: int = 0) -> Path:
-    """Save a randomly initialised SD2.1-base diffusers folder at ``out`` (about 5 GB in fp32)."""
+def build_full_model(out: Path, seed: int = 0, variant: Literal["epsilon", "v"] = "epsilon") -> Path:
+    """Save a randomly initialised SD2.1-base (or, with ``variant="v"``, SD2.1 768) diffusers folder at ``out``
+    (about 5 GB in fp32)."""
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     out = Path(out)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=64,
+        sample_size=96 if variant == "v" else 64,
         in_channels=4,
         out_channels=4,
         block_out_channels=(320, 640, 1280, 1280),
@@ -33,7 +40,7 @@ def build_full_model(out: Path, seed: int = 0) -> Path:
         cross_attention_dim=1024,
         use_linear_projection=True,
         norm_num_groups=32,
-        upcast_attention=False,
+        upcast_attention=variant == "v",
     )
     n_params = sum(p.numel() for p in unet.parameters())
     if n_params != UNET_PARAMS:
@@ -59,9 +66,10 @@ def build_full_model(out: Path, seed: int = 0) -> Path:
         max_position_embeddings=TEXT_LENGTH,
         hidden_act="gelu",
         projection_dim=512,
-        **special_token_ids(),
+        **SD2_TEXT_TOKEN_IDS,
     ))
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
-                              prediction_type="epsilon")
+    betas = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1,
+             "set_alpha_to_one": False}
+    scheduler = (DDIMScheduler(**betas, clip_sample=False, prediction_type="v_prediction") if variant == "v"
+                 else PNDMScheduler(**betas, skip_prk_steps=True, prediction_type="epsilon"))
     return save_pipeline(out, unet, vae, text_encoder, scheduler)
