@@ -49,9 +49,9 @@ def resolve_model(model: str, store: Path, fmt: str, offline: bool = False,
     """Return a bundle folder for ``model``.
 
     A folder is used as it is. Otherwise the store is searched for ``<name>-<format>``; if it is not there, the
-    model is fetched with huggingface_hub (an exported bundle is used directly, a diffusers checkpoint is exported
-    when the export extra is installed). ``tiny`` is built locally. ``progress`` receives the fraction of the
-    download's files done (0..1).
+    model is fetched with huggingface_hub (an exported bundle is used directly, a diffusers checkpoint is converted:
+    with torch where the export extra is installed, else through the graph templates). ``tiny`` is built locally.
+    ``progress`` receives the fraction of the download and conversion done (0..1).
     """
     local = Path(model).expanduser()
     if local.is_dir() or model.startswith((".", "/", "~")):
@@ -78,41 +78,82 @@ def resolve_model(model: str, store: Path, fmt: str, offline: bool = False,
         )
     if offline:
         raise T2IError(_how_to_get(model, target, "offline mode is on (T2I_OFFLINE)"))
-    source, revision = _download(repo, downloaded, model, target, progress)
-    if _is_bundle(source):
-        return source
-    bundle = _export(str(source), fmt, target, say, origin={"id": repo, "revision": revision, "kind": "hub"})
-    # The checkpoint is only the export's input; keeping it would hold the model twice on disk.
-    shutil.rmtree(source, ignore_errors=True)
+    return _fetch(repo, downloaded, model, fmt, target, say, progress)
+
+
+#: Of a first start's progress, the download's share when the checkpoint is converted afterwards.
+DOWNLOAD_SHARE = 0.7
+
+
+def _fetch(repo: str, dest: Path, model: str, fmt: str, target: Path, say: Callable[[str], None],
+           progress: Callable[[float], None] | None) -> Path:
+    """Download a hub repo into ``dest`` and, for a checkpoint, convert it into ``target``.
+
+    For a checkpoint the configs come first and decide whether this environment can convert it at all, before any
+    weight is asked for; then the room for the weights, the bundle and the conversion's scratch files is checked.
+    Whatever fails leaves neither ``dest`` nor ``target`` behind.
+    """
+    from exporters.hub import HubError, check_room, fetch, list_repo
+
+    report = progress or (lambda _: None)
+    log.info("looking up %s on the model hub", repo)
+    try:
+        listing = list_repo(repo)
+    except Exception as exc:  # offline, unknown repo, auth: all mean the weights cannot be had this way
+        raise T2IError(_how_to_get(model, target, f"download of '{repo}' failed ({_reason(exc)})")) from None
+    try:
+        if listing.is_bundle:
+            files = listing.bundle_files()
+            check_room(dest, sum(f.size for f in files), f"the bundle '{repo}'")
+            log.info("downloading the bundle %s (%d files, %.2f GB) into %s", repo, len(files),
+                     sum(f.size for f in files) / 1e9, dest)
+            fetch(listing, files, dest, report)
+            return dest
+        fetch(listing, listing.checkpoint_small_files(), dest)
+        converter = _converter_for(dest, model)
+        weights = listing.checkpoint_weights()
+        needed = conversion_bytes(weights, fmt)
+        check_room(dest, needed, f"'{repo}' (download {sum(f.size for f in weights):,} bytes, then the bundle and "
+                   "the conversion's scratch files)")
+        log.info("downloading %s (%s; %.2f GB) into %s, then converting it with the %s converter", repo,
+                 ", ".join(f.path for f in weights), sum(f.size for f in weights) / 1e9, dest, converter)
+        fetch(listing, weights, dest, lambda f: report(DOWNLOAD_SHARE * f))
+        bundle = _export(str(dest), fmt, target, say, origin={"id": repo, "revision": listing.revision, "kind": "hub"},
+                         progress=lambda f: report(DOWNLOAD_SHARE + (1 - DOWNLOAD_SHARE) * f))
+    except HubError as exc:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise T2IError(str(exc)) from None
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+    # The checkpoint is only the conversion's input; keeping it would hold the model twice on disk.
+    shutil.rmtree(dest, ignore_errors=True)
     return bundle
 
 
-def _download(repo: str, dest: Path, model: str, target: Path,
-              progress: Callable[[float], None] | None = None) -> tuple[Path, str | None]:
-    from huggingface_hub import HfApi, snapshot_download
-    from tqdm.auto import tqdm
+def conversion_bytes(weights: list, fmt: str) -> int:
+    """Disk a checkpoint's conversion needs: its weights, the fp32 bundle made from them, and the largest
+    component's fp32 graph as scratch (OpenVINO IR is converted from a temporary ONNX graph)."""
+    fp32 = [f.size * (2 if ".fp16." in f.path else 1) for f in weights]
+    return sum(f.size for f in weights) + sum(fp32) + (max(fp32) if fmt == "openvino" else 0)
 
-    class Reporting(tqdm):  # type: ignore[misc]
-        """huggingface_hub's per-file bar, also told to ``progress`` (e.g. a Nextcloud init status)."""
 
-        def update(self, n: float | None = 1) -> bool | None:
-            shown = super().update(n)
-            if progress is not None and self.total:
-                progress(min(1.0, self.n / self.total))
-            return shown
+def _converter_for(checkpoint: Path, model: str) -> str:
+    """The converter this environment would use on the checkpoint whose configs are in ``checkpoint``; raises
+    HubError naming the reason when none can convert it (before any weight is downloaded)."""
+    from exporters.export import ExportError, choose_converter
+    from exporters.graph_template import TemplateError
+    from exporters.hub import HubError
 
-    log.info("downloading %s into %s", repo, dest)
     try:
-        revision = HfApi().model_info(repo).sha
-        return Path(snapshot_download(
-            repo, revision=revision, local_dir=dest, tqdm_class=Reporting,
-            # "*/openvino_model.bin", not "*/*.bin": diffusers repos also hold pytorch .bin (and fp16) weight copies
-            allow_patterns=["model_index.json", "manifest.json", "*/*.json", "*/*.txt", "*/*.onnx", "*/*.onnx_data",
-                            "*/*.xml", "*/openvino_model.bin", "*/diffusion_pytorch_model.safetensors",
-                            "*/model.safetensors"],
-        )), revision
-    except Exception as exc:  # offline, unknown repo, auth: all mean the weights cannot be had this way
-        raise T2IError(_how_to_get(model, target, f"download of '{repo}' failed ({_reason(exc)})")) from None
+        converter = choose_converter("auto")
+        if converter == "template":
+            from exporters.convert import templates_for
+
+            templates_for(checkpoint)
+    except (ExportError, TemplateError) as exc:
+        raise HubError(f"model '{model}' cannot be converted here: {exc}") from None
+    return converter
 
 
 def _reason(exc: Exception) -> str:
@@ -135,21 +176,19 @@ def _reason(exc: Exception) -> str:
     return f"{type(exc).__name__}: {first_line[:200]}"
 
 
-def _export(source: str, fmt: str, target: Path, say: Callable[[str], None], origin: dict | None = None) -> Path:
+def _export(source: str, fmt: str, target: Path, say: Callable[[str], None], origin: dict | None = None,
+            progress: Callable[[float], None] | None = None) -> Path:
     try:
-        import diffusers  # noqa: F401
-        import torch  # noqa: F401
-
         from exporters.export import ExportError, export_model
-    except ImportError:
-        raise T2IError(
-            f"model '{source}' must be exported first, which needs the export extra: "
-            "pip install 'text2image-sd2[export]'; or export it elsewhere with "
-            f"`text2image export {source} --format {fmt} --out DIR`, copy DIR here and pass --model DIR"
-        ) from None
+    except ImportError as exc:
+        raise T2IError(f"model '{source}' cannot be converted here: {exc.name} is missing (pip install "
+                       f"'text2image-sd2[cpu]' brings the converter); or export it elsewhere with "
+                       f"`text2image export {source} --format {fmt} --out DIR`, copy DIR here and pass --model DIR"
+                       ) from None
     try:
-        return export_model(source, fmt, target, say=say, origin=origin)
+        return export_model(source, fmt, target, say=say, origin=origin, progress=progress)
     except ExportError as exc:
+        shutil.rmtree(target, ignore_errors=True)
         raise T2IError(str(exc)) from None
 
 

@@ -31,6 +31,10 @@ class ExportError(RuntimeError):
 def resolve_source(source: str, workdir: Path) -> tuple[Path, dict[str, Any]]:
     """A local diffusers folder for SOURCE, and what to record about its origin."""
     if source in TINY:
+        if not torch_available():
+            raise ExportError(f"'{source}' is a random model built with torch, which needs the export extra "
+                              "(pip install 'text2image-sd2[export]'); without it, point at a diffusers folder or "
+                              "a bundle")
         from exporters.tiny import build_tiny_model
 
         path = build_tiny_model(workdir / source, variant="v" if source == "tiny-v" else "epsilon")
@@ -47,15 +51,19 @@ def resolve_source(source: str, workdir: Path) -> tuple[Path, dict[str, Any]]:
             f"source '{source}' is not a folder, a hub id (org/name), 'tiny', or a known model "
             f"({', '.join(catalog.CATALOG)})"
         )
-    from huggingface_hub import HfApi, snapshot_download
+    from exporters.hub import HubError, fetch, list_repo
 
     try:
-        revision = HfApi().model_info(repo).sha
-        path = Path(snapshot_download(
-            repo, revision=revision,
-            allow_patterns=["model_index.json", "*/config.json", "*/*.json", "*/*.txt", "*/*.safetensors"],
-            ignore_patterns=["*.fp16.safetensors", "*ema*", "safety_checker/*", "feature_extractor/*"],
-        ))
+        listing = list_repo(repo)
+        if listing.is_bundle:
+            raise ExportError(f"'{repo}' is already a bundle; use it with `text2image generate --model {repo}`")
+        path = workdir / "checkpoint"
+        fetch(listing, [*listing.checkpoint_small_files(), *listing.checkpoint_weights()], path)
+        revision = listing.revision
+    except ExportError:
+        raise
+    except HubError as exc:
+        raise ExportError(str(exc)) from None
     except Exception as exc:  # network, auth and missing-repo errors all mean: cannot get the weights
         raise ExportError(f"could not download '{repo}' from the model hub: {exc}") from None
     return path, {"id": repo, "revision": revision, "kind": "hub"}
@@ -189,8 +197,10 @@ def _export_with_torch(src: Path, fmt: str, precision: str, out: Path, tmp: Path
     # torch's tracer warns about every Python branch in diffusers' code; none of them matter for these shapes.
     warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
     warnings.filterwarnings("ignore", message="Exporting aten::index operator", category=UserWarning)
+    # A download keeps only the fp16 weights where a repository has them; diffusers loads them by variant name.
+    variant = None if (src / "unet" / "diffusion_pytorch_model.safetensors").is_file() else "fp16"
     pipe = StableDiffusionPipeline.from_pretrained(src, torch_dtype=torch.float32, safety_checker=None,
-                                                   requires_safety_checker=False)
+                                                   requires_safety_checker=False, variant=variant)
     upcast = bool(pipe.unet.config.get("upcast_attention", False))
     pairs = export_configs(pipe)
     onnx_dir = out if fmt == "onnx" else tmp / "onnx"

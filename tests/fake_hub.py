@@ -12,6 +12,9 @@ fetched. What it mimics:
   ``X-Linked-Etag`` (their sha256), ``X-Linked-Size`` and ``X-Repo-Commit``, like the hub does; ``Range`` works.
 * Errors carry the hub's ``X-Error-Code``: an unknown repo is ``RepoNotFound`` (401 without a token, 404 with one,
   since the hub will not confirm that a private repo exists), then ``RevisionNotFound`` and ``EntryNotFound``.
+
+Faults a real network gives, for tests: ``faults[(repo, path)]`` lists what the next bodies of that file suffer,
+one entry per body sent: ``"cut"`` closes the connection halfway through, ``"corrupt"`` flips a byte.
 """
 
 from __future__ import annotations
@@ -98,6 +101,8 @@ class FakeHub:
         self.repos: dict[str, Repo] = {}
         self.requests: list[str] = []  # "METHOD /path?query", in arrival order
         self.sent: list[tuple[str, str]] = []  # (repo id, file path) for each file body served
+        self.faults: dict[tuple[str, str], list[str]] = {}
+        self.ranges: list[tuple[str, str, int]] = []  # (repo id, file path, first byte) of each Range request
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -269,9 +274,27 @@ class _Handler(BaseHTTPRequestHandler):
             if start >= len(data):
                 raise _Error(416, None, "Range Not Satisfiable", {"Content-Range": f"bytes */{len(data)}"})
             headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+            with self.hub._lock:
+                self.hub.ranges.append((repo.repo_id, file.path, start))
             data, status = data[start:end + 1], 206
+        fault = None
         if send_body:
             self.hub.record(None, sent=(repo.repo_id, file.path))
+            with self.hub._lock:
+                queued = self.hub.faults.get((repo.repo_id, file.path))
+                fault = queued.pop(0) if queued else None
+        if fault == "corrupt":
+            data = bytes([data[0] ^ 0xFF]) + data[1:]
+        if fault == "cut":
+            self.send_response(status)
+            for key, value in {**headers, "Content-Length": str(len(data))}.items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
         self._send(status, data, headers, send_body)
 
     def _send(self, status: int, body: bytes, headers: dict[str, str], send_body: bool) -> None:
@@ -282,3 +305,30 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if send_body:
             self.wfile.write(body)
+
+
+#: What a checkpoint download may fetch from a repo laid out by :func:`sd2_layout`: configs, tokenizer and one
+#: weight file per component, the fp16 variant.
+CHECKPOINT_NEEDED = [
+    "model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
+    "text_encoder/model.fp16.safetensors", "tokenizer/merges.txt", "tokenizer/special_tokens_map.json",
+    "tokenizer/tokenizer_config.json", "tokenizer/vocab.json", "unet/config.json",
+    "unet/diffusion_pytorch_model.fp16.safetensors", "vae/config.json", "vae/diffusion_pytorch_model.fp16.safetensors",
+]
+
+
+def sd2_layout(checkpoint: Path, folder: Path) -> Path:
+    """A diffusers checkpoint laid out like the real SD2 repos: fp32 and fp16 safetensors, pickled copies, a
+    single-file checkpoint, an EMA copy and a README beside them."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    folder = Path(shutil.copytree(checkpoint, folder))
+    for weights in list(folder.glob("*/*.safetensors")):
+        save_file({k: v.astype("float16") for k, v in load_file(str(weights)).items()},
+                  str(weights.with_name(weights.name.replace(".safetensors", ".fp16.safetensors"))))
+    for name in ["sd_tiny.ckpt", "sd_tiny-ema.safetensors", "README.md", "unet/diffusion_pytorch_model.bin",
+                 "text_encoder/pytorch_model.bin", "text_encoder/pytorch_model.fp16.bin"]:
+        (folder / name).write_bytes(f"{name}: another copy of the weights that the conversion does not read\n".encode())
+    return folder

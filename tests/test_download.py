@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fake_hub import FakeHub
+from fake_hub import CHECKPOINT_NEEDED, FakeHub, sd2_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ("--steps", "1", "--size", "256x256", "--seed", "1", "--device", "cpu", "--engine", "onnxruntime")
@@ -74,9 +73,8 @@ def test_bundle_repo_is_downloaded_once_then_used_from_the_store(
     first = _generate(tmp_path, hub.url, "org/tiny-bundle", tmp_path / "out1")
     png = _assert_png(first, tmp_path / "out1")
 
-    api = "GET /api/models/org/tiny-bundle"
-    assert hub.requests[:2] == [api, f"{api}/revision/{repo.sha}"], "model_info, then snapshot_download's repo_info"
-    assert all(f"/resolve/{repo.sha}/" in r or r.startswith("GET /cdn-lfs/") for r in hub.requests[2:])
+    assert hub.requests[0] == "GET /api/models/org/tiny-bundle?blobs=True", "one listing with sizes and sha256"
+    assert all(f"/resolve/{repo.sha}/" in r or r.startswith("GET /cdn-lfs/") for r in hub.requests[1:])
     assert hub.files_sent("org/tiny-bundle") == _files(onnx_bundle), "every bundle file once, nothing else"
     downloaded = tmp_path / "store" / "downloads" / "org--tiny-bundle"
     assert (downloaded / "unet" / "model.onnx").read_bytes() == (onnx_bundle / "unet" / "model.onnx").read_bytes()
@@ -93,19 +91,13 @@ def test_bundle_repo_is_downloaded_once_then_used_from_the_store(
 
 
 def test_diffusers_repo_is_downloaded_and_exported(hub: FakeHub, tiny_source: Path, tmp_path: Path) -> None:
-    """A diffusers checkpoint is fetched (the weights the export reads, not the other copies real SD2 repos hold),
-    exported into the store, and the manifest records the hub id and the commit it came from."""
-    folder = Path(shutil.copytree(tiny_source, tmp_path / "repo"))
-    decoys = ["sd_tiny.ckpt", "README.md", "unet/diffusion_pytorch_model.bin",
-              "unet/diffusion_pytorch_model.fp16.safetensors", "text_encoder/pytorch_model.bin",
-              "text_encoder/pytorch_model.fp16.bin"]
-    for name in decoys:
-        (folder / name).write_bytes(f"{name}: another copy of the weights that the export does not read\n".encode())
-    repo = hub.add_repo("org/tiny-diffusers", folder)
+    """A diffusers checkpoint is fetched (configs, tokenizer, the fp16 weights, not the other copies real SD2 repos
+    hold), exported into the store, and the manifest records the hub id and the commit it came from."""
+    repo = hub.add_repo("org/tiny-diffusers", sd2_layout(tiny_source, tmp_path / "repo"))
 
     result = _generate(tmp_path, hub.url, "org/tiny-diffusers", tmp_path / "out")
     _assert_png(result, tmp_path / "out")
-    assert hub.files_sent("org/tiny-diffusers") == _files(tiny_source)
+    assert hub.files_sent("org/tiny-diffusers") == CHECKPOINT_NEEDED
     target = tmp_path / "store" / "org--tiny-diffusers-onnx"
     manifest = json.loads((target / "manifest.json").read_text())
     assert manifest["source"] == {"id": "org/tiny-diffusers", "revision": repo.sha, "kind": "hub"}
@@ -132,7 +124,7 @@ def test_unknown_repo_says_download_failed_and_how_to_get_a_model(hub: FakeHub, 
     result = _generate(tmp_path, hub.url, "org/missing", tmp_path / "out")
     _assert_clear_failure(result, "org/missing", tmp_path / "store",
                           "no such repository on the hub, or it is private and needs a token")
-    assert hub.requests == ["GET /api/models/org/missing"]
+    assert hub.requests == ["GET /api/models/org/missing?blobs=True"]
     assert not (tmp_path / "out").exists()
 
 

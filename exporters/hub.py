@@ -1,0 +1,191 @@
+"""Fetching a model repository from the hub: the file list first, then only the files a bundle is made of, after
+checking that the disk has room for them, each checked against the hub's sha256 once it is here.
+
+A repository is either a ready bundle (``unet/model.onnx`` or ``unet/openvino_model.xml``; every graph and config
+is fetched) or a diffusers checkpoint, of which only the configs, the tokenizer and one safetensors file per
+component are fetched: the ``fp16`` variant where the repository has one (half the bytes; the converter makes the
+same fp32 graph from it), never the ``.bin`` / ``.ckpt`` copies or the EMA and single-file weights beside them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from exporters.graph_template import CHECKPOINT_FOLDERS
+
+log = logging.getLogger(__name__)
+
+BUNDLE_MARKERS = ("unet/model.onnx", "unet/openvino_model.xml")
+#: A checkpoint's small files: what decides whether and how it converts, and what the bundle copies as it is.
+CHECKPOINT_FILES = ("model_index.json", "scheduler/scheduler_config.json")
+CHECKPOINT_FOLDERS_COPIED = ("tokenizer/",)
+BUNDLE_SUFFIXES = (".json", ".txt", ".onnx", ".onnx_data", ".xml")
+
+
+class HubError(RuntimeError):
+    """The repository cannot be fetched as asked; the message says why."""
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file of a repository: its path, size and (for LFS files) the sha256 the hub publishes."""
+
+    path: str
+    size: int
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class Listing:
+    """A repository at one commit."""
+
+    repo: str
+    revision: str
+    files: dict[str, RemoteFile]
+
+    @property
+    def is_bundle(self) -> bool:
+        return any(m in self.files for m in BUNDLE_MARKERS)
+
+    def bundle_files(self) -> list[RemoteFile]:
+        """Every file of a ready bundle: graphs, their weights, configs and tokenizer."""
+        return [f for p, f in sorted(self.files.items())
+                if "/" in p or p in ("model_index.json", "manifest.json")
+                if p.endswith(BUNDLE_SUFFIXES) or p.endswith("/openvino_model.bin")]
+
+    def checkpoint_small_files(self) -> list[RemoteFile]:
+        """A checkpoint's configs and tokenizer files: all the converter needs to decide, and a few kB."""
+        wanted = {f"{folder}/config.json" for folder, _ in CHECKPOINT_FOLDERS.values()} | set(CHECKPOINT_FILES)
+        found = [f for p, f in sorted(self.files.items())
+                 if p in wanted or (p.startswith(CHECKPOINT_FOLDERS_COPIED) and p.endswith((".json", ".txt")))]
+        missing = sorted(wanted - {f.path for f in found})
+        if missing:
+            raise HubError(f"'{self.repo}' is neither a bundle nor an SD2-family diffusers checkpoint: it has no "
+                           f"{', '.join(missing)}")
+        return found
+
+    def checkpoint_weights(self) -> list[RemoteFile]:
+        """One safetensors file per component, the fp16 variant where there is one."""
+        chosen = []
+        for folder, stem in CHECKPOINT_FOLDERS.values():
+            for name in (f"{stem}.fp16.safetensors", f"{stem}.safetensors"):
+                if f"{folder}/{name}" in self.files:
+                    chosen.append(self.files[f"{folder}/{name}"])
+                    break
+            else:
+                others = [p for p in self.files if p.startswith(f"{folder}/") and not p.endswith(".json")]
+                raise HubError(f"'{self.repo}' has no {folder}/{stem}.safetensors (nor its fp16 variant); found "
+                               f"{', '.join(sorted(others)) or 'no weights'}. Pickled .bin/.ckpt weights are not read")
+        return chosen
+
+
+def list_repo(repo: str) -> Listing:
+    """The repository's newest commit and its files with sizes and sha256 (one API call)."""
+    from huggingface_hub import HfApi
+
+    info = HfApi().model_info(repo, files_metadata=True)
+    files = {}
+    for s in info.siblings or []:
+        lfs = getattr(s, "lfs", None)
+        sha = lfs.get("sha256") if isinstance(lfs, dict) else getattr(lfs, "sha256", None)
+        files[s.rfilename] = RemoteFile(s.rfilename, int(s.size or 0), sha)
+    if info.sha is None:
+        raise HubError(f"the hub gave no commit for '{repo}'")
+    return Listing(repo, info.sha, files)
+
+
+def free_bytes(folder: Path) -> int:
+    """Free space on the disk that holds ``folder`` (or the nearest existing folder above it)."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
+def check_room(folder: Path, needed: int, what: str) -> None:
+    """Fail before writing anything when the disk under ``folder`` has less than ``needed`` bytes free."""
+    free = free_bytes(folder)
+    if free < needed:
+        raise HubError(f"not enough free disk space in {folder} for {what}: needs {needed:,} bytes "
+                       f"({needed / 1e9:.2f} GB), {free:,} bytes ({free / 1e9:.2f} GB) are free")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _disk_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.name.endswith(".lock"))
+
+
+#: Tries per file when the connection breaks; each one resumes where the last stopped.
+TRIES = 4
+
+
+def _download(listing: Listing, path: str, dest: Path, fresh: bool) -> Path:
+    """One file into ``dest``; a broken connection is tried again from the bytes already here (huggingface_hub
+    keeps them in an ``.incomplete`` file and asks for the rest with a Range request)."""
+    import requests
+    from huggingface_hub import hf_hub_download
+
+    for attempt in range(1, TRIES + 1):
+        try:
+            return Path(hf_hub_download(listing.repo, path, revision=listing.revision, local_dir=dest,
+                                        force_download=fresh and attempt == 1))
+        except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError, requests.Timeout) as exc:
+            if attempt == TRIES:
+                raise HubError(f"downloading {path} from '{listing.repo}' broke off {TRIES} times "
+                               f"({type(exc).__name__}); run again to resume it") from None
+            log.warning("download of %s broke off (%s); resuming", path, type(exc).__name__)
+    raise AssertionError("unreachable")
+
+
+def fetch(listing: Listing, files: Iterable[RemoteFile], dest: Path,
+          progress: Callable[[float], None] | None = None) -> None:
+    """Download ``files`` into ``dest`` (a partial file from an interrupted run resumes where it stopped), check
+    each LFS file against the hub's sha256 and fetch a mismatching one once more; ``progress`` gets the fraction
+    of the bytes that are here."""
+    files = list(files)
+    total = sum(f.size for f in files) or 1
+    done = 0
+    stop = threading.Event()
+    base = _disk_bytes(dest) if dest.exists() else 0
+
+    shown = 0.0
+
+    def watch() -> None:  # huggingface_hub reports no bytes per file; the growing files on disk tell
+        nonlocal shown
+        while not stop.wait(0.5):
+            fraction = min(1.0, max(done, _disk_bytes(dest) - base) / total)
+            if progress is not None and fraction > shown:
+                shown = fraction
+                progress(fraction)
+
+    watcher = threading.Thread(target=watch, name="download-progress", daemon=True)
+    watcher.start()
+    try:
+        for file in files:
+            for attempt in (1, 2):
+                path = _download(listing, file.path, dest, fresh=attempt > 1)
+                if file.sha256 is None or _sha256(path) == file.sha256:
+                    break
+                path.unlink()
+                if attempt == 2:
+                    raise HubError(f"{file.path} from '{listing.repo}' does not match the hub's sha256 "
+                                   f"{file.sha256} twice; the download is corrupted on the way")
+            done += file.size
+    finally:
+        stop.set()
+        watcher.join()
+    if progress is not None and shown < 1.0:
+        progress(1.0)
