@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -208,6 +209,15 @@ class OrtSession:
         try:
             self._session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         except Exception as exc:  # onnxruntime raises several unrelated types for unreadable graphs
+            missing = re.search(r"Failed to find kernel for ([\w.]+)", str(exc))
+            if missing and gpu is None:
+                # A graph fused for onnxruntime's CUDA provider (our --fusions cuda, onnxruntime's own
+                # optimize_pipeline, bundles such as onnxruntime/sd-turbo): NhwcConv, GroupNorm … have no CPU kernel.
+                raise T2IError(
+                    f"{path} uses {missing[1]}, a fused op that onnxruntime runs on CUDA only: this bundle was "
+                    "optimized for GPUs; load it with --device cuda, or use a bundle made for the CPU (plain ONNX "
+                    "or OpenVINO)"
+                ) from None
             raise T2IError(
                 f"onnxruntime could not load {path}: {exc}. The file may be truncated or corrupt; re-export it"
             ) from None
