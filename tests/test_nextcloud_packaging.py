@@ -96,7 +96,8 @@ def _pip(bin_: Path, args: list[str], cwd: Path) -> None:
     assert done.returncode == 0, f"pip {' '.join(args)} failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
 
 
-def test_cpu_image_install_has_no_torch_and_runs_the_exapp(tmp_path: Path) -> None:
+def test_cpu_image_install_has_no_torch_and_runs_the_exapp(tmp_path: Path, tiny_v_source: Path,
+                                                           openvino_v_bundle: Path) -> None:
     copies, args, text = _dockerfile("Dockerfile.cpu")
     assert "python:3.11" in text and '["/start.sh", "text2image", "serve"]' in text and "HEALTHCHECK" in text
     _context(copies, tmp_path / "app")
@@ -114,6 +115,24 @@ def test_cpu_image_install_has_no_torch_and_runs_the_exapp(tmp_path: Path) -> No
                    env={"PATH": os.environ["PATH"], "APP_ID": "x", "HOME": str(tmp_path)})
     out = subprocess.run([str(bin_ / "text2image"), "serve", "--help"], capture_output=True, text=True, check=True)
     assert "--workers" in out.stdout
+    # The image turns a diffusers checkpoint into bundles by itself (issue #10): OpenVINO for the CPU, and the
+    # fp16 ONNX conversion the CUDA image runs; the OpenVINO one gives the torch export's pixels.
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}
+    for fmt, precision in (("openvino", "fp32"), ("onnx", "fp16")):
+        bundle = tmp_path / f"{fmt}-{precision}"
+        done = subprocess.run([str(bin_ / "text2image"), "export", str(tiny_v_source), "--format", fmt,
+                               "--precision", precision, "--out", str(bundle)], capture_output=True, text=True,
+                              env=env, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert json.loads((bundle / "manifest.json").read_text())["converter"] == "template"
+    compare = ("import sys; from runtime import Pipeline; from runtime.pipeline import psnr; "
+               "args = dict(prompt='a fox', steps=2, seed=3, width=256, height=256); "
+               "a, b = (Pipeline.load(p, device='cpu', threads=1, precision='fp32').generate(**args) "
+               "for p in sys.argv[1:]); print(psnr(a, b))")
+    done = subprocess.run([str(bin_ / "python"), "-c", compare, str(tmp_path / "openvino-fp32"),
+                           str(openvino_v_bundle)], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert float(done.stdout.strip()) >= 60, done.stdout
 
 
 def test_cuda_image_install_resolves_to_onnxruntime_gpu_only(tmp_path: Path) -> None:
