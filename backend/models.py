@@ -121,14 +121,23 @@ def _fetch(repo: str, dest: Path, model: str, fmt: str, target: Path, say: Calla
         bundle = _export(str(dest), fmt, target, say, origin={"id": repo, "revision": listing.revision, "kind": "hub"},
                          progress=lambda f: report(DOWNLOAD_SHARE + (1 - DOWNLOAD_SHARE) * f))
     except HubError as exc:
-        shutil.rmtree(dest, ignore_errors=True)
+        _remove(dest)
         raise T2IError(str(exc)) from None
     except BaseException:
-        shutil.rmtree(dest, ignore_errors=True)
+        _remove(dest)
         raise
     # The checkpoint is only the conversion's input; keeping it would hold the model twice on disk.
-    shutil.rmtree(dest, ignore_errors=True)
+    _remove(dest)
     return bundle
+
+
+def _remove(download: Path) -> None:
+    """Delete a download folder, and the store's downloads/ folder when nothing else is in it."""
+    shutil.rmtree(download, ignore_errors=True)
+    try:
+        download.parent.rmdir()
+    except OSError:
+        pass
 
 
 def conversion_bytes(weights: list, fmt: str) -> int:

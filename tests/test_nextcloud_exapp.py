@@ -178,6 +178,27 @@ def test_requests_without_appapi_auth_get_401(nc32) -> None:
     assert fake.call_exapp("POST", "/trigger?providerId=p") == (200, {})
 
 
+def test_a_wrong_secret_is_never_written_anywhere(nc32) -> None:
+    # Issue #12, finding 1: nc_py_api printed "Invalid App secret:<sent> != <APP_SECRET>" on every failed login,
+    # and a newline in the sent secret forged a log line.
+    from fake_appapi import SECRET
+
+    fake, proc = nc32
+    proc.start()
+    fake.heartbeat()
+    sent = "guess-42\n2026-01-01 00:00:00,000 INFO forged: all fine"
+    for value in (f"admin:{sent}", sent, f":{SECRET[:-1]}"):
+        header = {"AUTHORIZATION-APP-API": base64.b64encode(value.encode()).decode()}
+        assert fake.call_exapp("POST", "/init", headers=header)[0] == 401
+    assert fake.call_exapp("PUT", "/enabled?enabled=1")[0] == 200  # the right secret still works
+    proc.signal()
+    log = proc.output()
+    assert "wrong app secret (for user 'admin')" in log, log[-2000:]
+    for secret in (SECRET, "guess-42", SECRET[:-1]):
+        assert secret not in log, f"{secret!r} was written to the log"
+    assert not any(line.startswith("2026-01-01") for line in log.splitlines()), "a forged log line"
+
+
 def test_trigger_wakes_the_worker_on_nextcloud_33(tmp_path: Path, bundle: Path) -> None:
     fake = FakeNextcloud(version=33).start()
     proc = _service(fake, tmp_path, bundle, T2I_POLL_INTERVAL="60")

@@ -1,8 +1,8 @@
 """The HTTP side of the ExApp (FastAPI under uvicorn) and ``text2image serve``.
 
 AppAPI calls ``GET /heartbeat`` (no auth), ``POST /init``, ``PUT /enabled?enabled=0|1`` and, from Nextcloud 33 on,
-``POST /trigger?providerId=``. Every route but /heartbeat needs AppAPI's headers (checked by nc_py_api's
-``AppAPIAuthMiddleware``); anything else gets 401.
+``POST /trigger?providerId=``. Every route but /heartbeat needs AppAPI's headers (checked by our own
+:mod:`backend.nextcloud.auth`, which never writes a secret anywhere); anything else gets 401.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ def create_app(settings: Settings | None = None):  # type: ignore[no-untyped-def
     """The FastAPI application; ``settings`` default to the environment (``T2I_*``)."""
     from fastapi import FastAPI
     from nc_py_api import AsyncNextcloudApp
-    from nc_py_api.ex_app import AppAPIAuthMiddleware, set_handlers
+    from nc_py_api.ex_app import set_handlers
 
+    from backend.nextcloud.auth import AppAPIAuth
     from backend.nextcloud.exapp import ExApp, exapp_settings
 
     state: dict[str, ExApp] = {}
@@ -41,7 +42,7 @@ def create_app(settings: Settings | None = None):  # type: ignore[no-untyped-def
         await exapp.shutdown()
 
     app = FastAPI(lifespan=lifespan, title="text2image_sd2")
-    app.add_middleware(AppAPIAuthMiddleware)
+    app.add_middleware(AppAPIAuth, app_id=os.environ.get("APP_ID", ""), secret=os.environ.get("APP_SECRET", ""))
 
     async def enabled_handler(enabled: bool, _nc: AsyncNextcloudApp) -> str:
         exapp = state["exapp"]
