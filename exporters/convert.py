@@ -106,12 +106,20 @@ def write_model_index(index: dict[str, Any], out: Path) -> None:
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+def _part(progress: Callable[[float], None] | None, start: float, share: float) -> Callable[[float], None] | None:
+    """``progress`` for one stage that covers ``share`` of the whole from ``start`` on."""
+    if progress is None:
+        return None
+    return lambda fraction: progress(start + share * fraction)
+
+
 def convert_checkpoint(src: Path, fmt: str, out: Path, precision: str, done: dict[str, float],
                        on_component: Callable[[str, float], None],
                        progress: Callable[[float], None] | None = None,
                        say: Callable[[str], None] = print) -> dict[str, float]:
-    """Convert every component not in ``done`` (name → measured error); ``on_component`` is told of each one as
-    it finishes, so an interrupted run resumes after it. ``progress`` gets the fraction of the work done."""
+    """Convert every component not in ``done`` (name → measured error) at ``precision`` (fp32 | fp16);
+    ``on_component`` is told of each one as it finishes, so an interrupted run resumes after it. ``progress`` gets
+    the fraction of the work done."""
     configs = checkpoint_configs(src)
     templates = select(configs)
     # The UNet is about two thirds of the weights, the text encoder a quarter, the VAE decoder the rest.
@@ -123,11 +131,8 @@ def convert_checkpoint(src: Path, fmt: str, out: Path, precision: str, done: dic
             say(f"{comp.name}: already converted and checked (error {done[comp.name]:.2g}), skipping")
         else:
             say(f"{comp.name}: binding the checkpoint into the {templates[comp.name].architecture} template")
-            start = base
-            error = convert_component(
-                src, templates[comp.name], configs[comp.name], fmt, "fp32" if precision == "int8" else precision,
-                out, comp.tolerance["fp32" if precision == "int8" else precision],
-                progress=(lambda f, s=start, w=share: progress(s + w * f)) if progress else None)
+            error = convert_component(src, templates[comp.name], configs[comp.name], fmt, precision, out,
+                                      comp.tolerance[precision], progress=_part(progress, base, share))
             done[comp.name] = error
             on_component(comp.name, error)
         base += share

@@ -147,7 +147,8 @@ def export_model(source: str, fmt: str, out: Path, precision: str = "fp32",
             return out
         raise ExportError(f"{out} already holds a different export ({done.get('request')}); choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    state = json.loads((out / STATE).read_text()) if (out / STATE).is_file() else {"request": wanted, "done": {}}
+    state: dict[str, Any] = (json.loads((out / STATE).read_text()) if (out / STATE).is_file()
+                             else {"request": wanted, "done": {}})
     if state["request"] != wanted:
         raise ExportError(f"{out} holds an unfinished export of {state['request']}; remove it or choose another --out")
 

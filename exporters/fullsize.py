@@ -9,7 +9,7 @@ token ids of its text encoder included; ``variant="v"`` is stable-diffusion-2-1 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from exporters.tiny import TEXT_LENGTH, save_pipeline
 
@@ -28,7 +28,7 @@ def build_full_model(out: Path, seed: int = 0, variant: Literal["epsilon", "v"] 
 
     out = Path(out)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    unet: Any = UNet2DConditionModel(
         sample_size=96 if variant == "v" else 64,
         in_channels=4,
         out_channels=4,

@@ -20,6 +20,7 @@ def build_random_taesd(out: Path, tiny: bool) -> Path:
     from diffusers import AutoencoderTiny
 
     torch.manual_seed(0)
+    model: Any
     if tiny:
         model = AutoencoderTiny(encoder_block_out_channels=(16, 16, 16, 16), decoder_block_out_channels=(16,) * 4,
                                 num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1))

@@ -13,6 +13,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +58,10 @@ def ours(case: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"text_encoder": timed(lambda: pipe._encode(PROMPT), w, r)}
     for latent in case["latents"]:
         lat = np.random.default_rng(1).standard_normal((1, 4, latent, latent), dtype=np.float32)
-        out[f"decode@{latent}"] = timed(lambda lat=lat: pipe._decode(lat), w, r)
+        out[f"decode@{latent}"] = timed(partial(pipe._decode, lat), w, r)
         for n in case["batches"]:
             feeds = _inputs(latent, 2 * n if case["guidance"] > 1 else n, dim)
-            out[f"unet_step@{latent}x{n}"] = timed(lambda feeds=feeds: pipe.unet.run(feeds), w, r)
+            out[f"unet_step@{latent}x{n}"] = timed(partial(pipe.unet.run, feeds), w, r)
             side = latent * pipe.bundle.vae_scale_factor
 
             def whole(n: int = n, side: int = side) -> None:
@@ -107,15 +108,15 @@ def diffusers_torch(case: dict[str, Any]) -> dict[str, Any]:
         out["text_encoder"] = timed(synced(lambda: pipe.text_encoder(ids)), w, r)
         for latent in case["latents"]:
             lat = torch.randn(1, 4, latent, latent, device=device, dtype=dtype)
-            out[f"decode@{latent}"] = timed(synced(lambda lat=lat: pipe.vae.decode(lat / 0.18215)), w, r)
+            out[f"decode@{latent}"] = timed(synced(partial(pipe.vae.decode, lat / 0.18215)), w, r)
             for n in case["batches"]:
                 t = {k: torch.from_numpy(v).to(device, dtype) for k, v in
                      _inputs(latent, 2 * n if case["guidance"] > 1 else n, dim).items()}
                 out[f"unet_step@{latent}x{n}"] = timed(synced(
-                    lambda t=t: pipe.unet(t["sample"], t["timestep"], t["encoder_hidden_states"])), w, r)
+                    partial(pipe.unet, t["sample"], t["timestep"], t["encoder_hidden_states"])), w, r)
                 side = latent * 8
-                out[f"image@{latent}x{n}"] = timed(lambda n=n, side=side: pipe(
-                    PROMPT, height=side, width=side, num_inference_steps=case["steps"],
+                out[f"image@{latent}x{n}"] = timed(partial(
+                    pipe, PROMPT, height=side, width=side, num_inference_steps=case["steps"],
                     guidance_scale=case["guidance"], num_images_per_prompt=n), w, r)
     return out
 
@@ -160,14 +161,14 @@ def optimum_pipeline(case: dict[str, Any]) -> dict[str, Any]:
                                    for p in model.inputs})
                 pipe.compile()
             feeds = _inputs(latent, batch, dim)
-            out[f"unet_step@{latent}x{n}"] = timed(lambda feeds=feeds: pipe.unet(**feeds), w, r)
-            out[f"image@{latent}x{n}"] = timed(lambda n=n, side=side: pipe(
-                PROMPT, height=side, width=side, num_inference_steps=case["steps"],
+            out[f"unet_step@{latent}x{n}"] = timed(partial(pipe.unet, **feeds), w, r)
+            out[f"image@{latent}x{n}"] = timed(partial(
+                pipe, PROMPT, height=side, width=side, num_inference_steps=case["steps"],
                 guidance_scale=case["guidance"], num_images_per_prompt=n), w, r)
             if n == case["batches"][0]:
                 # The decoder's batch is fixed with the pipeline's; time it at that batch, per image.
                 lat = np.random.default_rng(1).standard_normal((n, 4, latent, latent), dtype=np.float32)
-                per = timed(lambda lat=lat: pipe.vae_decoder(latent_sample=lat), w, r)
+                per = timed(partial(pipe.vae_decoder, latent_sample=lat), w, r)
                 out[f"decode@{latent}"] = {**per, "s": per["s"] / n}
     out["text_encoder"] = timed(lambda: pipe.text_encoder(input_ids=ids), w, r)
     return out

@@ -151,7 +151,7 @@ class ExApp:
 
     async def init(self) -> None:
         """/init: download and verify the models, load them, and report progress to AppAPI (0..100, or an error)."""
-        self._init_progress = queue = asyncio.Queue()
+        self._init_progress = queue = asyncio.Queue[int]()
         sender = asyncio.get_running_loop().create_task(self._send_init_progress(queue))
         queue.put_nowait(0)
         try:

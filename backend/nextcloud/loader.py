@@ -11,6 +11,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 from backend.config import Settings
@@ -77,10 +78,10 @@ def load_models(settings: Settings, report: Report, verify: bool) -> list[tuple[
         first = ImageService(replace(per_worker, model=name), mark_ai=settings.ai_marking,
                              max_batch=settings.max_batch)
         # Resolving (download or export) is most of the time on a first start; the service reports 1, 60, 85, 100.
-        first.load(progress=lambda p, at=at: at(0.6 * p / 100))
-        bundle_path = first.pipeline.bundle.path
+        first.load(progress=partial(_scaled, at, 0.0, 0.006))
+        bundle_path = first.bundle.path
         if verify:
-            _verify(first, lambda f, at=at: at(0.6 + 0.2 * f))
+            _verify(first, partial(_scaled, at, 0.6, 0.2))
         services = [first]
         for w in range(1, settings.workers):
             at(0.8 + 0.2 * w / settings.workers)
@@ -95,11 +96,15 @@ def load_models(settings: Settings, report: Report, verify: bool) -> list[tuple[
     return ready
 
 
+def _scaled(report: Callable[[float], None], start: float, scale: float, value: float) -> None:
+    report(start + scale * value)
+
+
 def _verify(service: ImageService, progress: Callable[[float], None]) -> None:
     """Hash every file the manifest lists, reporting progress by bytes; a bundle without manifest is skipped."""
     from runtime.bundle import file_digest
 
-    bundle = service.pipeline.bundle
+    bundle = service.bundle
     if bundle.manifest is None:
         log.warning("bundle %s has no manifest.json; its files cannot be verified", bundle.path)
         return

@@ -10,11 +10,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from backend.config import Settings
 from backend.images import png_bytes
 from backend.tasks.request import ImageRequest, TaskInputError
 from runtime.errors import GenerationCancelled, T2IError
+
+if TYPE_CHECKING:
+    from runtime import Bundle, Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +44,7 @@ class ImageService:
         self.settings = settings
         self.mark_ai = mark_ai
         self.max_batch = max_batch
-        self.pipeline = None  # type: ignore[var-annotated]
+        self.pipeline: Pipeline | None = None
         self._lock = threading.Lock()
         # Seconds per image-step at the model's native size, measured on this machine; None until measured.
         self._step_seconds: float | None = None
@@ -73,7 +77,12 @@ class ImageService:
     def ready(self) -> bool:
         return self.pipeline is not None
 
-    def _pipe(self):  # type: ignore[no-untyped-def]
+    @property
+    def bundle(self) -> Bundle:
+        """The loaded model's bundle."""
+        return self._pipe().bundle
+
+    def _pipe(self) -> Pipeline:
         if self.pipeline is None:
             raise T2IError("the model is not loaded yet; try again when initialisation has finished")
         return self.pipeline
@@ -84,7 +93,7 @@ class ImageService:
         return str((pipe.bundle.manifest or {}).get("source", {}).get("id") or pipe.bundle.path.name)
 
     @property
-    def defaults(self) -> dict[str, object]:
+    def defaults(self) -> dict[str, Any]:
         """The model's defaults, as task-input values."""
         pipe = self._pipe()
         w, h = pipe.default_size
