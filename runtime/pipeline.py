@@ -108,7 +108,7 @@ class Pipeline:
         """Load a bundle folder.
 
         ``device``: auto | cpu | cuda. ``engine``: auto | onnxruntime | openvino. ``threads``: the cap for both
-        engines' op threads; None means env ``T2I_THREADS`` or the cores this process may use. ``decoder``: vae
+        engines' op threads; None means the cores this process may use. ``decoder``: vae
         (the model's own) or taesd (about 18× cheaper, coarser pixels; the bundle must include it). ``precision``:
         auto (each engine's own default: OpenVINO uses bf16 on CPUs with AVX512-BF16/AMX) | fp32 (full precision,
         matches the reference) | bf16 (OpenVINO only). ``cuda_graph``: on CUDA, capture each static shape's kernel

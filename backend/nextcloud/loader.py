@@ -35,11 +35,17 @@ class Model:
 
 
 def worker_settings(settings: Settings) -> Settings:
-    """The settings of one worker: the thread cap split evenly between ``settings.workers`` workers."""
+    """The settings of one worker: the container's thread cap split evenly between every worker of every model
+    (``T2I_MODEL`` lists the models, each runs ``settings.workers`` workers), since all of them may be busy at once.
+    Below one thread each, every worker still gets one (and the log says so)."""
     from runtime.engines import default_threads
 
     total = settings.threads or default_threads()
-    return replace(settings, threads=max(1, total // max(1, settings.workers)))
+    sessions = max(1, len(model_names(settings.model))) * max(1, settings.workers)
+    if sessions > total:
+        log.warning("%d model(s) × %d worker(s) share a cap of %d thread(s): each worker gets 1, %d in all",
+                    sessions // max(1, settings.workers), settings.workers, total, sessions)
+    return replace(settings, threads=max(1, total // sessions))
 
 
 def worker_device(settings: Settings, worker: int) -> str:
@@ -90,8 +96,9 @@ def load_models(settings: Settings, report: Report, verify: bool) -> list[tuple[
             service.load(bundle=bundle_path)
             services.append(service)
         at(1.0)
-        log.info("model %s ready as provider %s: %d worker(s) with %d thread(s) each, bundle %s",
-                 name, ids[m], len(services), per_worker.threads, bundle_path)
+        log.info("model %s ready as provider %s: %d worker(s) with %d thread(s) each (of a cap of %d for %d "
+                 "model(s)), bundle %s", name, ids[m], len(services), per_worker.threads,
+                 settings.threads or per_worker.threads * len(names) * settings.workers, len(names), bundle_path)
         ready.append((name, ids[m], services))
     return ready
 

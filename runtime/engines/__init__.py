@@ -1,0 +1,42 @@
+"""Inference engines behind one small interface (:class:`Session`): onnxruntime on the CPU or CUDA
+(:mod:`runtime.engines.ort`) and OpenVINO on the CPU (:mod:`runtime.engines.openvino`); which one runs is decided in
+:mod:`runtime.engines.select`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from runtime.engines.openvino import OvSession, openvino_math_precision
+from runtime.engines.ort import OrtSession
+from runtime.engines.select import (
+    DEVICES,
+    ENGINES,
+    PRECISIONS,
+    Device,
+    Engine,
+    InputSpec,
+    Session,
+    available_engines,
+    check_precision,
+    choose,
+    cuda_device_count,
+    cuda_usable,
+    default_threads,
+    parse_threads,
+)
+
+__all__ = ["DEVICES", "ENGINES", "PRECISIONS", "Device", "Engine", "InputSpec", "OrtSession", "OvSession", "Session",
+           "available_engines", "check_precision", "choose", "cuda_device_count", "cuda_usable", "default_threads",
+           "open_session", "openvino_math_precision", "parse_threads"]
+
+
+def open_session(path: Path, engine: Engine, device: Device, threads: int, precision: str,
+                 cuda_graph: bool = False) -> Session:
+    """Load one graph on the chosen engine with the math ``precision`` (see :data:`PRECISIONS`); ``cuda_graph``
+    captures CUDA graphs per static shape (onnxruntime on CUDA only)."""
+    if engine == "onnxruntime":
+        return OrtSession(path, device, threads, cuda_graph=cuda_graph)
+    hint = {"auto": None, "fp32": "f32", "bf16": "bf16"}[precision]
+    return OvSession(path, threads, hint)
+
+

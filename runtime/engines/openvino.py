@@ -1,0 +1,95 @@
+"""OpenVINO sessions on the CPU: static shapes compiled per call shape, the thread cap and the precision hint."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.engines.select import InputSpec
+from runtime.errors import T2IError
+
+log = logging.getLogger(__name__)
+
+class OvSession:
+    """An OpenVINO model on the CPU with the thread cap and the precision hint applied.
+
+    The graph is compiled for the exact input shapes of each call (static shapes): OpenVINO's CPU plugin runs
+    static graphs much faster than dynamic ones, and a size change costs one recompile. The last
+    ``keep`` compiled shapes are kept.
+    """
+
+    def __init__(self, path: Path, threads: int, precision_hint: str | None, keep: int = 2) -> None:
+        import openvino as ov
+
+        self._config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+        if precision_hint:
+            self._config["INFERENCE_PRECISION_HINT"] = precision_hint
+        self._core = ov.Core()
+        self._path = path
+        try:
+            self._model = self._core.read_model(str(path))
+        except Exception as exc:  # OpenVINO raises RuntimeError subclasses with the parser's message
+            raise T2IError(
+                f"OpenVINO could not load {path}: {exc}. The file may be truncated or corrupt; re-export it"
+            ) from None
+        self.inputs = {}
+        for port in self._model.inputs:
+            shape = tuple(d.get_length() if d.is_static else None for d in port.get_partial_shape())
+            name = port.get_any_name()
+            self.inputs[name] = InputSpec(name, port.get_element_type().to_dtype(), shape)
+        self._n_out = len(self._model.outputs)
+        self._keep = keep
+        self._compiled: OrderedDict[tuple, Any] = OrderedDict()
+
+    def _request_for(self, feeds: dict[str, np.ndarray]) -> Any:
+        key = tuple((name, feeds[name].shape) for name in sorted(feeds))
+        if key in self._compiled:
+            self._compiled.move_to_end(key)
+            return self._compiled[key]
+        t0 = time.perf_counter()
+        model = self._model.clone()
+        model.reshape({name: list(arr.shape) for name, arr in feeds.items()})
+        try:
+            request = self._core.compile_model(model, "CPU", self._config).create_infer_request()
+        except Exception as exc:
+            raise T2IError(f"OpenVINO could not compile {self._path} for shapes {dict(key)}: {exc}") from None
+        log.info("compiled %s for %s in %.1f s", self._path.parent.name, dict(key), time.perf_counter() - t0)
+        self._compiled[key] = request
+        while len(self._compiled) > self._keep:
+            self._compiled.popitem(last=False)
+        return request
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        request = self._request_for(feeds)
+        request.infer(feeds)
+        # Copy: the request reuses its output buffers on the next call.
+        return [np.array(request.get_output_tensor(i).data, copy=True) for i in range(self._n_out)]
+
+
+_OV_PRECISION: dict[str | None, str] = {}
+
+
+def openvino_math_precision(precision: str) -> str:
+    """What OpenVINO's CPU plugin computes in for our ``precision`` choice on this CPU: "bf16" or "f32".
+
+    OpenVINO decides by the hardware: ``auto`` becomes bf16 where the CPU has native bf16 (AMX or AVX512-BF16) and f32
+    elsewhere, and a bf16 hint on a CPU without it quietly runs f32. Read from a compiled one-op model, because only
+    the compiled model tells what the plugin really chose.
+    """
+    hint = {"auto": None, "fp32": "f32", "bf16": "bf16"}[precision]
+    if hint not in _OV_PRECISION:
+        import openvino as ov
+        from openvino import opset13 as ops
+
+        x = ops.parameter([1, 16], np.float32)
+        probe = ov.Model([ops.matmul(x, ops.constant(np.ones((16, 16), np.float32)), False, False)], [x])
+        compiled = ov.Core().compile_model(probe, "CPU", {"INFERENCE_PRECISION_HINT": hint} if hint else {})
+        _OV_PRECISION[hint] = str(compiled.get_property("INFERENCE_PRECISION_HINT").to_string())
+    return _OV_PRECISION[hint]
+
+
