@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from runtime.errors import GenerationCancelled, T2IError
+from runtime.errors import BundleError, ConfigError, EngineError, GenerationCancelled, InvalidRequest, T2IError
 
 if TYPE_CHECKING:
     from runtime.bundle import Bundle
     from runtime.pipeline import Generated, Pipeline
 
-__all__ = ["Bundle", "Generated", "GenerationCancelled", "Pipeline", "T2IError"]
+__all__ = ["Bundle", "BundleError", "ConfigError", "EngineError", "Generated", "GenerationCancelled",
+           "InvalidRequest", "Pipeline", "T2IError"]
 
 
 def __getattr__(name: str) -> Any:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from runtime.errors import T2IError
+from runtime.errors import BundleError
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -27,11 +27,11 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise T2IError(f"bundle file {path} is missing") from None
+        raise BundleError(f"bundle file {path} is missing") from None
     except (OSError, ValueError) as exc:
-        raise T2IError(f"bundle file {path} cannot be read as JSON: {exc}") from None
+        raise BundleError(f"bundle file {path} cannot be read as JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise T2IError(f"bundle file {path} must hold a JSON object, found {type(data).__name__}")
+        raise BundleError(f"bundle file {path} must hold a JSON object, found {type(data).__name__}")
     return data
 
 
@@ -61,9 +61,9 @@ class Bundle:
         """Open the bundle at ``path``; check its layout and, when it has a manifest, every file's size."""
         root = Path(path).expanduser()
         if not root.is_dir():
-            raise T2IError(f"model bundle '{root}' is not a folder")
+            raise BundleError(f"model bundle '{root}' is not a folder")
         if not (root / "model_index.json").is_file():
-            raise T2IError(
+            raise BundleError(
                 f"'{root}' is not a model bundle: model_index.json is missing "
                 "(export one with `text2image export SOURCE --out DIR`)"
             )
@@ -72,20 +72,20 @@ class Bundle:
         files: dict[str, dict[str, Any]] = {}
         if manifest is not None:
             if manifest.get("format_version") != MANIFEST_VERSION:
-                raise T2IError(
+                raise BundleError(
                     f"{root / MANIFEST} has format_version {manifest.get('format_version')!r}; "
                     f"this runtime reads version {MANIFEST_VERSION}"
                 )
             if manifest.get("format") != fmt:
-                raise T2IError(f"{root / MANIFEST} says format {manifest.get('format')!r} but the graphs are {fmt}")
+                raise BundleError(f"{root / MANIFEST} says format {manifest.get('format')!r} but the graphs are {fmt}")
             files = manifest.get("files", {})
             cls._check_sizes(root, files)
         for component in COMPONENTS:
             graph = root / component / GRAPH_FILES[fmt]
             if not graph.is_file():
-                raise T2IError(f"bundle '{root}' is missing {component}/{GRAPH_FILES[fmt]}")
+                raise BundleError(f"bundle '{root}' is missing {component}/{GRAPH_FILES[fmt]}")
             if fmt == "openvino" and not graph.with_suffix(".bin").is_file():
-                raise T2IError(f"bundle '{root}' is missing {component}/{graph.with_suffix('.bin').name}")
+                raise BundleError(f"bundle '{root}' is missing {component}/{graph.with_suffix('.bin').name}")
         return cls(
             path=root,
             format=fmt,
@@ -100,12 +100,12 @@ class Bundle:
     def _detect_format(root: Path) -> Format:
         found = [fmt for fmt, name in GRAPH_FILES.items() if (root / "unet" / name).is_file()]
         if not found:
-            raise T2IError(
+            raise BundleError(
                 f"bundle '{root}' has no UNet graph: expected unet/model.onnx (ONNX) or unet/openvino_model.xml "
                 "(OpenVINO IR)"
             )
         if len(found) > 1:
-            raise T2IError(f"bundle '{root}' holds both ONNX and OpenVINO graphs; keep one format per folder")
+            raise BundleError(f"bundle '{root}' holds both ONNX and OpenVINO graphs; keep one format per folder")
         return found[0]  # type: ignore[return-value]
 
     @staticmethod
@@ -113,10 +113,11 @@ class Bundle:
         for rel, meta in files.items():
             p = root / rel
             if not p.is_file():
-                raise T2IError(f"bundle '{root}' is missing {rel} (listed in {MANIFEST}); re-export or re-download it")
+                raise BundleError(f"bundle '{root}' is missing {rel} (listed in {MANIFEST}); re-export or "
+                                  "re-download it")
             size = p.stat().st_size
             if size != meta.get("size"):
-                raise T2IError(
+                raise BundleError(
                     f"bundle file {rel} has {size} bytes but {MANIFEST} lists {meta.get('size')}: "
                     "the file is truncated or was changed; re-export or re-download it"
                 )
@@ -124,7 +125,7 @@ class Bundle:
     def verify_hashes(self) -> list[str]:
         """Compare every file's sha256 with the manifest; return the files that differ (empty: all good)."""
         if self.manifest is None:
-            raise T2IError(f"bundle '{self.path}' has no {MANIFEST}, so there is nothing to verify against")
+            raise BundleError(f"bundle '{self.path}' has no {MANIFEST}, so there is nothing to verify against")
         return [rel for rel, meta in self.files.items() if file_digest(self.path / rel) != meta.get("sha256")]
 
     def has(self, component: str) -> bool:
@@ -158,7 +159,7 @@ class Bundle:
     def vae_scaling_factor(self) -> float:
         """The factor latents were scaled by in training (0.18215 for SD2), from the VAE config."""
         if "scaling_factor" not in self.vae_config:
-            raise T2IError(f"{self.path / 'vae_decoder' / 'config.json'} has no scaling_factor")
+            raise BundleError(f"{self.path / 'vae_decoder' / 'config.json'} has no scaling_factor")
         return float(self.vae_config["scaling_factor"])
 
     @property

@@ -1,15 +1,36 @@
-"""The one user-facing error type; each front end translates it at its boundary (CLI, Nextcloud, REST)."""
+"""The errors the runtime raises: one user-facing tree, and cancellation beside it.
+
+Each front end maps the tree in one place: the CLI turns any :class:`T2IError` into its error line; a task service
+tells the user "your input was refused" for :class:`InvalidRequest` only, and "internal error" (with the detail for
+the admin) for everything else. Unexpected failures are *not* wrapped in this tree, so that they are logged with a
+traceback.
+"""
 
 from __future__ import annotations
 
 
 class T2IError(Exception):
-    """A problem the user or admin can act on: bad input, a broken bundle, a missing engine.
-
-    The message names the bad value and what is allowed. Unexpected failures are *not* wrapped in this type so
-    that they are logged with a traceback.
-    """
+    """A problem the user or admin can act on; the message names the bad value and what is allowed."""
 
 
-class GenerationCancelled(T2IError):
-    """Raised by ``Pipeline.generate`` when the ``on_step`` callback asked to stop."""
+class InvalidRequest(T2IError):
+    """A generation request the model cannot take (size, count, steps, guidance, seed, scheduler, prompt): the
+    requester's to fix."""
+
+
+class ConfigError(T2IError):
+    """A setting that is not allowed (device, engine, threads, precision, decoder): the admin's to fix."""
+
+
+class BundleError(T2IError):
+    """A model bundle that is missing, damaged, or made for other hardware or software."""
+
+
+class EngineError(T2IError):
+    """An inference engine that is missing, or failed to load, compile or run a graph, or a device that does not
+    answer."""
+
+
+class GenerationCancelled(Exception):
+    """Raised by ``Pipeline.generate`` when the ``on_step`` callback asked to stop: a request, not a failure, so it
+    stands outside the T2IError tree."""

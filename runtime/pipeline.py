@@ -23,7 +23,7 @@ from runtime.engines import (
     openvino_math_precision,
     parse_threads,
 )
-from runtime.errors import GenerationCancelled, T2IError
+from runtime.errors import BundleError, ConfigError, GenerationCancelled, InvalidRequest
 from runtime.schedulers import SCHEDULER_NAMES, Scheduler, default_scheduler_name, make_scheduler
 from runtime.tokenizer import ClipTokenizer
 
@@ -53,7 +53,7 @@ class Pipeline:
     def __init__(self, bundle: Bundle, engine: str, device: str, threads: int, why: str,
                  decoder: str = "vae", precision: str = "auto", cuda_graph: bool = False) -> None:
         if cuda_graph and not device.startswith("cuda"):
-            raise T2IError(f"CUDA graphs need --device cuda; this pipeline runs on {device}")
+            raise ConfigError(f"CUDA graphs need --device cuda; this pipeline runs on {device}")
         self.cuda_graph = cuda_graph
         self.bundle = bundle
         self.engine = engine
@@ -67,9 +67,9 @@ class Pipeline:
             log.warning("precision bf16 was asked for, but this CPU has no native bf16 (AMX or AVX512-BF16): "
                         "OpenVINO computes in %s", self.math_precision)
         if decoder not in DECODERS:
-            raise T2IError(f"decoder '{decoder}' is not known; use one of {', '.join(DECODERS)}")
+            raise ConfigError(f"decoder '{decoder}' is not known; use one of {', '.join(DECODERS)}")
         if not bundle.has(DECODERS[decoder]):
-            raise T2IError(f"bundle '{bundle.path}' has no {decoder} decoder ({DECODERS[decoder]}/); "
+            raise BundleError(f"bundle '{bundle.path}' has no {decoder} decoder ({DECODERS[decoder]}/); "
                            "export it with `text2image export SOURCE --taesd madebyollin/taesd` or use --decoder vae")
         self.decoder = decoder
         self.tokenizer = ClipTokenizer.load(bundle.path / "tokenizer")
@@ -90,6 +90,11 @@ class Pipeline:
         self.default_steps = int(defaults.get("steps", DEFAULT_STEPS))
         self.default_guidance = float(defaults.get("guidance", DEFAULT_GUIDANCE))
         self.default_scheduler = str(defaults.get("scheduler") or default_scheduler_name(bundle.scheduler_config))
+        try:  # a bundle whose scheduler config our schedulers cannot read fails here, not at its first image
+            make_scheduler(self.default_scheduler, bundle.scheduler_config)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise BundleError(f"bundle '{bundle.path}': scheduler/scheduler_config.json cannot drive the "
+                              f"{self.default_scheduler} scheduler: {exc}") from None
         static = bundle.static_shape or {}
         side = min(max(bundle.native_size, v.MIN_SIDE), v.MAX_SIDE)
         self.default_size = (int(static.get("width", side)), int(static.get("height", side)))
@@ -117,7 +122,7 @@ class Pipeline:
         bundle = Bundle.open(path)
         chosen_engine, chosen_device, why = choose(bundle.format, engine, device)
         if bundle.fusions == "cuda" and not chosen_device.startswith("cuda"):
-            raise T2IError(
+            raise BundleError(
                 f"bundle '{bundle.path}' was exported with --fusions cuda: its fused GroupNorm/NHWC ops have no CPU "
                 f"kernels, so it runs on --device cuda only (here: {chosen_device}, {why}); for the CPU export it "
                 "with --fusions none or cpu"
@@ -176,7 +181,7 @@ class Pipeline:
             noise = np.concatenate([np.random.Generator(np.random.PCG64(x)).standard_normal(
                 (1, *shape[1:]), dtype=np.float32) for x in seeds])
         elif latents.shape != shape:
-            raise T2IError(f"latents of shape {latents.shape} do not fit; expected {shape}")
+            raise InvalidRequest(f"latents of shape {latents.shape} do not fit; expected {shape}")
         else:
             noise = latents.astype(np.float32, copy=False)
         decoded = self._run(s, noise, on_step)
@@ -191,13 +196,18 @@ class Pipeline:
         height = v.check_side("height", self.default_size[1] if height is None else height)
         static = self.bundle.static_shape
         if static and (static.get("width"), static.get("height")) != (width, height):
-            raise T2IError(
+            raise InvalidRequest(
                 f"size {width}x{height} is not allowed for this bundle; it was exported with static shapes for "
                 f"{static.get('width')}x{static.get('height')} only"
             )
         name = self.default_scheduler if scheduler is None else scheduler
         if name not in SCHEDULER_NAMES:
-            raise T2IError(f"scheduler '{name}' is not known; use one of {', '.join(SCHEDULER_NAMES)}")
+            raise InvalidRequest(f"scheduler '{name}' is not known; use one of {', '.join(SCHEDULER_NAMES)}")
+        if name != self.default_scheduler:  # the default one was built at load
+            try:
+                make_scheduler(name, self.bundle.scheduler_config)
+            except (ValueError, TypeError, KeyError) as exc:
+                raise InvalidRequest(f"scheduler '{name}' cannot run this model's scheduler config: {exc}") from None
         return {
             "prompt": v.check_prompt("prompt", prompt),
             "negative_prompt": v.check_prompt("negative prompt", negative_prompt),

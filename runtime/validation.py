@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 
-from runtime.errors import T2IError
+from runtime.errors import InvalidRequest
 
 MIN_SIDE, MAX_SIDE, SIDE_STEP = 256, 1024, 64
 MAX_IMAGES = 12
@@ -26,7 +26,7 @@ def parse_size(text: str) -> tuple[int, int]:
     """'WIDTHxHEIGHT' → (width, height), both checked with :func:`check_side`."""
     m = _SIZE_RE.match(str(text))
     if not m:
-        raise T2IError(
+        raise InvalidRequest(
             f"size {shown(text)} is not of the form WIDTHxHEIGHT; use e.g. 512x512 "
             f"(multiples of {SIDE_STEP} from {MIN_SIDE} to {MAX_SIDE})"
         )
@@ -38,11 +38,11 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def check_side(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise T2IError(
+        raise InvalidRequest(
             f"{name} {shown(value)} is not a whole number; use a multiple of {SIDE_STEP} from {MIN_SIDE} to {MAX_SIDE}"
         )
     if value % SIDE_STEP or not MIN_SIDE <= value <= MAX_SIDE:
-        raise T2IError(
+        raise InvalidRequest(
             f"{name} {value} is not allowed; use a multiple of {SIDE_STEP} from {MIN_SIDE} to {MAX_SIDE}"
         )
     return value
@@ -50,9 +50,9 @@ def check_side(name: str, value: object) -> int:
 
 def _whole(name: str, value: object, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise T2IError(f"{name} {shown(value)} is not a whole number; use {low} to {high}")
+        raise InvalidRequest(f"{name} {shown(value)} is not a whole number; use {low} to {high}")
     if not low <= value <= high:
-        raise T2IError(f"{name} {shown(value)} is out of range; use {low} to {high}")
+        raise InvalidRequest(f"{name} {shown(value)} is out of range; use {low} to {high}")
     return value
 
 
@@ -72,13 +72,13 @@ def check_guidance(guidance: object) -> float:
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or (
         isinstance(guidance, float) and not math.isfinite(guidance)
     ):
-        raise T2IError(f"guidance {shown(guidance)} is not a finite number; use 0 to {MAX_GUIDANCE:g}")
+        raise InvalidRequest(f"guidance {shown(guidance)} is not a finite number; use 0 to {MAX_GUIDANCE:g}")
     if not 0 <= guidance <= MAX_GUIDANCE:
-        raise T2IError(f"guidance {shown(guidance)} is out of range; use 0 to {MAX_GUIDANCE:g}")
+        raise InvalidRequest(f"guidance {shown(guidance)} is out of range; use 0 to {MAX_GUIDANCE:g}")
     return float(guidance)
 
 
 def check_prompt(name: str, text: object) -> str:
     if not isinstance(text, str):
-        raise T2IError(f"{name} must be text, got {type(text).__name__}")
+        raise InvalidRequest(f"{name} must be text, got {type(text).__name__}")
     return text

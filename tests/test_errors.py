@@ -108,3 +108,24 @@ def test_not_a_bundle(tmp_path: Path) -> None:
 def test_bad_threads(onnx_bundle: Path) -> None:
     out = cli_error("generate", "x", "--model", str(onnx_bundle), "--threads", "0")
     assert "threads 0 is out of range; use a whole number from 1 to 1024" in out
+
+
+def test_an_unsupported_scheduler_config_fails_at_load(onnx_bundle: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from runtime import BundleError, Pipeline
+
+    bundle = Path(shutil.copytree(onnx_bundle, tmp_path / "b"))
+    (bundle / "manifest.json").unlink()
+    config_file = bundle / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "prediction_type": "sample"}))
+    with pytest.raises(BundleError, match=r"scheduler/scheduler_config.json cannot drive the ddim scheduler: "
+                                          r".*prediction_type='sample' is not supported"):
+        Pipeline.load(bundle, device="cpu", engine="onnxruntime", threads=1)
+
+
+def test_cancellation_is_no_error() -> None:
+    from runtime import GenerationCancelled, T2IError
+
+    assert not issubclass(GenerationCancelled, T2IError), "handlers of T2IError must not swallow a cancel"

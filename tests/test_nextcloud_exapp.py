@@ -230,3 +230,42 @@ def test_init_failure_is_reported_not_a_crash(tmp_path: Path) -> None:
     finally:
         proc.stop()
         fake.stop()
+
+
+def _failing_decoder(bundle: Path, tmp_path: Path) -> Path:
+    """A copy of the bundle whose VAE decoder runs at the native size only (a Reshape to its 32×32 latents), so the
+    service loads and measures itself, and a task of another size meets an engine failure in the middle: nothing
+    but real graphs."""
+    import shutil
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    broken = Path(shutil.copytree(bundle.resolve(), tmp_path / "broken-onnx"))
+    (broken / "manifest.json").unlink()
+    latent = helper.make_tensor_value_info("latent_sample", TensorProto.FLOAT, ["batch", 4, "h", "w"])
+    sample = helper.make_tensor_value_info("sample", TensorProto.FLOAT, None)
+    shape = helper.make_tensor("shape", TensorProto.INT64, [4], [1, 4, 32, 32])
+    graph = helper.make_graph([helper.make_node("Reshape", ["latent_sample", "shape"], ["sample"])], "decoder",
+                              [latent], [sample], [shape])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]),
+              str(broken / "vae_decoder" / "model.onnx"))
+    return broken
+
+
+def test_an_engine_failure_is_an_internal_error_not_refused_input(tmp_path: Path, bundle: Path) -> None:
+    # Issue #13: ImageService relabelled every runtime error as "your input was refused".
+    from backend.nextcloud.worker import INTERNAL_ERROR
+
+    fake = FakeNextcloud(version=33).start()
+    proc = _service(fake, tmp_path, _failing_decoder(bundle, tmp_path))
+    try:
+        assert fake.install(proc)["progress"] == 100, proc.output()[-2000:]
+        [task] = fake.wait([fake.schedule({"input": "a fox", "numberOfImages": 1, "size": "384x384"})])
+        assert task["status"] == "STATUS_FAILED"
+        assert task["_user_error"] == INTERNAL_ERROR
+        assert "onnxruntime failed to run vae_decoder" in task["_error"], task["_error"]
+        assert "refused" not in task["_error"]
+    finally:
+        proc.stop()
+        fake.stop()

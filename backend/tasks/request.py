@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from runtime import validation as v
-from runtime.errors import T2IError
+from runtime.errors import InvalidRequest
 from runtime.schedulers import SCHEDULER_NAMES
 from runtime.validation import shown
 
@@ -32,7 +32,7 @@ OPTIONAL_INPUTS = {
 }
 
 
-class TaskInputError(T2IError):
+class TaskInputError(InvalidRequest):
     """A task's input is not acceptable; the message is meant for the user who sent it."""
 
 
@@ -114,7 +114,7 @@ def parse_task_input(raw: Mapping[str, Any]) -> ImageRequest:
             guidance = v.check_guidance(g)
     except TaskInputError:
         raise
-    except T2IError as exc:
+    except InvalidRequest as exc:
         raise TaskInputError(str(exc)) from None
     scheduler = raw.get("scheduler") or None
     if scheduler is not None and scheduler not in SCHEDULER_NAMES:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from backend.config import Settings
 from backend.images import png_bytes
 from backend.tasks.request import ImageRequest, TaskInputError
-from runtime.errors import GenerationCancelled, T2IError
+from runtime.errors import InvalidRequest, T2IError
 
 if TYPE_CHECKING:
     from runtime import Bundle, Pipeline
@@ -147,7 +147,9 @@ class ImageService:
         """Generate the request's images in batches of at most ``max_batch``.
 
         Raises :class:`TaskInputError` for input the model cannot take (e.g. a size its static graphs do not
-        allow), :class:`GenerationCancelled` when ``on_progress`` returned False.
+        allow), :class:`GenerationCancelled` when ``on_progress`` returned False. Any other failure (an engine
+        error, a damaged bundle) is not the user's input and propagates as it is: the front ends report it as an
+        internal error, with the detail for the admin.
         """
         pipe = self._pipe()
         with self._lock:
@@ -166,9 +168,7 @@ class ImageService:
                         request.prompt, request.negative_prompt, n=size, width=request.width,
                         height=request.height, steps=request.steps, guidance=request.guidance,
                         seed=first_seed + len(results), scheduler=request.scheduler, on_step=step)
-                except GenerationCancelled:
-                    raise
-                except T2IError as exc:
+                except InvalidRequest as exc:
                     raise TaskInputError(str(exc)) from None
                 for item in items:
                     w, h = item.image.size

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from runtime.engines.select import InputSpec
-from runtime.errors import T2IError
+from runtime.errors import BundleError, EngineError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class OvSession:
         try:
             self._model = self._core.read_model(str(path))
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses with the parser's message
-            raise T2IError(
+            raise BundleError(
                 f"OpenVINO could not load {path}: {exc}. The file may be truncated or corrupt; re-export it"
             ) from None
         self.inputs = {}
@@ -57,7 +57,7 @@ class OvSession:
         try:
             request = self._core.compile_model(model, "CPU", self._config).create_infer_request()
         except Exception as exc:
-            raise T2IError(f"OpenVINO could not compile {self._path} for shapes {dict(key)}: {exc}") from None
+            raise EngineError(f"OpenVINO could not compile {self._path} for shapes {dict(key)}: {exc}") from None
         log.info("compiled %s for %s in %.1f s", self._path.parent.name, dict(key), time.perf_counter() - t0)
         self._compiled[key] = request
         while len(self._compiled) > self._keep:
@@ -66,7 +66,11 @@ class OvSession:
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         request = self._request_for(feeds)
-        request.infer(feeds)
+        try:
+            request.infer(feeds)
+        except Exception as exc:  # OpenVINO's RuntimeError subclasses; the cause stays chained for the log
+            shapes = {name: list(arr.shape) for name, arr in feeds.items()}
+            raise EngineError(f"OpenVINO failed to run {self._path.parent.name} on inputs {shapes}: {exc}") from exc
         # Copy: the request reuses its output buffers on the next call.
         return [np.array(request.get_output_tensor(i).data, copy=True) for i in range(self._n_out)]
 

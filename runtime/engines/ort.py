@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from runtime.engines.select import Device, InputSpec, _cuda_index
-from runtime.errors import T2IError
+from runtime.errors import BundleError, ConfigError, EngineError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class OrtSession:
                  cuda_graph: bool = False) -> None:
         import onnxruntime as ort
 
+        self._name = path.parent.name
         opts = ort.SessionOptions()
         # One pool of `threads` workers inside each op; ops run one after another (the graph is a chain anyway).
         opts.intra_op_num_threads = threads
@@ -50,7 +51,7 @@ class OrtSession:
         providers: list[Any] = ["CPUExecutionProvider"]
         gpu = _cuda_index(device)
         if cuda_graph and gpu is None:
-            raise T2IError(f"CUDA graphs need a CUDA device; device '{device}' is not one")
+            raise ConfigError(f"CUDA graphs need a CUDA device; device '{device}' is not one")
         if gpu is not None:
             options = {"device_id": gpu, "arena_extend_strategy": "kSameAsRequested"}
             if cuda_graph:
@@ -63,17 +64,17 @@ class OrtSession:
             if missing and gpu is None:
                 # A graph fused for onnxruntime's CUDA provider (our --fusions cuda, onnxruntime's own
                 # optimize_pipeline, bundles such as onnxruntime/sd-turbo): NhwcConv, GroupNorm … have no CPU kernel.
-                raise T2IError(
+                raise BundleError(
                     f"{path} uses {missing[1]}, a fused op that onnxruntime runs on CUDA only: this bundle was "
                     "optimized for GPUs; load it with --device cuda, or use a bundle made for the CPU (plain ONNX "
                     "or OpenVINO)"
                 ) from None
-            raise T2IError(
+            raise BundleError(
                 f"onnxruntime could not load {path}: {exc}. The file may be truncated or corrupt; re-export it"
             ) from None
         got = self._session.get_providers()
         if gpu is not None and got[0] != "CUDAExecutionProvider":
-            raise T2IError(f"asked for CUDA for {path.parent.name} but onnxruntime gave {got}")
+            raise EngineError(f"asked for CUDA for {path.parent.name} but onnxruntime gave {got}")
         self.inputs = {
             i.name: InputSpec(i.name, _ORT_DTYPES.get(i.type, np.float32), tuple(i.shape))
             for i in self._session.get_inputs()
@@ -88,6 +89,13 @@ class OrtSession:
         self._lock = threading.Lock()
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            return self._run(feeds)
+        except Exception as exc:  # onnxruntime's own exception types; the cause stays chained for the log
+            shapes = {name: list(arr.shape) for name, arr in feeds.items()}
+            raise EngineError(f"onnxruntime failed to run {self._name} on inputs {shapes}: {exc}") from exc
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         if not self._io_binding:
             return list(self._session.run(self._outputs, feeds))
         # np.require keeps 0-d inputs (a scalar timestep) 0-d; ascontiguousarray would make them 1-d.

@@ -13,7 +13,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from runtime.errors import T2IError
+from runtime.errors import ConfigError, EngineError
 
 Engine = Literal["onnxruntime", "openvino"]
 #: "cpu", "cuda" (GPU 0) or "cuda:N" (GPU N, e.g. one worker per GPU).
@@ -36,9 +36,9 @@ def parse_threads(value: str | int) -> int:
     try:
         n = int(value)
     except (TypeError, ValueError):
-        raise T2IError(f"threads {value!r} is not a number; use a whole number from 1 to 1024") from None
+        raise ConfigError(f"threads {value!r} is not a number; use a whole number from 1 to 1024") from None
     if not 1 <= n <= 1024:
-        raise T2IError(f"threads {n} is out of range; use a whole number from 1 to 1024")
+        raise ConfigError(f"threads {n} is out of range; use a whole number from 1 to 1024")
     return n
 
 
@@ -112,36 +112,36 @@ def _cuda_index(device: str) -> int | None:
     except ValueError:
         index = -1
     if index < 0:
-        raise T2IError(f"device '{device}' is not known; use auto, cpu, cuda or cuda:N (N = GPU index from 0)")
+        raise ConfigError(f"device '{device}' is not known; use auto, cpu, cuda or cuda:N (N = GPU index from 0)")
     return index
 
 
 def choose(bundle_format: str, engine: str, device: str) -> tuple[Engine, Device, str]:
     """Resolve ``engine``/``device`` (each possibly ``auto``) for a bundle; return them with the reason."""
     if engine not in ENGINES:
-        raise T2IError(f"engine '{engine}' is not known; use one of {', '.join(ENGINES)}")
+        raise ConfigError(f"engine '{engine}' is not known; use one of {', '.join(ENGINES)}")
     gpu = _cuda_index(device)
     if device not in DEVICES and gpu is None:
-        raise T2IError(f"device '{device}' is not known; use one of {', '.join(DEVICES)} or cuda:N")
+        raise ConfigError(f"device '{device}' is not known; use one of {', '.join(DEVICES)} or cuda:N")
     have = available_engines()
     if engine == "onnxruntime" and bundle_format != "onnx":
-        raise T2IError(
+        raise ConfigError(
             f"engine 'onnxruntime' needs an ONNX bundle (model.onnx files) but this bundle is {bundle_format}; "
             "use --engine openvino or auto, or export the model with --format onnx"
         )
     if gpu is not None:
         if engine == "openvino":
-            raise T2IError("device 'cuda' runs on the onnxruntime engine only; use --engine onnxruntime or auto")
+            raise ConfigError("device 'cuda' runs on the onnxruntime engine only; use --engine onnxruntime or auto")
         if bundle_format != "onnx":
-            raise T2IError("device 'cuda' needs an ONNX bundle; export the model with --format onnx")
+            raise ConfigError("device 'cuda' needs an ONNX bundle; export the model with --format onnx")
         count = cuda_device_count()
         if count == 0:
-            raise T2IError(
+            raise EngineError(
                 f"device '{device}' was asked for but CUDA is not usable here: onnxruntime-gpu's CUDAExecutionProvider "
                 "is missing or no NVIDIA GPU answers; use --device cpu or auto"
             )
         if gpu >= count:
-            raise T2IError(f"device '{device}' asks for GPU {gpu} but only {count} GPU(s) answer (0 to {count - 1})")
+            raise EngineError(f"device '{device}' asks for GPU {gpu} but only {count} GPU(s) answer (0 to {count - 1})")
         return "onnxruntime", device, f"asked for {device}; onnxruntime CUDA provider and {count} GPU(s) present"
     if engine == "auto":
         if device == "auto" and bundle_format == "onnx" and cuda_usable():
@@ -154,7 +154,7 @@ def choose(bundle_format: str, engine: str, device: str) -> tuple[Engine, Device
         why = f"asked for {engine}"
     if engine not in have:
         pkg = "openvino" if engine == "openvino" else "onnxruntime"
-        raise T2IError(f"engine '{engine}' is not installed; install {pkg} with: pip install 'text2image-sd2[cpu]'")
+        raise EngineError(f"engine '{engine}' is not installed; install {pkg} with: pip install 'text2image-sd2[cpu]'")
     return engine, "cpu", why  # type: ignore[return-value]
 
 
@@ -165,7 +165,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 def check_precision(precision: str, engine: str) -> str:
     if precision not in PRECISIONS:
-        raise T2IError(f"precision '{precision}' is not known; use one of {', '.join(PRECISIONS)}")
+        raise ConfigError(f"precision '{precision}' is not known; use one of {', '.join(PRECISIONS)}")
     if precision == "bf16" and engine != "openvino":
-        raise T2IError("precision 'bf16' needs the openvino engine; onnxruntime runs the graph's own types")
+        raise ConfigError("precision 'bf16' needs the openvino engine; onnxruntime runs the graph's own types")
     return precision
