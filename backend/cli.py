@@ -11,13 +11,16 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from backend.config import Settings
 from backend.standalone.tasks_cli import tasks
 from runtime.errors import T2IError
+
+if TYPE_CHECKING:
+    from runtime import Pipeline
 
 log = logging.getLogger("text2image")
 
@@ -103,21 +106,17 @@ def export(source: str, fmt: str, out: Path, precision: str, taesd: str | None, 
 
 
 def _load(model: str | None, device: str | None, engine: str | None, threads: int | None, offline: bool,
-          decoder: str | None = None, precision: str | None = None, cuda_graph: bool | None = None) -> Any:
-    from backend.models import TINY_WARNING, default_format, resolve_model
-    from runtime import Pipeline
+          decoder: str | None = None, precision: str | None = None, cuda_graph: bool | None = None) -> Pipeline:
+    from backend.loading import open_pipeline
+    from backend.models import TINY_WARNING
     from runtime.engines import parse_threads
 
     if threads is not None:
         parse_threads(threads)
     s = Settings.from_env(model=model, device=device, engine=engine, threads=threads, offline=offline or None,
                           decoder=decoder, precision=precision, cuda_graph=cuda_graph)
-    fmt = s.format if s.format != "auto" else default_format(s.engine)
-    path = resolve_model(s.model, s.model_store, fmt, offline=s.offline, say=_say)
-    pipe = Pipeline.load(path, device=s.device, engine=s.engine, threads=s.threads or None, decoder=s.decoder,
-                         precision=s.precision, cuda_graph=s.cuda_graph)
-    if (pipe.bundle.manifest or {}).get("source", {}).get("id") in ("tiny", "tiny-v") and s.model not in ("tiny",
-                                                                                                         "tiny-v"):
+    pipe = open_pipeline(s, say=_say)
+    if pipe.bundle.source_id in ("tiny", "tiny-v") and s.model not in ("tiny", "tiny-v"):
         _say(TINY_WARNING)
     _say(f"model {pipe.bundle.path} ({pipe.bundle.format}, {pipe.bundle.precision}) on {pipe.engine}/{pipe.device} "
          f"with {pipe.threads} threads")
@@ -173,7 +172,7 @@ def generate(prompt: str, model: str | None, n: int, size: str | None, steps: in
     for item in items:
         path = save_png(item, out / f"t2i-{item.seed}.png")
         click.echo(str(path))
-    if (pipe.bundle.manifest or {}).get("source", {}).get("id") in ("tiny", "tiny-v"):
+    if pipe.bundle.source_id in ("tiny", "tiny-v"):
         from backend.models import TINY_WARNING
 
         _say(TINY_WARNING)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -122,11 +123,25 @@ class Bundle:
                     "the file is truncated or was changed; re-export or re-download it"
                 )
 
-    def verify_hashes(self) -> list[str]:
-        """Compare every file's sha256 with the manifest; return the files that differ (empty: all good)."""
+    def verify_hashes(self, progress: Callable[[float], None] | None = None) -> list[str]:
+        """Compare every file's sha256 with the manifest; return the files that differ (empty: all good).
+        ``progress`` gets the fraction of the bytes checked."""
         if self.manifest is None:
             raise BundleError(f"bundle '{self.path}' has no {MANIFEST}, so there is nothing to verify against")
-        return [rel for rel, meta in self.files.items() if file_digest(self.path / rel) != meta.get("sha256")]
+        total = sum(int(meta.get("size") or 0) for meta in self.files.values()) or 1
+        done, bad = 0, []
+        for rel, meta in self.files.items():
+            if file_digest(self.path / rel) != meta.get("sha256"):
+                bad.append(rel)
+            done += int(meta.get("size") or 0)
+            if progress is not None:
+                progress(done / total)
+        return bad
+
+    @property
+    def source_id(self) -> str:
+        """Where the model came from (the manifest's source id: a hub id, 'tiny' …), else the folder's name."""
+        return str(((self.manifest or {}).get("source") or {}).get("id") or self.path.name)
 
     def has(self, component: str) -> bool:
         """Whether an optional component (e.g. ``taesd_decoder``) is in the bundle."""

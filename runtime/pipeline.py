@@ -186,7 +186,7 @@ class Pipeline:
             noise = latents.astype(np.float32, copy=False)
         decoded = self._run(s, noise, on_step)
         settings = {k: s[k] for k in ("prompt", "negative_prompt", "steps", "guidance", "scheduler", "width", "height")}
-        settings["model"] = (self.bundle.manifest or {}).get("source", {}).get("id") or self.bundle.path.name
+        settings["model"] = self.bundle.source_id
         return [Generated(Image.fromarray(img), x, settings) for img, x in zip(decoded, seeds, strict=True)]
 
     def _settings(self, prompt: str, negative_prompt: str, n: int, height: int | None, width: int | None,

@@ -12,7 +12,6 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
-from pathlib import Path
 
 from backend.config import Settings
 from backend.nextcloud.provider import model_names, provider_id
@@ -109,21 +108,11 @@ def _scaled(report: Callable[[float], None], start: float, scale: float, value: 
 
 def _verify(service: ImageService, progress: Callable[[float], None]) -> None:
     """Hash every file the manifest lists, reporting progress by bytes; a bundle without manifest is skipped."""
-    from runtime.bundle import file_digest
-
     bundle = service.bundle
     if bundle.manifest is None:
         log.warning("bundle %s has no manifest.json; its files cannot be verified", bundle.path)
         return
-    files: dict[str, dict] = bundle.files
-    total = sum(int(meta.get("size") or 0) for meta in files.values()) or 1
-    done = 0
-    bad = []
-    for rel, meta in files.items():
-        if file_digest(Path(bundle.path) / rel) != meta.get("sha256"):
-            bad.append(rel)
-        done += int(meta.get("size") or 0)
-        progress(done / total)
+    bad = bundle.verify_hashes(progress)
     if bad:
         raise T2IError(
             f"{len(bad)} file(s) of the model bundle {bundle.path} do not match its manifest.json "

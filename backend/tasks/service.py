@@ -56,19 +56,12 @@ class ImageService:
 
         ``progress`` receives 0..100 for an init status.
         """
-        from backend.models import default_format, resolve_model
-        from runtime import Pipeline
+        from backend.loading import open_pipeline
 
         report = progress or (lambda _: None)
-        s = self.settings
         report(1)
-        if bundle is None:
-            fmt = s.format if s.format != "auto" else default_format(s.engine)
-            bundle = resolve_model(s.model, s.model_store, fmt, offline=s.offline, say=log.warning,
-                                   progress=lambda f: report(1 + int(58 * f)))
-        report(60)
-        self.pipeline = Pipeline.load(bundle, device=s.device, engine=s.engine, threads=s.threads or None,
-                                      decoder=s.decoder, precision=s.precision, cuda_graph=s.cuda_graph)
+        # Resolving (download, conversion) reports up to 59; loading the graphs takes the rest up to 85.
+        self.pipeline = open_pipeline(self.settings, progress=lambda f: report(1 + int(58 * f)), bundle=bundle)
         report(85)
         self.calibrate()
         report(100)
@@ -89,8 +82,7 @@ class ImageService:
 
     @property
     def model_name(self) -> str:
-        pipe = self._pipe()
-        return str((pipe.bundle.manifest or {}).get("source", {}).get("id") or pipe.bundle.path.name)
+        return self._pipe().bundle.source_id
 
     @property
     def defaults(self) -> dict[str, Any]:

@@ -1,0 +1,32 @@
+"""Opening the configured model as a pipeline: the one path every front end (CLI, Nextcloud worker, standalone
+service) takes from settings to a loaded :class:`runtime.Pipeline`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from backend.config import Settings
+
+if TYPE_CHECKING:
+    from runtime import Pipeline
+
+log = logging.getLogger(__name__)
+
+
+def open_pipeline(settings: Settings, progress: Callable[[float], None] | None = None,
+                  say: Callable[[str], None] = log.warning, bundle: Path | None = None) -> Pipeline:
+    """Get ``settings.model`` into the store (download and convert it when needed) and load it with the settings'
+    device, engine, threads, decoder, precision and CUDA graphs. ``bundle`` skips the lookup (a worker loading what
+    another already resolved); ``progress`` gets the fraction of the download and conversion done (0..1)."""
+    from backend.models import default_format, resolve_model
+    from runtime import Pipeline
+
+    if bundle is None:
+        fmt = settings.format if settings.format != "auto" else default_format(settings.engine)
+        bundle = resolve_model(settings.model, settings.model_store, fmt, offline=settings.offline, say=say,
+                               progress=progress)
+    return Pipeline.load(bundle, device=settings.device, engine=settings.engine, threads=settings.threads or None,
+                         decoder=settings.decoder, precision=settings.precision, cuda_graph=settings.cuda_graph)
