@@ -155,19 +155,18 @@ def generate(prompt: str, model: str | None, n: int, size: str | None, steps: in
     """Generate images for PROMPT and write them as PNG files with their settings in the metadata."""
     from backend.images import save_png
     from runtime import validation
+    from runtime.request import GenerationRequest
 
+    # The whole request is checked here, before the model is loaded.
     width, height = validation.parse_size(size) if size else (None, None)
-    validation.check_count(n)
-    if steps is not None:
-        validation.check_steps(steps)
+    request = GenerationRequest(prompt, negative, n, width, height, steps, guidance, seed, scheduler)
     pipe = _load(model, device, engine, threads, offline, decoder, precision, cuda_graph)
     total = steps or pipe.default_steps
     with click.progressbar(length=total, label="denoising", file=sys.stderr) as bar:
         def on_step(done: int, all_steps: int) -> None:
             bar.update(1)
 
-        items = pipe.generate_detailed(prompt, negative, n=n, width=width, height=height, steps=steps,
-                                       guidance=guidance, seed=seed, scheduler=scheduler, on_step=on_step)
+        items = pipe.run(request, on_step=on_step)
     out.mkdir(parents=True, exist_ok=True)
     for item in items:
         path = save_png(item, out / f"t2i-{item.seed}.png")

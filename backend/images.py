@@ -23,16 +23,16 @@ Iptc4xmpExt:DigitalSourceType="{dst}"/></rdf:RDF></x:xmpmeta>"""
 def png_info(item: Generated, mark_ai: bool = True) -> PngInfo:
     """Text chunks with prompt, negative prompt, seed, steps, guidance, scheduler and model, plus the AI marker."""
     info = PngInfo()
-    s = item.settings
+    r = item.request
     fields = {
-        "prompt": s["prompt"],
-        "negative_prompt": s["negative_prompt"],
+        "prompt": r.prompt,
+        "negative_prompt": r.negative_prompt,
         "seed": item.seed,
-        "steps": s["steps"],
-        "guidance": s["guidance"],
-        "scheduler": s["scheduler"],
-        "model": s["model"],
-        "size": f"{s['width']}x{s['height']}",
+        "steps": r.steps,
+        "guidance": r.guidance,
+        "scheduler": r.scheduler,
+        "model": item.model,
+        "size": r.size,
     }
     for key, value in fields.items():
         info.add_itxt(key, str(value))

@@ -14,9 +14,10 @@ from runtime.errors import BundleError, ConfigError, EngineError, GenerationCanc
 if TYPE_CHECKING:
     from runtime.bundle import Bundle
     from runtime.pipeline import Generated, Pipeline
+    from runtime.request import GenerationRequest
 
 __all__ = ["Bundle", "BundleError", "ConfigError", "EngineError", "Generated", "GenerationCancelled",
-           "InvalidRequest", "Pipeline", "T2IError"]
+           "GenerationRequest", "InvalidRequest", "Pipeline", "T2IError"]
 
 
 def __getattr__(name: str) -> Any:
@@ -25,6 +26,10 @@ def __getattr__(name: str) -> Any:
         from runtime.bundle import Bundle
 
         return Bundle
+    if name == "GenerationRequest":
+        from runtime.request import GenerationRequest
+
+        return GenerationRequest
     if name in ("Pipeline", "Generated"):
         from runtime import pipeline
 

@@ -6,7 +6,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,8 @@ from runtime.engines import (
     parse_threads,
 )
 from runtime.errors import BundleError, ConfigError, GenerationCancelled, InvalidRequest
-from runtime.schedulers import SCHEDULER_NAMES, Scheduler, default_scheduler_name, make_scheduler
+from runtime.request import GenerationRequest
+from runtime.schedulers import Scheduler, default_scheduler_name, make_scheduler
 from runtime.tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
@@ -40,11 +41,13 @@ DECODERS = {"vae": "vae_decoder", "taesd": "taesd_decoder"}
 
 @dataclass(frozen=True)
 class Generated:
-    """One finished image with the settings that reproduce it."""
+    """One finished image with what reproduces it: the resolved request (every default filled in; ``n`` is the
+    whole batch's), this image's own seed, and the model's source id."""
 
     image: Image.Image
     seed: int
-    settings: dict[str, object]
+    request: GenerationRequest
+    model: str
 
 
 class Pipeline:
@@ -148,91 +151,75 @@ class Pipeline:
         on_step: StepCallback | None = None,
         latents: np.ndarray | None = None,
     ) -> list[Image.Image]:
-        """Generate ``n`` images. See :meth:`generate_detailed`; this returns only the images."""
-        return [g.image for g in self.generate_detailed(
-            prompt, negative_prompt, n, height, width, steps, guidance, seed, scheduler, on_step, latents)]
+        """Generate ``n`` images: :meth:`run` for a request made of these arguments, returning only the images."""
+        request = GenerationRequest(prompt, negative_prompt, n, width, height, steps, guidance, seed, scheduler)
+        return [g.image for g in self.run(request, on_step, latents)]
 
-    def generate_detailed(
-        self,
-        prompt: str,
-        negative_prompt: str = "",
-        n: int = 1,
-        height: int | None = None,
-        width: int | None = None,
-        steps: int | None = None,
-        guidance: float | None = None,
-        seed: int | None = None,
-        scheduler: str | None = None,
-        on_step: StepCallback | None = None,
-        latents: np.ndarray | None = None,
-    ) -> list[Generated]:
-        """Generate ``n`` images with their seeds and settings.
+    def resolve(self, request: GenerationRequest) -> GenerationRequest:
+        """The request with the model's defaults filled in (a random seed where it has none), checked against what
+        depends on the model: a bundle's static size, and whether the scheduler can read its config."""
+        width, height = self.default_size
+        filled = replace(
+            request,
+            width=width if request.width is None else request.width,
+            height=height if request.height is None else request.height,
+            steps=self.default_steps if request.steps is None else request.steps,
+            guidance=self.default_guidance if request.guidance is None else request.guidance,
+            seed=secrets.randbelow(2**31) if request.seed is None else request.seed,
+            scheduler=self.default_scheduler if request.scheduler is None else request.scheduler,
+        )
+        static = self.bundle.static_shape
+        if static and (static.get("width"), static.get("height")) != (filled.width, filled.height):
+            raise InvalidRequest(
+                f"size {filled.size} is not allowed for this bundle; it was exported with static shapes for "
+                f"{static.get('width')}x{static.get('height')} only"
+            )
+        if filled.scheduler != self.default_scheduler:  # the default one was built at load
+            try:
+                make_scheduler(str(filled.scheduler), self.bundle.scheduler_config)
+            except (ValueError, TypeError, KeyError) as exc:
+                raise InvalidRequest(f"scheduler '{filled.scheduler}' cannot run this model's scheduler config: "
+                                     f"{exc}") from None
+        return filled
 
-        None picks the model's default (steps, guidance, size, scheduler) or a random seed. Image ``i`` uses seed
-        ``seed + i``, so any single image can be made again alone. ``latents`` replaces the seeded starting noise
-        (shape (n, channels, height/f, width/f)), e.g. to reproduce another pipeline exactly.
+    def run(self, request: GenerationRequest, on_step: StepCallback | None = None,
+            latents: np.ndarray | None = None) -> list[Generated]:
+        """Generate the request's images, each with its seed and the resolved request.
+
+        Image ``i`` uses seed ``seed + i``, so any single image can be made again alone. ``latents`` replaces the
+        seeded starting noise (shape (n, channels, height/f, width/f)), e.g. to reproduce another pipeline exactly.
         ``on_step(done, total)`` returning False raises :class:`GenerationCancelled` within one step.
         """
-        s = self._settings(prompt, negative_prompt, n, height, width, steps, guidance, seed, scheduler)
+        r = self.resolve(request)
+        assert r.width is not None and r.height is not None and r.seed is not None  # resolve fills every field
         f = self.bundle.vae_scale_factor
-        shape = (s["n"], self.bundle.latent_channels, s["height"] // f, s["width"] // f)
-        seeds = [s["seed"] + i for i in range(s["n"])]
+        shape = (r.n, self.bundle.latent_channels, r.height // f, r.width // f)
+        seeds = [r.seed + i for i in range(r.n)]
         if latents is None:
+            # One generator per image, so image i is the same whether made in a batch or alone with seed + i.
             noise = np.concatenate([np.random.Generator(np.random.PCG64(x)).standard_normal(
                 (1, *shape[1:]), dtype=np.float32) for x in seeds])
         elif latents.shape != shape:
             raise InvalidRequest(f"latents of shape {latents.shape} do not fit; expected {shape}")
         else:
             noise = latents.astype(np.float32, copy=False)
-        decoded = self._run(s, noise, on_step)
-        settings = {k: s[k] for k in ("prompt", "negative_prompt", "steps", "guidance", "scheduler", "width", "height")}
-        settings["model"] = self.bundle.source_id
-        return [Generated(Image.fromarray(img), x, settings) for img, x in zip(decoded, seeds, strict=True)]
+        decoded = self._run(r, noise, on_step)
+        return [Generated(Image.fromarray(img), x, r, self.bundle.source_id) for img, x in zip(decoded, seeds,
+                                                                                                  strict=True)]
 
-    def _settings(self, prompt: str, negative_prompt: str, n: int, height: int | None, width: int | None,
-                  steps: int | None, guidance: float | None, seed: int | None, scheduler: str | None) -> dict:
-        """Validate every input before any work starts; fill in the model's defaults."""
-        width = v.check_side("width", self.default_size[0] if width is None else width)
-        height = v.check_side("height", self.default_size[1] if height is None else height)
-        static = self.bundle.static_shape
-        if static and (static.get("width"), static.get("height")) != (width, height):
-            raise InvalidRequest(
-                f"size {width}x{height} is not allowed for this bundle; it was exported with static shapes for "
-                f"{static.get('width')}x{static.get('height')} only"
-            )
-        name = self.default_scheduler if scheduler is None else scheduler
-        if name not in SCHEDULER_NAMES:
-            raise InvalidRequest(f"scheduler '{name}' is not known; use one of {', '.join(SCHEDULER_NAMES)}")
-        if name != self.default_scheduler:  # the default one was built at load
-            try:
-                make_scheduler(name, self.bundle.scheduler_config)
-            except (ValueError, TypeError, KeyError) as exc:
-                raise InvalidRequest(f"scheduler '{name}' cannot run this model's scheduler config: {exc}") from None
-        return {
-            "prompt": v.check_prompt("prompt", prompt),
-            "negative_prompt": v.check_prompt("negative prompt", negative_prompt),
-            "n": v.check_count(n),
-            "width": width,
-            "height": height,
-            "steps": v.check_steps(self.default_steps if steps is None else steps),
-            "guidance": v.check_guidance(self.default_guidance if guidance is None else guidance),
-            "seed": v.check_seed(secrets.randbelow(2**31) if seed is None else seed),
-            "scheduler": name,
-        }
-
-    def _run(self, s: dict, noise: np.ndarray, on_step: StepCallback | None) -> np.ndarray:
+    def _run(self, r: GenerationRequest, noise: np.ndarray, on_step: StepCallback | None) -> np.ndarray:
         """The denoising loop, written out: encode, init latents, [UNet → guidance → scheduler step]*, decode."""
-        n, steps, guidance = s["n"], s["steps"], s["guidance"]
+        n, steps, guidance = r.n, int(r.steps or 0), float(r.guidance or 0.0)
         # Guidance ≤ 1 adds nothing over the conditional prediction, so skip the unconditional half (sd-turbo: 0).
         cfg = guidance > 1.0
-        cond = self._encode(s["prompt"])
+        cond = self._encode(r.prompt)
         # Classifier-free guidance runs uncond and cond as one UNet batch of 2n: one call instead of two.
-        context = np.concatenate([self._encode(s["negative_prompt"])] * n + [cond] * n) if cfg else \
+        context = np.concatenate([self._encode(r.negative_prompt)] * n + [cond] * n) if cfg else \
             np.concatenate([cond] * n)
         # Converted once, not per step: the graph's dtype (fp32, or fp16 in fp16 ONNX graphs that take fp16 inputs).
         context = context.astype(self.unet.inputs["encoder_hidden_states"].dtype, copy=False)
         sample_dtype = self.unet.inputs["sample"].dtype
-        sched: Scheduler = make_scheduler(s["scheduler"], self.bundle.scheduler_config)
+        sched: Scheduler = make_scheduler(str(r.scheduler), self.bundle.scheduler_config)
         sched.set_timesteps(steps)
         latents = noise * np.float32(sched.init_noise_sigma)
         unet_t = self.unet.inputs["timestep"]

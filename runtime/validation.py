@@ -78,7 +78,13 @@ def check_guidance(guidance: object) -> float:
     return float(guidance)
 
 
+#: CLIP reads 77 tokens; a prompt this long is already far past that. Longer ones are refused, not truncated.
+MAX_PROMPT_CHARS = 4000
+
+
 def check_prompt(name: str, text: object) -> str:
     if not isinstance(text, str):
         raise InvalidRequest(f"{name} must be text, got {type(text).__name__}")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise InvalidRequest(f"{name} is {len(text)} characters long; at most {MAX_PROMPT_CHARS} are allowed")
     return text

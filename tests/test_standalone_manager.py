@@ -250,3 +250,25 @@ def test_cleanup_deletes_finished_tasks_older_than_the_age(tmp_path: Path) -> No
         assert sorted(removed) == sorted([made[TaskStatus.SUCCESSFUL].id, made[TaskStatus.FAILED].id])
         assert not store.image_dir(made[TaskStatus.SUCCESSFUL].id or 0).exists()
         assert {t.status for t in store.find()} == {TaskStatus.SCHEDULED, TaskStatus.RUNNING}
+
+
+@pytest.mark.parametrize(("options", "cli_args", "message"), [
+    ({"steps": 1000}, ["--steps", "1000"], "steps 1000 is out of range; use 1 to 100"),
+    ({"guidance": 31.5}, ["--guidance", "31.5"], "guidance 31.5 is out of range; use 0 to 30"),
+    ({"size": "100x100"}, ["--size", "100x100"], "width 100 is not allowed; use a multiple of 64 from 256 to 1024"),
+    ({"scheduler": "heun"}, ["--scheduler", "heun"], "scheduler 'heun' is not known"),
+])
+def test_one_bad_request_one_message_on_every_front_end(manager: TaskManager, options: dict[str, Any],
+                                                       cli_args: list[str], message: str) -> None:
+    # Issue #13: every front end only parses into runtime.request.GenerationRequest, which checks each field once.
+    from click.testing import CliRunner
+
+    from backend.cli import cli
+
+    with pytest.raises(TaskInputError) as standalone:
+        manager.schedule_task(Task("a fox", "app", 1, "alice", options=options))
+    with pytest.raises(TaskInputError) as worker:  # what the Nextcloud worker runs on a task's input
+        parse_task_input({"input": "a fox", "numberOfImages": 1, **options})
+    result = CliRunner().invoke(cli, ["generate", "a fox", "--model", "sd-turbo", "--offline", *cli_args])
+    assert message in str(standalone.value) and str(standalone.value) == str(worker.value)
+    assert result.exit_code != 0 and message in result.output, result.output

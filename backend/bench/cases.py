@@ -49,6 +49,7 @@ def ours(case: dict[str, Any]) -> dict[str, Any]:
     """Our runtime: components through the same sessions ``Pipeline.generate`` uses."""
     from backend.images import png_bytes
     from runtime import Pipeline
+    from runtime.request import GenerationRequest
 
     pipe = Pipeline.load(case["bundle"], device=case.get("device", "cpu"), engine=case["engine"],
                          threads=case["threads"], precision=case.get("precision", "auto"),
@@ -65,8 +66,9 @@ def ours(case: dict[str, Any]) -> dict[str, Any]:
             side = latent * pipe.bundle.vae_scale_factor
 
             def whole(n: int = n, side: int = side) -> None:
-                for item in pipe.generate_detailed(PROMPT, n=n, width=side, height=side, steps=case["steps"],
-                                                   guidance=case["guidance"], seed=0, scheduler="euler"):
+                request = GenerationRequest(PROMPT, n=n, width=side, height=side, steps=case["steps"],
+                                            guidance=case["guidance"], seed=0, scheduler="euler")
+                for item in pipe.run(request):
                     png_bytes(item)
 
             out[f"image@{latent}x{n}"] = timed(whole, w, r)

@@ -15,8 +15,9 @@ from nc_py_api.ex_app.providers.task_processing import (
 )
 
 from backend.nextcloud.client import TASK_TYPE
-from backend.tasks.request import OPTIONAL_INPUTS, ImageRequest
+from backend.tasks.request import OPTIONAL_INPUTS
 from backend.tasks.service import ImageService
+from runtime.request import GenerationRequest
 from runtime.schedulers import SCHEDULER_NAMES
 
 APP_ID = "text2image_sd2"
@@ -38,7 +39,7 @@ def provider_id(model: str, app_id: str = APP_ID) -> str:
 
 def expected_runtime(service: ImageService) -> int:
     """Seconds one default image takes on this machine, from the service's measured speed."""
-    return max(1, math.ceil(service.expected_seconds(ImageRequest(prompt="x"))))
+    return max(1, math.ceil(service.expected_seconds(GenerationRequest(prompt="x"))))
 
 
 def build_provider(model: str, service: ImageService, app_id: str = APP_ID) -> TaskProcessingProvider:

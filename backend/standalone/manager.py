@@ -25,8 +25,9 @@ from backend.standalone.task import (
     TaskStatus,
     TaskSuccessfulEvent,
 )
-from backend.tasks.request import OPTIONAL_INPUTS, ImageRequest, TaskInputError, parse_task_input
+from backend.tasks.request import OPTIONAL_INPUTS, TaskInputError, parse_task_input, request_to_input
 from runtime.errors import GenerationCancelled, T2IError
+from runtime.request import GenerationRequest
 
 if TYPE_CHECKING:
     from backend.tasks.service import ImageService
@@ -136,7 +137,7 @@ class TaskManager:
         """True when a model is loaded, so tasks can run."""
         return bool(self._services)
 
-    def validate(self, task: Task) -> ImageRequest:
+    def validate(self, task: Task) -> GenerationRequest:
         """Check a task without storing it; raise :class:`TaskInputError` with a message for the user.
 
         Normalises ``task.number_of_images`` and ``task.options`` (e.g. "3" → 3) on the object.
@@ -156,7 +157,7 @@ class TaskManager:
         if unknown:
             raise TaskInputError(f"unknown option {', '.join(unknown)}; allowed: {', '.join(OPTIONAL_INPUTS)}")
         request = _parse(task.task_input())
-        normal = request.to_input()
+        normal = request_to_input(request)
         task.number_of_images = normal.pop("numberOfImages")
         normal.pop("input")
         task.options = normal
@@ -243,7 +244,7 @@ class TaskManager:
         return self.store.cleanup(days * 86400)
 
     # -- the workers -----------------------------------------------------------------------------------------------
-    def _estimate(self, request: ImageRequest) -> tuple[float, float]:
+    def _estimate(self, request: GenerationRequest) -> tuple[float, float]:
         """(expected seconds of this request, seconds until a worker is free for it)."""
         if not self._services:
             raise NoProviderError("no text-to-image model is loaded yet; try again when the service is ready")
@@ -360,7 +361,7 @@ class TaskManager:
                 _emit(self._on_failure, TaskFailedEvent(done, debug_message))
 
 
-def _parse(task_input: dict[str, Any]) -> ImageRequest:
+def _parse(task_input: dict[str, Any]) -> GenerationRequest:
     """parse_task_input, with its stray errors turned into the user-facing one that names the field: ValueError
     from int() of text such as '--5' or '²', OverflowError from a guidance integer too large for a float."""
     try:

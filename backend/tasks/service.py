@@ -8,14 +8,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from backend.config import Settings
 from backend.images import png_bytes
-from backend.tasks.request import ImageRequest, TaskInputError
+from backend.tasks.request import TaskInputError
 from runtime.errors import InvalidRequest, T2IError
+from runtime.request import GenerationRequest
 
 if TYPE_CHECKING:
     from runtime import Bundle, Pipeline
@@ -120,7 +121,7 @@ class ImageService:
         log.info("calibrated %s: %.2f s per step, %.2f s per decode at %dx%d", self.model_name,
                  self._step_seconds, self._decode_seconds, w, h)
 
-    def expected_seconds(self, request: ImageRequest) -> float:
+    def expected_seconds(self, request: GenerationRequest) -> float:
         """Estimated wall time of ``request`` on this machine, from the measured step and decode times."""
         pipe = self._pipe()
         if self._step_seconds is None or self._decode_seconds is None:
@@ -135,7 +136,7 @@ class ImageService:
         return max(0.1, request.n * per_image * area)
 
     # -- running ---------------------------------------------------------------------------------------------------
-    def run(self, request: ImageRequest, on_progress: ProgressCallback | None = None) -> list[ImageResult]:
+    def run(self, request: GenerationRequest, on_progress: ProgressCallback | None = None) -> list[ImageResult]:
         """Generate the request's images in batches of at most ``max_batch``.
 
         Raises :class:`TaskInputError` for input the model cannot take (e.g. a size its static graphs do not
@@ -156,10 +157,7 @@ class ImageService:
                     return keep_going is not False
 
                 try:
-                    items = pipe.generate_detailed(
-                        request.prompt, request.negative_prompt, n=size, width=request.width,
-                        height=request.height, steps=request.steps, guidance=request.guidance,
-                        seed=first_seed + len(results), scheduler=request.scheduler, on_step=step)
+                    items = pipe.run(replace(request, n=size, seed=first_seed + len(results)), on_step=step)
                 except InvalidRequest as exc:
                     raise TaskInputError(str(exc)) from None
                 for item in items:
