@@ -269,3 +269,21 @@ def test_an_engine_failure_is_an_internal_error_not_refused_input(tmp_path: Path
     finally:
         proc.stop()
         fake.stop()
+
+
+def test_portrait_and_landscape_sizes_are_offered_with_labels(onnx_bundle: Path) -> None:
+    # Issue #12, finding 6: Assistant showed only squares; its size menu lists the provider's enum names.
+    from standalone_helpers import load_service
+
+    from backend.nextcloud.provider import build_provider
+
+    provider = build_provider("tiny", load_service(onnx_bundle))
+    sizes = {e.value: e.name for e in provider.optional_input_shape_enum_values["size"]}
+    assert provider.optional_input_shape_defaults["size"] == "256x256" == next(iter(sizes))
+    assert sizes["256x256"] == "256×256 (square, native)"
+    assert sizes["384x256"] == "384×256 (landscape 3:2)" and sizes["256x384"] == "256×384 (portrait 2:3)"
+    assert sizes["448x256"] == "448×256 (landscape 16:9)" and "256x448" in sizes
+    assert "384x384" in sizes and "1024x1024" in sizes
+    for value in sizes:
+        w, h = map(int, value.split("x"))
+        assert w % 64 == h % 64 == 0 and 256 <= min(w, h) and max(w, h) <= 1024, value

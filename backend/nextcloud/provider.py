@@ -59,7 +59,7 @@ def build_provider(model: str, service: ImageService, app_id: str = APP_ID) -> T
         optional_input_shape=shapes,
         input_shape_defaults={"numberOfImages": 1},
         optional_input_shape_enum_values={
-            "size": [ShapeEnumValue(name=s, value=s) for s in sizes],
+            "size": [ShapeEnumValue(name=label, value=size) for size, label in sizes.items()],
             "scheduler": [ShapeEnumValue(name=s, value=s) for s in SCHEDULER_NAMES],
         },
         optional_input_shape_defaults={

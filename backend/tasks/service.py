@@ -17,6 +17,7 @@ from backend.images import png_bytes
 from backend.tasks.request import TaskInputError
 from runtime.errors import InvalidRequest, T2IError
 from runtime.request import GenerationRequest
+from runtime.validation import MAX_SIDE
 
 if TYPE_CHECKING:
     from runtime import Bundle, Pipeline
@@ -93,17 +94,26 @@ class ImageService:
         return {"size": f"{w}x{h}", "steps": pipe.default_steps, "guidance": pipe.default_guidance,
                 "scheduler": pipe.default_scheduler}
 
-    def allowed_sizes(self) -> list[str]:
-        """Sizes offered to users: the model's native one first, then square and 4:3 / 3:4 choices nearby."""
+    def allowed_sizes(self) -> dict[str, str]:
+        """Sizes offered to users, ``WIDTHxHEIGHT`` → a label that shows the shape: the model's native square
+        first, then landscape and portrait at the common aspect ratios at the native scale, then other squares."""
         pipe = self._pipe()
         static = pipe.bundle.static_shape
         if static:
-            return [f"{static['width']}x{static['height']}"]
+            size = f"{static['width']}x{static['height']}"
+            return {size: size.replace("x", "×")}
         native = pipe.default_size[0]
-        sides = sorted({256, 384, 512, 640, 768, 1024} | {native})
-        sizes = [f"{native}x{native}"] + [f"{s}x{s}" for s in sides if s != native]
-        sizes += [f"{native}x{native * 3 // 4 // 64 * 64}", f"{native * 3 // 4 // 64 * 64}x{native}"]
-        return [sz for sz in dict.fromkeys(sizes) if _fits(sz)]
+        sizes = {f"{native}x{native}": f"{native}×{native} (square, native)"}
+        for a, b in ASPECT_RATIOS:
+            # The short side stays native (the scale the model was trained at) while the long side fits the limit.
+            long, short = _side(native * a / b), native
+            if long > MAX_SIDE:
+                long, short = MAX_SIDE, _side(MAX_SIDE * b / a)
+            sizes[f"{long}x{short}"] = f"{long}×{short} (landscape {a}:{b})"
+            sizes[f"{short}x{long}"] = f"{short}×{long} (portrait {b}:{a})"
+        for side in (256, 384, 512, 640, 768, 1024):
+            sizes.setdefault(f"{side}x{side}", f"{side}×{side} (square)")
+        return {size: label for size, label in sizes.items() if _fits(size)}
 
     # -- speed -----------------------------------------------------------------------------------------------------
     def calibrate(self) -> None:
@@ -164,6 +174,15 @@ class ImageService:
                     w, h = item.image.size
                     results.append(ImageResult(png_bytes(item, self.mark_ai), item.seed, w, h))
             return results
+
+
+#: Landscape aspect ratios offered besides the square (each also as portrait).
+ASPECT_RATIOS = ((4, 3), (3, 2), (16, 9))
+
+
+def _side(length: float) -> int:
+    """The nearest multiple of 64 (what the VAE and UNet take)."""
+    return max(64, round(length / 64) * 64)
 
 
 def _fits(size: str) -> bool:
