@@ -124,7 +124,7 @@ class FakeNextcloud(AppAPI):
             self.tasks[tid] = {"id": tid, "type": task_type, "lastUpdated": now, "status": "STATUS_SCHEDULED",
                                "userId": user, "appId": app_id, "input": task_input, "output": None,
                                "customId": "", "completionExpectedAt": now + provider["expected_runtime"],
-                               "progress": None, "scheduledAt": now, "startedAt": None, "endedAt": None,
+                               "progress": 0, "scheduledAt": now, "startedAt": None, "endedAt": None,
                                "allowCleanup": True, "_error": None, "_user_error": None}
         if self.version >= 33 and self.exapp_url:  # AppAPI 33+ tells the provider a task is waiting
             threading.Thread(target=self.call_exapp, args=("POST", f"/trigger?providerId={provider['id']}"),
@@ -333,8 +333,8 @@ class FakeNextcloud(AppAPI):
                 if not 0 <= value <= 1:
                     return 500, (500, {"message": "Internal error"}), False
                 if task["status"] != "STATUS_CANCELLED":
-                    if task["status"] != "STATUS_RUNNING":
-                        task.update(status="STATUS_RUNNING", startedAt=task["startedAt"] or now)
+                    if task["status"] != "STATUS_RUNNING":  # startedAt stays null, as on Nextcloud 32.0.1
+                        task.update(status="STATUS_RUNNING")
                     task.update(progress=value, lastUpdated=now)
                 return 200, (200, {"task": _public(task)}), False
             return self._result(task, body or {}, now)

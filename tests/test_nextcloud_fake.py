@@ -126,3 +126,15 @@ def test_auth_failures(fake: FakeNextcloud) -> None:
     fake.enabled = False
     assert _run(fake, lambda _, nc: nc.enabled_state) is False
     assert _run(fake, lambda tp, _: tp.next_task(["p1"], ["core:text2image"])) == {}
+
+
+def test_progress_starts_at_0_and_started_at_stays_null(fake: FakeNextcloud) -> None:
+    # Measured on Nextcloud 32.0.1 (issue #12, finding 7): a new task's progress is 0, and startedAt stays null
+    # through hand-out and progress reports.
+    _run(fake, lambda tp, _: tp.register(_provider("p1")))
+    tid = fake.schedule({"input": "x", "numberOfImages": 1})
+    assert fake.task(tid)["progress"] == 0 and fake.task(tid)["startedAt"] is None
+    handed = _run(fake, lambda tp, _: tp.next_task(["p1"], ["core:text2image"]))
+    assert handed["task"]["id"] == tid and handed["task"]["startedAt"] is None
+    _run(fake, lambda tp, _: tp.set_progress(tid, 50.0))
+    assert fake.task(tid)["status"] == "STATUS_RUNNING" and fake.task(tid)["startedAt"] is None
