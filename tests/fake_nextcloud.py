@@ -56,6 +56,10 @@ class FakeNextcloud(AppAPI):
         self.providers: dict[str, dict] = {}  # registration order = preference when none is set
         self.preferences: dict[str, str] = {}
         self.enabled, self.exapp_url = True, ""
+        #: False until AppAPI knows the app (a manual install started before `occ app_api:app:register`): every
+        #: request of the app is refused, and each one makes Nextcloud log "ExApp with appId … not found".
+        self.registered = True
+        self.unknown_app_requests = 0
         self.init_status: list[dict] = []
         self.requests: list[dict] = []  # everything the ExApp sent: method, path, body, time
         self.handouts: dict[int, int] = {}
@@ -240,6 +244,10 @@ class FakeNextcloud(AppAPI):
     def _route(self, method: str, path: str, query: dict, body: Any, headers: Any) -> tuple[int, Any, bool]:
         app_api, core = "/ocs/v1.php/apps/app_api/", "/ocs/v2.php/taskprocessing/tasks_provider/"
         authed = self._exapp_user(headers) is not None
+        if not self.registered and path != "/ocs/v1.php/cloud/capabilities":
+            with self.lock:
+                self.unknown_app_requests += 1
+            authed = False
         if path == "/ocs/v1.php/cloud/capabilities":
             caps = {"app_api": {"loglevel": 2, "version": f"{self.version}.0.0"}}
             return 200, (100, {"version": {"major": self.version, "minor": 0, "micro": 1, "string":

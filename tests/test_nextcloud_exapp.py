@@ -287,3 +287,49 @@ def test_portrait_and_landscape_sizes_are_offered_with_labels(onnx_bundle: Path)
     for value in sizes:
         w, h = map(int, value.split("x"))
         assert w % 64 == h % 64 == 0 and 256 <= min(w, h) and max(w, h) <= 1024, value
+
+
+def test_a_resume_before_init_still_verifies_the_bundle(tmp_path: Path, bundle: Path) -> None:
+    # Issue #12, finding 3: AppAPI 32 marks a new app enabled before it posts /init, so an ExApp started first
+    # (manual install) resumed, loaded the model without the sha256 check of /init and registered its provider.
+    import shutil
+
+    damaged = Path(shutil.copytree(bundle.resolve(), tmp_path / "tiny-onnx-copy"))
+    merges = damaged / "tokenizer" / "merges.txt"
+    merges.write_text(merges.read_text().replace("0.2", "0.3"))  # same size: only the hash tells
+    fake = FakeNextcloud(version=32).start()
+    assert fake.enabled, "registration has marked the app enabled"
+    proc = _service(fake, tmp_path, damaged)
+    try:
+        status = fake.install(proc)
+        assert "do not match its manifest.json (tokenizer/merges.txt)" in status["error"], status
+        assert fake.providers == {}, "no provider may be registered for an unverified model"
+        assert "resumed: providers registered" not in proc.output()
+    finally:
+        proc.stop()
+        fake.stop()
+
+
+def test_before_registration_the_state_is_asked_once(tmp_path: Path, bundle: Path) -> None:
+    # Issue #12, finding 4: each state poll of an app Nextcloud does not know yet logs an error there.
+    fake = FakeNextcloud(version=32).start()
+    fake.registered = False
+    proc = _service(fake, tmp_path, bundle)
+    try:
+        proc.start()
+        fake.heartbeat()
+        deadline = time.monotonic() + 30
+        while "does not know this app yet" not in proc.output():
+            assert time.monotonic() < deadline, proc.output()[-2000:]
+            time.sleep(0.1)
+        time.sleep(3)
+        assert fake.unknown_app_requests == 1, fake.unknown_app_requests
+        fake.registered = True  # occ app_api:app:register: then AppAPI posts /init
+        assert fake.init() == (200, {})
+        while not (fake.init_status and fake.init_status[-1]["progress"] == 100 and fake.enable_answers):
+            assert time.monotonic() < deadline + 60, proc.output()[-2000:]
+            time.sleep(0.1)
+        assert PROVIDER in fake.providers
+    finally:
+        proc.stop()
+        fake.stop()

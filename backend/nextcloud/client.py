@@ -77,9 +77,17 @@ class Nextcloud:
             self._major = int(caps["version"]["major"])
         return self._major
 
-    async def enabled_state(self) -> bool:
-        """Whether AppAPI has this app enabled (raises :class:`Unreachable`, unlike nc_py_api's property)."""
-        return bool(await self._ocs("GET", "/ocs/v1.php/apps/app_api/ex-app/state"))
+    async def enabled_state(self) -> bool | None:
+        """Whether AppAPI has this app enabled; None when AppAPI does not know it (401: not registered yet, as
+        with a manual install started first). Raises :class:`Unreachable` when Nextcloud cannot answer."""
+        try:
+            return bool(await self.nc.ocs("GET", "/ocs/v1.php/apps/app_api/ex-app/state"))
+        except NextcloudException as exc:
+            if exc.status_code == 401:
+                return None
+            raise Unreachable(str(exc)) from None
+        except OSError as exc:
+            raise Unreachable(f"{type(exc).__name__}: {exc}") from None
 
     async def set_init_status(self, progress: int, error: str = "") -> None:
         try:

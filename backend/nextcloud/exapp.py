@@ -16,7 +16,7 @@ from backend.config import Settings
 from backend.nextcloud.client import Backoff, Nextcloud, Unreachable, sleep_or
 from backend.nextcloud.delivery import Delivery
 from backend.nextcloud.journal import Journal
-from backend.nextcloud.loader import Model, load_models
+from backend.nextcloud.loader import Model, load_models, verify_bundle
 from backend.nextcloud.provider import build_provider
 from backend.nextcloud.worker import Trigger, Worker
 from runtime.errors import T2IError
@@ -33,6 +33,8 @@ CRASHED = ("The image service stopped unexpectedly while working on this task, t
 STOP_GRACE = 8.0
 #: AppAPI waits 60 s for the answer to /enabled; a model still loading after this long is registered later.
 ENABLE_WAIT = 45.0
+#: In the persistent storage: which bundle manifests a run has verified, so a restart does not hash GBs again.
+VERIFIED = "verified.json"
 
 
 def storage_dir() -> Path:
@@ -66,6 +68,7 @@ class ExApp:
         self.workers: list[Worker] = []
         self._tasks: list[asyncio.Task] = []
         self._loading: asyncio.Future | None = None
+        self._verified = False  # whether the models in hand were hashed by a forced check in this process
         self._init_progress: asyncio.Queue | None = None
         self._recovered = False
 
@@ -88,7 +91,13 @@ class ExApp:
                 await sleep_or(self.stopping, delay)
         else:
             return
-        # A restarted container is not initialised again, so it loads its models itself.
+        if enabled is None:
+            # Asking again would only make Nextcloud log "ExApp … not found" each time: AppAPI will call /init.
+            log.info("Nextcloud does not know this app yet; waiting for AppAPI to register and initialise it")
+            return
+        # A restarted container is not initialised again, so it loads its models itself, verifying a bundle no
+        # earlier run has verified (AppAPI 32 marks a new app enabled before it posts /init, so this may be a
+        # first start that /init will also claim: both take the same ordered load).
         if enabled and not self.enabled.is_set():
             log.info("the app is enabled in Nextcloud; loading the models to resume work")
             error = await self.enable()
@@ -133,20 +142,28 @@ class ExApp:
 
     # -- loading -----------------------------------------------------------------------------------------------
     async def load(self, verify: bool = False) -> dict[str, Model]:
-        """Ready the models once (later callers wait for the same load); raise T2IError when that fails."""
-        if self.models:
-            return self.models
-        if self._loading is None or (self._loading.done() and self._loading.exception() is not None):
-            loop = asyncio.get_running_loop()
+        """Ready the models once (later callers wait for the same load); raise T2IError when that fails.
 
-            def report(p: int) -> None:
-                if self._init_progress is not None:
-                    loop.call_soon_threadsafe(self._init_progress.put_nowait, p)
-
-            self._loading = loop.run_in_executor(None, load_models, self.settings, report, verify)
-        ready = await asyncio.shield(self._loading)
+        ``verify`` (init) hashes every bundle file even when an earlier run did; a load without it still hashes a
+        bundle no run has verified. Whichever caller comes first, the one ordered load serves both: when /init asks
+        for verification of models a resume already loaded without it, they are verified before init reports."""
+        loop = asyncio.get_running_loop()
+        record = storage_dir() / VERIFIED
         if not self.models:
-            self.models = {pid: Model(name, pid, services) for name, pid, services in ready}
+            if self._loading is None or (self._loading.done() and self._loading.exception() is not None):
+                def report(p: int) -> None:
+                    if self._init_progress is not None:
+                        loop.call_soon_threadsafe(self._init_progress.put_nowait, p)
+
+                self._loading = loop.run_in_executor(None, load_models, self.settings, report, verify, record)
+                self._verified = verify
+            ready = await asyncio.shield(self._loading)
+            if not self.models:
+                self.models = {pid: Model(name, pid, services) for name, pid, services in ready}
+        if verify and not self._verified:
+            for model in self.models.values():
+                await loop.run_in_executor(None, verify_bundle, model.services[0], lambda _: None, True, record)
+            self._verified = True
         return self.models
 
     async def init(self) -> None:

@@ -8,10 +8,12 @@ would serialise the workers on its lock, and an OpenVINO infer request must not 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
+from pathlib import Path
 
 from backend.config import Settings
 from backend.nextcloud.provider import model_names, provider_id
@@ -57,11 +59,13 @@ def worker_device(settings: Settings, worker: int) -> str:
     return f"cuda:{worker % count}" if count > 1 else settings.device
 
 
-def load_models(settings: Settings, report: Report, verify: bool) -> list[tuple[str, str, list[ImageService]]]:
+def load_models(settings: Settings, report: Report, verify: bool,
+                verified: Path | None = None) -> list[tuple[str, str, list[ImageService]]]:
     """Blocking: ready every configured model; return ``(name, provider id, services)`` per model.
 
-    ``verify`` also checks every file's sha256 against the manifest (done at init, skipped on a plain restart).
-    Raises :class:`T2IError` with a message for the admin.
+    Every file's sha256 is checked against the manifest when ``verify`` (at init) and otherwise when the record
+    ``verified`` (a JSON file) does not show this bundle's manifest verified before, so no path loads a model
+    nobody has verified. Raises :class:`T2IError` with a message for the admin.
     """
     names = model_names(settings.model)
     if not names:
@@ -85,8 +89,7 @@ def load_models(settings: Settings, report: Report, verify: bool) -> list[tuple[
         # Resolving (download or export) is most of the time on a first start; the service reports 1, 60, 85, 100.
         first.load(progress=partial(_scaled, at, 0.0, 0.006))
         bundle_path = first.bundle.path
-        if verify:
-            _verify(first, partial(_scaled, at, 0.6, 0.2))
+        verify_bundle(first, partial(_scaled, at, 0.6, 0.2), force=verify, verified=verified)
         services = [first]
         for w in range(1, settings.workers):
             at(0.8 + 0.2 * w / settings.workers)
@@ -106,15 +109,40 @@ def _scaled(report: Callable[[float], None], start: float, scale: float, value: 
     report(start + scale * value)
 
 
-def _verify(service: ImageService, progress: Callable[[float], None]) -> None:
-    """Hash every file the manifest lists, reporting progress by bytes; a bundle without manifest is skipped."""
+def verify_bundle(service: ImageService, progress: Callable[[float], None], force: bool = True,
+                  verified: Path | None = None) -> None:
+    """Hash every file the manifest lists, reporting progress by bytes; a bundle without manifest is skipped.
+
+    Unless ``force``, a bundle that ``verified`` records as checked with this very manifest is not hashed again
+    (a plain restart); a successful check is recorded there."""
+    from runtime.bundle import MANIFEST, file_digest
+
     bundle = service.bundle
     if bundle.manifest is None:
         log.warning("bundle %s has no manifest.json; its files cannot be verified", bundle.path)
         return
+    key, digest = str(bundle.path.resolve()), file_digest(bundle.path / MANIFEST)
+    record = _read_record(verified)
+    if not force and record.get(key) == digest:
+        log.info("bundle %s was verified before; not hashing it again", bundle.path)
+        return
+    log.info("verifying every file of %s against its manifest", bundle.path)
     bad = bundle.verify_hashes(progress)
     if bad:
         raise T2IError(
             f"{len(bad)} file(s) of the model bundle {bundle.path} do not match its manifest.json "
             f"({', '.join(bad[:5])}); delete that folder and initialise the app again to download it anew"
         )
+    if verified is not None:
+        try:
+            verified.write_text(json.dumps({**_read_record(verified), key: digest}, indent=1))
+        except OSError as exc:
+            log.warning("could not record the verification in %s: %s", verified, exc)
+
+
+def _read_record(path: Path | None) -> dict[str, str]:
+    try:
+        data = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
