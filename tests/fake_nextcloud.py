@@ -33,6 +33,8 @@ _NUMERIC = re.compile(r"^\s*[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\s*$")  # PHP
 _BAD_OUTPUT = ("The task was processed successfully but the provider's output doesn't pass validation against the "
                "task type's outputShape spec and/or the provider's own optionalOutputShape spec")
 _E500 = (500, {"message": "Internal Server Error\n", "statuscode": 996})  # an uncaught PHP TypeError
+#: Nextcloud's session cookie, set on an ExApp's authenticated requests.
+SESSION_COOKIE = "nc_session_id"
 
 
 class ScheduleError(Exception):
@@ -226,6 +228,8 @@ class FakeNextcloud(AppAPI):
             payload = {"ocs": {"meta": meta, "data": data}}
         out = json.dumps(payload).encode()
         h.send_response(status)
+        if self._exapp_user(h.headers) is not None:  # Nextcloud's session cookie, which nc_py_api keeps
+            h.send_header("Set-Cookie", f"{SESSION_COOKIE}=fake; path=/; HttpOnly")
         h.send_header("Content-Type", "application/json; charset=utf-8")
         h.send_header("Content-Length", str(len(out)))
         h.end_headers()
@@ -260,7 +264,9 @@ class FakeNextcloud(AppAPI):
         if path.startswith(core):
             if headers.get("OCS-APIRequest") != "true":
                 return 412, {"message": "CSRF check failed"}, False
-            if not authed or not self.enabled:
+            # A disabled app is refused, unless it sends the session cookie of its earlier requests (measured on
+            # 32.0.1: then progress 200, file 201, and a result for an unregistered provider 500).
+            if not authed or not (self.enabled or SESSION_COOKIE in headers.get("Cookie", "")):
                 return 412, {"message": "ExApp required"}, False
             return self._provider_api(method, path[len(core):], query, body)
         return 404, (998, {"message": "Not found"}), False
@@ -313,7 +319,7 @@ class FakeNextcloud(AppAPI):
                     pref = self.preferred(task["type"])
                     if (task["status"] == "STATUS_SCHEDULED" and task["type"] in types and pref
                             and pref["id"] in pids):
-                        task.update(status="STATUS_RUNNING", progress=0)  # atomic: one poller only
+                        task.update(status="STATUS_RUNNING", progress=0, _provider=pref["id"])  # atomic: one poller
                         self.handouts[task["id"]] = self.handouts.get(task["id"], 0) + 1
                         found = {"task": _public(task), "provider": {"name": pref["id"]}}
                         if path == "next":
@@ -351,6 +357,9 @@ class FakeNextcloud(AppAPI):
         error, user_error, output = body.get("errorMessage"), body.get("userFacingErrorMessage"), body.get("output")
         if task["status"] == "STATUS_CANCELLED":
             return 200, (200, {"task": _public(task)}), False  # ignored
+        if output is not None and "_provider" in task and task["_provider"] not in self.providers:
+            # Unregistered meanwhile (the app was disabled): validateOutputWithFileIds meets a null output spec.
+            return 500, {"message": "Internal Server Error"}, False
         if self.version < 33 and user_error is not None and error is None:
             return _E500[0], (996, []), False  # 32 has no such parameter: TaskFailedEvent gets null, stays RUNNING
         if error is not None:

@@ -333,3 +333,31 @@ def test_before_registration_the_state_is_asked_once(tmp_path: Path, bundle: Pat
     finally:
         proc.stop()
         fake.stop()
+
+
+def test_disable_mid_task_settles_the_task_before_unregistering(tmp_path: Path, bundle: Path) -> None:
+    # Issue #12, finding 2: on a real Nextcloud the providers were unregistered at once, every result POST then
+    # answered 500 and the worker retried forever, the task RUNNING until the app was enabled again.
+    from backend.nextcloud.worker import STOPPED
+
+    fake = FakeNextcloud(version=33).start()
+    proc = _service(fake, tmp_path, bundle)
+    try:
+        assert fake.install(proc)["progress"] == 100
+        tid = fake.schedule({"input": "a fox", "numberOfImages": 1, "size": "1024x1024", "steps": 100})
+        deadline = time.monotonic() + 120
+        while not _progress(fake, tid) or _progress(fake, tid)[-1] < 0.1:
+            assert time.monotonic() < deadline, proc.output()[-2000:]
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        assert fake.disable() == ""
+        took = time.monotonic() - t0
+        task = fake.task(tid)
+        assert task["status"] == "STATUS_FAILED" and task["_user_error"] == STOPPED, (task, proc.output()[-2000:])
+        assert took < 30, f"AppAPI waits 60 s for /enabled; disabling took {took:.1f} s"
+        assert PROVIDER not in fake.providers
+        time.sleep(2)
+        assert len(fake.sent("/result", tid)) == 1, "one result, no retry loop"
+    finally:
+        proc.stop()
+        fake.stop()

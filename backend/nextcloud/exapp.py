@@ -33,6 +33,8 @@ CRASHED = ("The image service stopped unexpectedly while working on this task, t
 STOP_GRACE = 8.0
 #: AppAPI waits 60 s for the answer to /enabled; a model still loading after this long is registered later.
 ENABLE_WAIT = 45.0
+#: On disable, a task in hand that can finish within this many seconds is finished and delivered, else stopped.
+DISABLE_GRACE = 20.0
 #: In the persistent storage: which bundle manifests a run has verified, so a restart does not hash GBs again.
 VERIFIED = "verified.json"
 
@@ -234,8 +236,25 @@ class ExApp:
             log.error(error)
 
     async def disable(self) -> str:
-        """Stop taking tasks and unregister the providers; a task in hand still finishes and is delivered."""
+        """Stop taking tasks, settle the tasks in hand while the providers still take results, then unregister.
+
+        Nextcloud refuses results (HTTP 500) once a task's provider is unregistered, and AppAPI waits up to a
+        minute for this answer: a task that can finish within :data:`DISABLE_GRACE` seconds is finished and
+        delivered, a longer one is stopped at its next step and reported failed with the reason."""
         self.enabled.clear()
+        busy = [w.current for w in self.workers if w.current is not None]
+        if busy and self.stop_deadline is None:
+            log.info("disabled while task(s) %s run: finishing what can be within %.0f s, stopping the rest",
+                     busy, DISABLE_GRACE)
+            self.stop_deadline = time.monotonic() + DISABLE_GRACE
+            try:
+                while any(w.current is not None for w in self.workers):
+                    if time.monotonic() > self.stop_deadline + 5:
+                        log.warning("task(s) %s did not settle before the providers are unregistered", busy)
+                        break
+                    await asyncio.sleep(0.05)
+            finally:
+                self.stop_deadline = None
         errors = []
         for pid in self.models:
             try:
