@@ -184,12 +184,13 @@ def generate(prompt: str, model: str | None, n: int, size: str | None, steps: in
 def info(model: str | None, as_json: bool) -> None:
     """Show the engines and devices available, the device and threads that would be used and why, and a bundle."""
     from exporters.catalog import CATALOG
-    from runtime.engines import available_engines, cuda_usable, default_threads
+    from runtime.engines import available_engines, cuda_driver_problem, cuda_usable, default_threads
 
     s = Settings.from_env(model=model)
     report: dict[str, Any] = {
         "engines": available_engines(),
         "cuda_usable": cuda_usable(),
+        "cuda_driver": cuda_driver_problem() or "no problem found (or no NVIDIA driver here)",
         "threads": s.threads or default_threads(),
         "threads_reason": "T2I_THREADS/--threads" if s.threads else "cores this process may use (affinity mask)",
         "model": s.model,

@@ -129,3 +129,26 @@ def test_cancellation_is_no_error() -> None:
     from runtime import GenerationCancelled, T2IError
 
     assert not issubclass(GenerationCancelled, T2IError), "handlers of T2IError must not swallow a cancel"
+
+
+@pytest.mark.parametrize(("driver", "built", "problem"), [
+    ((12, 2), ("1.31.1", 13), "the NVIDIA driver supports CUDA 12.2 only, but onnxruntime-gpu 1.31.1 needs CUDA 13"),
+    ((13, 0), ("1.31.1", 13), None),
+    ((12, 8), ("1.26.0", 12), None),
+    (None, ("1.26.0", 12), None),
+])
+def test_info_says_when_the_driver_is_too_old(monkeypatch: pytest.MonkeyPatch, driver: object, built: object,
+                                              problem: str | None) -> None:
+    # The CUDA probe's answers injected: what `text2image info` says on a host with that driver (issue #12).
+    import json
+
+    import runtime.engines.select as select
+
+    monkeypatch.setattr(select, "cuda_driver_version", lambda: driver)
+    monkeypatch.setattr(select, "onnxruntime_cuda_major", lambda: built)
+    result = CliRunner().invoke(cli, ["info", "--json"])
+    said = json.loads(result.output)["cuda_driver"]
+    if problem is None:
+        assert said.startswith("no problem found"), said
+    else:
+        assert said.startswith(problem) and "update the host's NVIDIA driver" in said, said

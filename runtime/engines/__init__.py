@@ -20,14 +20,18 @@ from runtime.engines.select import (
     check_precision,
     choose,
     cuda_device_count,
+    cuda_driver_problem,
+    cuda_driver_version,
     cuda_usable,
     default_threads,
+    onnxruntime_cuda_major,
     parse_threads,
 )
 
 __all__ = ["DEVICES", "ENGINES", "PRECISIONS", "Device", "Engine", "InputSpec", "OrtSession", "OvSession", "Session",
-           "available_engines", "check_precision", "choose", "cuda_device_count", "cuda_usable", "default_threads",
-           "open_session", "openvino_math_precision", "parse_threads"]
+           "available_engines", "check_precision", "choose", "cuda_device_count", "cuda_driver_problem",
+           "cuda_driver_version", "cuda_usable", "default_threads", "onnxruntime_cuda_major", "open_session",
+           "openvino_math_precision", "parse_threads"]
 
 
 def open_session(path: Path, engine: Engine, device: Device, threads: int, precision: str,

@@ -96,6 +96,47 @@ def cuda_device_count() -> int:
         return 0
 
 
+def cuda_driver_version() -> tuple[int, int] | None:
+    """The newest CUDA version the host's NVIDIA driver supports (major, minor), None without a driver."""
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    version = ctypes.c_int(0)
+    if lib.cuDriverGetVersion(ctypes.byref(version)) != 0:
+        return None
+    return version.value // 1000, version.value % 1000 // 10
+
+
+def onnxruntime_cuda_major() -> tuple[str, int] | None:
+    """The installed onnxruntime-gpu's version and the CUDA major version it was built for (its wheel names the
+    CUDA runtime it needs), None without onnxruntime-gpu."""
+    import re
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution("onnxruntime-gpu")
+    except metadata.PackageNotFoundError:
+        return None
+    for requirement in dist.requires or []:
+        found = re.match(r"nvidia-cuda-runtime(?:-cu(\d+))?\s*~=\s*(\d+)", requirement)
+        if found:
+            return dist.version, int(found[1] or found[2])
+    return None
+
+
+def cuda_driver_problem() -> str | None:
+    """A plain sentence when the host's driver is too old for the installed onnxruntime-gpu, else None."""
+    driver, built = cuda_driver_version(), onnxruntime_cuda_major()
+    if driver is None or built is None or driver[0] >= built[1]:
+        return None
+    return (f"the NVIDIA driver supports CUDA {driver[0]}.{driver[1]} only, but onnxruntime-gpu {built[0]} needs CUDA "
+            f"{built[1]}: update the host's NVIDIA driver, or install an onnxruntime-gpu built for CUDA "
+            f"{driver[0]} (for CUDA 12: onnxruntime-gpu<1.27, what the CUDA image ships)")
+
+
 def cuda_usable() -> bool:
     """True when onnxruntime has the CUDA provider *and* a GPU answers (the provider alone loads without one)."""
     return cuda_device_count() > 0
