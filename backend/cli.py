@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -123,6 +124,17 @@ def _load(model: str | None, device: str | None, engine: str | None, threads: in
     return pipe
 
 
+def _check_out(out: Path) -> None:
+    """Refuse an output folder that could not be written, without creating it yet."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise T2IError(f"--out {str(out)!r} cannot be created: {str(existing)!r} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise T2IError(f"--out {str(out)!r} is not writable by this user ({str(existing)!r}); choose another folder")
+
+
 @cli.command()
 @click.argument("prompt")
 @click.option("--model", help="Bundle folder, short name, hub id, or 'tiny'. Default: T2I_MODEL or sd-turbo.")
@@ -160,6 +172,8 @@ def generate(prompt: str, model: str | None, n: int, size: str | None, steps: in
     # The whole request is checked here, before the model is loaded.
     width, height = validation.parse_size(size) if size else (None, None)
     request = GenerationRequest(prompt, negative, n, width, height, steps, guidance, seed, scheduler)
+    # So is the output folder: a generation must not run only to find that its images cannot be written.
+    _check_out(out)
     pipe = _load(model, device, engine, threads, offline, decoder, precision, cuda_graph)
     total = steps or pipe.default_steps
     with click.progressbar(length=total, label="denoising", file=sys.stderr) as bar:

@@ -53,8 +53,12 @@ def resolve_model(model: str, store: Path, fmt: str, offline: bool = False,
     with torch where the export extra is installed, else through the graph templates). ``tiny`` is built locally.
     ``progress`` receives the fraction of the download and conversion done (0..1).
     """
+    from exporters.catalog import CATALOG
+
     local = Path(model).expanduser()
-    if local.is_dir() or model.startswith((".", "/", "~")):
+    # A known name (tiny, sd-turbo …) means that model even where the working directory has a folder of that name.
+    named = model in ("tiny", "tiny-v") or model in CATALOG
+    if (local.is_dir() and not named) or model.startswith((".", "/", "~")):
         if not local.is_dir():
             raise T2IError(f"model folder '{model}' does not exist")
         return local

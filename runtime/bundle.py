@@ -24,13 +24,22 @@ GRAPH_FILES: dict[str, str] = {"onnx": "model.onnx", "openvino": "openvino_model
 Format = Literal["onnx", "openvino"]
 
 
+#: Larger config or manifest files are refused rather than read whole (a real manifest is a few kB).
+MAX_JSON_BYTES = 4 * 1024 * 1024
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        with path.open("rb") as f:
+            raw = f.read(MAX_JSON_BYTES + 1)
+        if len(raw) > MAX_JSON_BYTES:
+            raise BundleError(f"bundle file {path} is over {MAX_JSON_BYTES // (1024 * 1024)} MB; no config is this "
+                              "large, so it is not read")
+        data = json.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise BundleError(f"bundle file {path} is missing") from None
-    except (OSError, ValueError) as exc:
-        raise BundleError(f"bundle file {path} cannot be read as JSON: {exc}") from None
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested thousands deep
+        raise BundleError(f"bundle file {path} cannot be read as JSON: {str(exc)[:200]}") from None
     if not isinstance(data, dict):
         raise BundleError(f"bundle file {path} must hold a JSON object, found {type(data).__name__}")
     return data
@@ -79,7 +88,7 @@ class Bundle:
                 )
             if manifest.get("format") != fmt:
                 raise BundleError(f"{root / MANIFEST} says format {manifest.get('format')!r} but the graphs are {fmt}")
-            files = manifest.get("files", {})
+            files = cls._listed_files(root, manifest.get("files", {}))
             cls._check_sizes(root, files)
         for component in COMPONENTS:
             graph = root / component / GRAPH_FILES[fmt]
@@ -108,6 +117,21 @@ class Bundle:
         if len(found) > 1:
             raise BundleError(f"bundle '{root}' holds both ONNX and OpenVINO graphs; keep one format per folder")
         return found[0]  # type: ignore[return-value]
+
+    @staticmethod
+    def _listed_files(root: Path, files: object) -> dict[str, dict[str, Any]]:
+        """The manifest's file list, each entry a path that stays inside the bundle (no '..', no absolute path,
+        no link out of it): a manifest must not make the loader or `verify` read other files."""
+        if not isinstance(files, dict):
+            raise BundleError(f"{root / MANIFEST}: 'files' must be an object of path → size and sha256")
+        inside = root.resolve()
+        for rel, meta in files.items():
+            target = (root / rel).resolve()
+            if (not isinstance(meta, dict) or Path(rel).is_absolute() or ".." in Path(rel).parts
+                    or not target.is_relative_to(inside)):
+                raise BundleError(f"{root / MANIFEST} lists {str(rel)[:100]!r}, which is not a file inside the "
+                                  "bundle; the manifest is damaged or was made to read other files")
+        return files
 
     @staticmethod
     def _check_sizes(root: Path, files: dict[str, dict[str, Any]]) -> None:
@@ -175,7 +199,11 @@ class Bundle:
         """The factor latents were scaled by in training (0.18215 for SD2), from the VAE config."""
         if "scaling_factor" not in self.vae_config:
             raise BundleError(f"{self.path / 'vae_decoder' / 'config.json'} has no scaling_factor")
-        return float(self.vae_config["scaling_factor"])
+        try:
+            return float(self.vae_config["scaling_factor"])
+        except (TypeError, ValueError):
+            raise BundleError(f"{self.path / 'vae_decoder' / 'config.json'}: scaling_factor "
+                              f"{str(self.vae_config['scaling_factor'])[:40]!r} is not a number") from None
 
     @property
     def latent_channels(self) -> int:

@@ -82,9 +82,21 @@ def check_guidance(guidance: object) -> float:
 MAX_PROMPT_CHARS = 4000
 
 
-def check_prompt(name: str, text: object) -> str:
+def check_text(name: str, text: object) -> str:
+    """Text that can be stored and shown: a str without lone surrogates (JSON's "\\ud800" decodes to one, and no
+    UTF-8 file, database or reply can hold it)."""
     if not isinstance(text, str):
         raise InvalidRequest(f"{name} must be text, got {type(text).__name__}")
-    if len(text) > MAX_PROMPT_CHARS:
-        raise InvalidRequest(f"{name} is {len(text)} characters long; at most {MAX_PROMPT_CHARS} are allowed")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequest(f"{name} holds a character that is not text (a lone surrogate at position "
+                             f"{exc.start}); send it as UTF-8") from None
     return text
+
+
+def check_prompt(name: str, text: object) -> str:
+    checked = check_text(name, text)
+    if len(checked) > MAX_PROMPT_CHARS:
+        raise InvalidRequest(f"{name} is {len(checked)} characters long; at most {MAX_PROMPT_CHARS} are allowed")
+    return checked

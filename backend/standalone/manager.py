@@ -26,8 +26,9 @@ from backend.standalone.task import (
     TaskSuccessfulEvent,
 )
 from backend.tasks.request import OPTIONAL_INPUTS, TaskInputError, parse_task_input, request_to_input
-from runtime.errors import GenerationCancelled, T2IError
+from runtime.errors import GenerationCancelled, InvalidRequest, T2IError
 from runtime.request import GenerationRequest
+from runtime.validation import check_text
 
 if TYPE_CHECKING:
     from backend.tasks.service import ImageService
@@ -151,6 +152,10 @@ class TaskManager:
         if not isinstance(task.identifier, str) or len(task.identifier) > MAX_IDENTIFIER_CHARS:
             raise TaskInputError(f"identifier {_show(task.identifier)} is not allowed; use text of at most "
                                  f"{MAX_IDENTIFIER_CHARS} characters")
+        try:
+            check_text("identifier", task.identifier)
+        except InvalidRequest as exc:
+            raise TaskInputError(str(exc)) from None
         if not isinstance(task.options, dict):
             raise TaskInputError(f"options must be an object, got {type(task.options).__name__}")
         unknown = sorted(repr(k) for k in set(task.options) - set(OPTIONAL_INPUTS))

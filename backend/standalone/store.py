@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import sqlite3
 import threading
@@ -69,8 +70,12 @@ class TaskStore:
             raise T2IError(f"there is no task store in {self.data_dir}; start `text2image serve --standalone` "
                            "first or pass the --data-dir it uses")
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        # Users' prompts and images: for this service's account only (the folder closes everything in it, the
+        # database gets its own mode too).
+        os.chmod(self.data_dir, 0o700)
         self._lock = threading.RLock()
         self._db = sqlite3.connect(db, timeout=30, check_same_thread=False, isolation_level=None)
+        os.chmod(db, 0o600)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         # FULL: a task acknowledged to a client survives a power cut, not only a crash of this process.

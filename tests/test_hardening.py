@@ -1,0 +1,118 @@
+"""Rows of the adversarial review (issue #11) fixed at the depth where they belong: text validated once where it
+enters, bundle paths kept inside the bundle, the task store private, the CLI checking its output folder first."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from backend.cli import cli
+from backend.tasks.request import TaskInputError, parse_task_input
+from runtime import Bundle, BundleError, InvalidRequest, Pipeline
+from runtime.request import GenerationRequest
+
+
+@pytest.mark.parametrize("field", ["prompt", "negative_prompt"])
+def test_a_lone_surrogate_is_refused_where_it_enters(field: str) -> None:
+    # Row 1: JSON "\ud800x" decodes to a lone surrogate that no UTF-8 store or reply can hold.
+    args = {"prompt": "a fox", field: "\ud800x"}
+    with pytest.raises(InvalidRequest, match=r"holds a character that is not text \(a lone surrogate at position 0\)"):
+        GenerationRequest(**args)
+    key = {"prompt": "input", "negative_prompt": "negative_prompt"}[field]
+    with pytest.raises(TaskInputError, match="lone surrogate"):
+        parse_task_input({"input": "a fox", "numberOfImages": 1, key: "\ud800x"})
+
+
+def _damaged(onnx_bundle: Path, tmp_path: Path, files: object) -> Path:
+    bundle = Path(shutil.copytree(onnx_bundle, tmp_path / "b"))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    (bundle / "manifest.json").write_text(json.dumps({**manifest, "files": files}))
+    return bundle
+
+
+@pytest.mark.parametrize("listed", ["../../../../etc/passwd", "/etc/passwd", "unet/../../outside"])
+def test_a_manifest_cannot_point_outside_the_bundle(onnx_bundle: Path, tmp_path: Path, listed: str) -> None:
+    # Row 11: the loader followed such paths (and its error disclosed the outside file's size; verify hashed it).
+    bundle = _damaged(onnx_bundle, tmp_path, {listed: {"size": 1, "sha256": "0" * 64}})
+    with pytest.raises(BundleError, match="which is not a file inside the bundle") as caught:
+        Bundle.open(bundle)
+    assert "bytes" not in str(caught.value)
+
+
+def test_a_symlink_out_of_the_bundle_is_refused(onnx_bundle: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "secret.txt"
+    outside.write_text("not for the bundle")
+    bundle = _damaged(onnx_bundle, tmp_path, {"tokenizer/extra.txt": {"size": 18, "sha256": "0" * 64}})
+    (bundle / "tokenizer" / "extra.txt").symlink_to(outside)
+    with pytest.raises(BundleError, match="not a file inside the bundle"):
+        Bundle.open(bundle)
+
+
+@pytest.mark.parametrize(("files", "config", "message"), [
+    (["unet/model.onnx"], None, "'files' must be an object"),
+    (None, "[" * 100_000, "cannot be read as JSON"),
+    (None, " " * (5 * 1024 * 1024), "is over 4 MB"),
+])
+def test_damaged_bundle_files_give_messages_not_tracebacks(onnx_bundle: Path, tmp_path: Path, files: object,
+                                                           config: str | None, message: str) -> None:
+    bundle = Path(shutil.copytree(onnx_bundle, tmp_path / "b"))
+    if files is not None:
+        bundle = _damaged(onnx_bundle, tmp_path / "f", files)
+    if config is not None:
+        (bundle / "manifest.json").unlink()
+        (bundle / "unet" / "config.json").write_text(config)
+    with pytest.raises(BundleError, match=message):
+        Bundle.open(bundle)
+
+
+def test_a_scaling_factor_that_is_no_number(onnx_bundle: Path, tmp_path: Path) -> None:
+    bundle = Path(shutil.copytree(onnx_bundle, tmp_path / "b"))
+    (bundle / "manifest.json").unlink()
+    config = json.loads((bundle / "vae_decoder" / "config.json").read_text())
+    (bundle / "vae_decoder" / "config.json").write_text(json.dumps({**config, "scaling_factor": "abc"}))
+    with pytest.raises(BundleError, match="scaling_factor 'abc' is not a number"):
+        Pipeline.load(bundle, device="cpu", engine="onnxruntime", threads=1)
+
+
+def test_the_task_store_is_private(tmp_path: Path) -> None:
+    # Row 9: tasks.sqlite3 and the images were world-readable.
+    from backend.standalone.store import DB_NAME, TaskStore
+
+    store = TaskStore(tmp_path / "data")
+    try:
+        assert stat.S_IMODE((tmp_path / "data").stat().st_mode) == 0o700
+        assert stat.S_IMODE((tmp_path / "data" / DB_NAME).stat().st_mode) & 0o077 == 0
+    finally:
+        store.close()
+
+
+def test_generate_checks_its_output_folder_before_any_work(tmp_path: Path) -> None:
+    # Row 10: a read-only --out gave a traceback after the generation had run.
+    target = tmp_path / "file"
+    target.write_text("a file, not a folder")
+    result = CliRunner().invoke(cli, ["generate", "a fox", "--model", "sd-turbo", "--offline",
+                                      "--out", str(target / "out")])
+    assert result.exit_code == 1 and "cannot be created" in result.output and "Traceback" not in result.output
+    assert "is not in the local store" not in result.output, "refused before the model was looked up"
+    result = CliRunner().invoke(cli, ["generate", "", "--model", "sd-turbo", "--offline", "--out", str(tmp_path)])
+    assert "the prompt is empty" in result.output
+
+
+def test_a_known_model_name_is_not_a_folder_of_the_working_directory(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # Row 12: T2I_MODEL=tiny with a folder ./tiny in the working directory took that folder for the model.
+    from backend.models import resolve_model
+
+    (tmp_path / "sd-turbo").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(Exception) as caught:
+        resolve_model("sd-turbo", tmp_path / "store", "onnx", offline=True, say=lambda _: None)
+    assert "offline mode is on" in str(caught.value)
+    assert resolve_model("./sd-turbo", tmp_path / "store", "onnx", offline=True) == Path("./sd-turbo")
+    assert os.path.isdir("sd-turbo")
