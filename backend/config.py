@@ -47,6 +47,8 @@ class Settings:
     max_batch: int = 4
     #: Mark generated PNGs as AI-generated in their metadata (IPTC trainedAlgorithmicMedia).
     ai_marking: bool = True
+    #: Also stamp "Generated using Artificial Intelligence" visibly into the bottom-left corner of each image.
+    watermark: bool = False
     #: Seconds between polls for new tasks when no trigger has arrived (Nextcloud < 33 never triggers).
     poll_interval: float = 5.0
     #: Standalone service: folder of the task store (SQLite) and the images.

@@ -44,10 +44,30 @@ def png_info(item: Generated, mark_ai: bool = True) -> PngInfo:
     return info
 
 
-def png_bytes(item: Generated, mark_ai: bool = True) -> bytes:
-    """The image as PNG bytes with its metadata."""
+#: The visible mark, as the official Nextcloud image app words it.
+WATERMARK = "Generated using Artificial Intelligence"
+
+
+def stamp(image: Image.Image) -> Image.Image:
+    """A copy of ``image`` with :data:`WATERMARK` in its bottom-left corner: white text on a dark band, sized to
+    the image so it stays legible on small images and unobtrusive on large ones."""
+    from PIL import ImageDraw, ImageFont
+
+    out = image.convert("RGB")
+    font = ImageFont.load_default(size=max(10, out.width // 40))
+    draw = ImageDraw.Draw(out, "RGBA")
+    left, top, right, bottom = draw.textbbox((0, 0), WATERMARK, font=font)
+    pad = max(2, (bottom - top) // 3)
+    y = out.height - (bottom - top) - 3 * pad
+    draw.rectangle((0, y, right - left + 2 * pad, out.height), fill=(0, 0, 0, 150))
+    draw.text((pad - left, y + pad - top), WATERMARK, font=font, fill=(255, 255, 255, 230))
+    return out
+
+
+def png_bytes(item: Generated, mark_ai: bool = True, watermark: bool = False) -> bytes:
+    """The image as PNG bytes with its metadata; ``watermark`` stamps the visible mark into the pixels."""
     buf = io.BytesIO()
-    item.image.save(buf, format="PNG", pnginfo=png_info(item, mark_ai))
+    (stamp(item.image) if watermark else item.image).save(buf, format="PNG", pnginfo=png_info(item, mark_ai))
     return buf.getvalue()
 
 

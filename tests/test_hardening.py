@@ -116,3 +116,25 @@ def test_a_known_model_name_is_not_a_folder_of_the_working_directory(tmp_path: P
     assert "offline mode is on" in str(caught.value)
     assert resolve_model("./sd-turbo", tmp_path / "store", "onnx", offline=True) == Path("./sd-turbo")
     assert os.path.isdir("sd-turbo")
+
+
+def test_the_watermark_marks_the_corner_and_leaves_the_metadata(onnx_bundle: Path) -> None:
+    # Issue #12: the official app stamps "Generated using Artificial Intelligence" into every image.
+    import io
+    from dataclasses import replace
+
+    import numpy as np
+    from PIL import Image
+    from standalone_helpers import load_service
+
+    service = load_service(onnx_bundle)
+    request = GenerationRequest("a fox", steps=1, seed=3)
+    plain = service.run(request)[0].png
+    service.settings = replace(service.settings, watermark=True)
+    marked = service.run(request)[0].png
+    a, b = (np.asarray(Image.open(io.BytesIO(p)).convert("RGB"), dtype=np.int16) for p in (plain, marked))
+    h, w = a.shape[:2]
+    corner = (slice(h - h // 8, h), slice(0, w // 2))
+    assert np.abs(a[corner] - b[corner]).mean() > 10, "the mark is visible in the bottom-left corner"
+    assert np.array_equal(a[: h // 2], b[: h // 2]), "the rest of the image is untouched"
+    assert Image.open(io.BytesIO(plain)).text == Image.open(io.BytesIO(marked)).text, "same metadata"

@@ -84,8 +84,7 @@ def load_models(settings: Settings, report: Report, verify: bool,
         def at(fraction: float, base: float = base) -> None:
             report(int(base + share * fraction))
 
-        first = ImageService(replace(per_worker, model=name), mark_ai=settings.ai_marking,
-                             max_batch=settings.max_batch)
+        first = ImageService(replace(per_worker, model=name))
         # Resolving (download or export) is most of the time on a first start; the service reports 1, 60, 85, 100.
         first.load(progress=partial(_scaled, at, 0.0, 0.006))
         bundle_path = first.bundle.path
@@ -93,8 +92,7 @@ def load_models(settings: Settings, report: Report, verify: bool,
         services = [first]
         for w in range(1, settings.workers):
             at(0.8 + 0.2 * w / settings.workers)
-            service = ImageService(replace(per_worker, model=name, device=worker_device(per_worker, w)),
-                                   mark_ai=settings.ai_marking, max_batch=settings.max_batch)
+            service = ImageService(replace(per_worker, model=name, device=worker_device(per_worker, w)))
             service.load(bundle=bundle_path)
             services.append(service)
         at(1.0)

@@ -76,7 +76,7 @@ class StandaloneServer:
         threads = max(1, (s.threads or default_threads()) // s.workers)
         try:
             for _ in range(s.workers):
-                service = ImageService(replace(s, threads=threads), mark_ai=s.ai_marking, max_batch=s.max_batch)
+                service = ImageService(replace(s, threads=threads))
                 service.load()
                 self.manager.add_service(service)
                 log.info("model %s ready (%d threads)", service.model_name, threads)

@@ -42,10 +42,8 @@ class ImageService:
     """A loaded model ready for requests. One run at a time per service; several services can share a machine
     (each with its own thread cap)."""
 
-    def __init__(self, settings: Settings, mark_ai: bool = True, max_batch: int = 4) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.mark_ai = mark_ai
-        self.max_batch = max_batch
         self.pipeline: Pipeline | None = None
         self._lock = threading.Lock()
         # Seconds per image-step at the model's native size, measured on this machine; None until measured.
@@ -147,7 +145,7 @@ class ImageService:
 
     # -- running ---------------------------------------------------------------------------------------------------
     def run(self, request: GenerationRequest, on_progress: ProgressCallback | None = None) -> list[ImageResult]:
-        """Generate the request's images in batches of at most ``max_batch``.
+        """Generate the request's images in batches of at most ``settings.max_batch``.
 
         Raises :class:`TaskInputError` for input the model cannot take (e.g. a size its static graphs do not
         allow), :class:`GenerationCancelled` when ``on_progress`` returned False. Any other failure (an engine
@@ -157,7 +155,8 @@ class ImageService:
         pipe = self._pipe()
         with self._lock:
             steps = request.steps or pipe.default_steps
-            batches = [min(self.max_batch, request.n - i) for i in range(0, request.n, self.max_batch)]
+            most = self.settings.max_batch
+            batches = [min(most, request.n - i) for i in range(0, request.n, most)]
             total = steps * len(batches)
             first_seed = request.seed if request.seed is not None else _random_seed()
             results: list[ImageResult] = []
@@ -172,7 +171,8 @@ class ImageService:
                     raise TaskInputError(str(exc)) from None
                 for item in items:
                     w, h = item.image.size
-                    results.append(ImageResult(png_bytes(item, self.mark_ai), item.seed, w, h))
+                    results.append(ImageResult(png_bytes(item, self.settings.ai_marking, self.settings.watermark),
+                                               item.seed, w, h))
             return results
 
 
