@@ -97,7 +97,7 @@ def export(source: str, fmt: str, out: Path, precision: str, taesd: str | None, 
         raise T2IError(f"exporting needs the export extra ({exc.name} is missing): "
                        "pip install 'text2image-sd2[export]'") from None
     if source in ("tiny", "tiny-v"):
-        from backend.models import TINY_WARNING
+        from backend.model_store import TINY_WARNING
 
         _say(TINY_WARNING)
     try:
@@ -109,7 +109,7 @@ def export(source: str, fmt: str, out: Path, precision: str, taesd: str | None, 
 def _load(model: str | None, device: str | None, engine: str | None, threads: int | None, offline: bool,
           decoder: str | None = None, precision: str | None = None, cuda_graph: bool | None = None) -> Pipeline:
     from backend.loading import open_pipeline
-    from backend.models import TINY_WARNING
+    from backend.model_store import TINY_WARNING
     from runtime.engines import parse_threads
 
     if threads is not None:
@@ -186,7 +186,7 @@ def generate(prompt: str, model: str | None, n: int, size: str | None, steps: in
         path = save_png(item, out / f"t2i-{item.seed}.png")
         click.echo(str(path))
     if pipe.bundle.source_id in ("tiny", "tiny-v"):
-        from backend.models import TINY_WARNING
+        from backend.model_store import TINY_WARNING
 
         _say(TINY_WARNING)
 
@@ -212,7 +212,7 @@ def info(model: str | None, as_json: bool) -> None:
         "known_models": {k: f"{m.source} — {m.notes}" for k, m in CATALOG.items()},
     }
     if model:
-        from backend.models import default_format, resolve_model
+        from backend.model_store import default_format, resolve_model
         from runtime.bundle import Bundle
         from runtime.engines import choose
 

@@ -21,7 +21,7 @@ def open_pipeline(settings: Settings, progress: Callable[[float], None] | None =
     """Get ``settings.model`` into the store (download and convert it when needed) and load it with the settings'
     device, engine, threads, decoder, precision and CUDA graphs. ``bundle`` skips the lookup (a worker loading what
     another already resolved); ``progress`` gets the fraction of the download and conversion done (0..1)."""
-    from backend.models import default_format, resolve_model
+    from backend.model_store import default_format, resolve_model
     from runtime import Pipeline
 
     if bundle is None:

@@ -139,7 +139,7 @@ def test_unreachable_hub_says_download_failed_and_how_to_get_a_model(tmp_path: P
 def test_download_reports_progress(hub: FakeHub, onnx_bundle: Path, tmp_path: Path) -> None:
     """The fraction of files fetched reaches the caller (the ExApp turns it into its init status)."""
     hub.add_repo("org/tiny-bundle", onnx_bundle)
-    code = ("import json; from pathlib import Path; from backend.models import resolve_model; seen = []; "
+    code = ("import json; from pathlib import Path; from backend.model_store import resolve_model; seen = []; "
             f"resolve_model('org/tiny-bundle', Path({str(tmp_path / 'store')!r}), 'onnx', say=print, "
             "progress=seen.append); print(json.dumps(seen))")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "T2I_"))}

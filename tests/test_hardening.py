@@ -107,7 +107,7 @@ def test_generate_checks_its_output_folder_before_any_work(tmp_path: Path) -> No
 def test_a_known_model_name_is_not_a_folder_of_the_working_directory(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     # Row 12: T2I_MODEL=tiny with a folder ./tiny in the working directory took that folder for the model.
-    from backend.models import resolve_model
+    from backend.model_store import resolve_model
 
     (tmp_path / "sd-turbo").mkdir()
     monkeypatch.chdir(tmp_path)
