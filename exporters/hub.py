@@ -9,7 +9,6 @@ same fp32 graph from it), never the ``.bin`` / ``.ckpt`` copies or the EMA and s
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import threading
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from exporters.graph_template import CHECKPOINT_FOLDERS
+from runtime.bundle import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -116,14 +116,6 @@ def check_room(folder: Path, needed: int, what: str) -> None:
                        f"({needed / 1e9:.2f} GB), {free:,} bytes ({free / 1e9:.2f} GB) are free")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _disk_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.name.endswith(".lock"))
 
@@ -177,7 +169,7 @@ def fetch(listing: Listing, files: Iterable[RemoteFile], dest: Path,
         for file in files:
             for attempt in (1, 2):
                 path = _download(listing, file.path, dest, fresh=attempt > 1)
-                if file.sha256 is None or _sha256(path) == file.sha256:
+                if file.sha256 is None or file_digest(path) == file.sha256:
                     break
                 path.unlink()
                 if attempt == 2:

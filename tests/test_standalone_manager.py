@@ -220,6 +220,9 @@ def test_close_puts_the_running_task_back_and_it_runs_after_reopening(tmp_path: 
         manager.delete_task(task.id or 0)  # too slow to finish here; a quick one proves the queue runs
         quick = manager.schedule_task(Task("fox", "app", 1, "alice", options=QUICK))
         wait_until(lambda: _finished(manager, quick), 60, what="the queue")
+        # The event follows the status change from the service's thread: wait for it, then for any extra one.
+        wait_until(lambda: events.ids()[0], 10, what="the success event")
+        time.sleep(0.2)
         assert events.ids()[0] == Counter({quick.id: 1})
 
 

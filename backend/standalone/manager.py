@@ -161,7 +161,7 @@ class TaskManager:
         unknown = sorted(repr(k) for k in set(task.options) - set(OPTIONAL_INPUTS))
         if unknown:
             raise TaskInputError(f"unknown option {', '.join(unknown)}; allowed: {', '.join(OPTIONAL_INPUTS)}")
-        request = _parse(task.task_input())
+        request = parse_task_input(task.task_input())
         normal = request_to_input(request)
         task.number_of_images = normal.pop("numberOfImages")
         normal.pop("input")
@@ -364,26 +364,6 @@ class TaskManager:
             done = self.store.get(task_id)
             if done is not None:
                 _emit(self._on_failure, TaskFailedEvent(done, debug_message))
-
-
-def _parse(task_input: dict[str, Any]) -> GenerationRequest:
-    """parse_task_input, with its stray errors turned into the user-facing one that names the field: ValueError
-    from int() of text such as '--5' or '²', OverflowError from a guidance integer too large for a float."""
-    try:
-        return parse_task_input(task_input)
-    except (ValueError, OverflowError):
-        for key, name in (("numberOfImages", "number of images"), ("steps", "steps"), ("seed", "seed")):
-            value = task_input.get(key)
-            if isinstance(value, str):
-                try:
-                    int(value)
-                except ValueError:
-                    raise TaskInputError(f"{name} {_show(value)} is not a whole number; write it with the "
-                                         "digits 0-9") from None
-        guidance = task_input.get("guidance")
-        if isinstance(guidance, int) and not isinstance(guidance, bool):
-            raise TaskInputError(f"guidance {_show(guidance)} is out of range; use 0 to 30") from None
-        raise
 
 
 def _emit(handlers: list[Callable[[Any], Any]], event: Any) -> None:
