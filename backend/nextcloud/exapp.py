@@ -248,7 +248,9 @@ class ExApp:
                      busy, DISABLE_GRACE)
             self.stop_deadline = time.monotonic() + DISABLE_GRACE
             try:
-                while any(w.current is not None for w in self.workers):
+                # Settled means delivered too: the worker reports a task's result after it lets go of the task.
+                while any(w.current is not None for w in self.workers) or {
+                        e.task_id for e in self.journal.mine()} & set(busy):
                     if time.monotonic() > self.stop_deadline + 5:
                         log.warning("task(s) %s did not settle before the providers are unregistered", busy)
                         break
