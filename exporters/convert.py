@@ -53,13 +53,23 @@ def templates_for(src: Path) -> dict[str, Template]:
     return select(checkpoint_configs(src))
 
 
+def finish_graph(graph: Path, fmt: str, precision: str, target: Path, keep_attention_fp32: bool) -> Path:
+    """A checked fp32 ONNX graph → the bundle's format and precision: converted to fp16 in place for ONNX fp16,
+    or written as ``target/openvino_model.xml`` (fp16-compressed weights for fp16). Returns the final graph."""
+    from exporters.onnx_graphs import to_fp16
+    from exporters.openvino_ir import convert
+
+    if fmt == "openvino":
+        return convert(graph, target / "openvino_model.xml", precision)
+    if precision == "fp16":
+        to_fp16(graph, keep_attention_fp32=keep_attention_fp32)
+    return graph
+
+
 def convert_component(src: Path, template: Template, config: Mapping[str, Any], fmt: str, precision: str,
                       out: Path, tolerance: float, progress: Callable[[float], None] | None = None) -> float:
     """Write the bundle's ``out/<component>/`` from the checkpoint at ``src``; returns the measured error of the
     final graph against the fp32 graph it came from."""
-    from exporters.onnx_graphs import to_fp16
-    from exporters.openvino_ir import convert
-
     name = template.component
     target = out / name
     target.mkdir(parents=True, exist_ok=True)
@@ -76,10 +86,8 @@ def convert_component(src: Path, template: Template, config: Mapping[str, Any], 
             for part in ("model.onnx", "model.onnx_data"):
                 (tmp / part).replace(target / part)
             graph = target / "model.onnx"
-            if precision == "fp16":
-                to_fp16(graph, keep_attention_fp32=name == "unet" and bool(config.get("upcast_attention")))
-        else:
-            graph = convert(graph, target / "openvino_model.xml", precision)
+        graph = finish_graph(graph, fmt, precision, target,
+                             keep_attention_fp32=name == "unet" and bool(config.get("upcast_attention")))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     (target / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

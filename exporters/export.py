@@ -14,7 +14,7 @@ from typing import Any
 from exporters import catalog
 from exporters.check import check_component
 from exporters.contract import COMPONENTS, CONVERTERS, FORMATS, PRECISIONS
-from exporters.convert import write_model_index
+from exporters.convert import finish_graph, write_model_index
 from runtime.bundle import MANIFEST, MANIFEST_VERSION, file_digest
 
 log = logging.getLogger(__name__)
@@ -229,8 +229,7 @@ def _finish_component(name: str, graph: Path, model: Any, fmt: str, precision: s
     """An exported ONNX graph → the bundle's format, precision and fusions, checked against its torch model within
     ``tolerances[precision]``; returns the measured error (of the final graph where it runs here, else of the fp32
     graph before fusing)."""
-    from exporters.onnx_graphs import fuse, to_fp16
-    from exporters.openvino_ir import convert
+    from exporters.onnx_graphs import fuse
     from runtime.engines import cuda_usable
 
     tolerance = tolerances[precision]
@@ -243,12 +242,10 @@ def _finish_component(name: str, graph: Path, model: Any, fmt: str, precision: s
             return check_component(name, model, graph, tolerance, on_cuda=fusions == "cuda")
         log.warning("%s: no GPU here, so the CUDA-fused graph was checked before fusing only", name)
         return error
-    if precision == "fp16" and fmt == "onnx":
-        to_fp16(graph, keep_attention_fp32=keep_attention_fp32)
     if fmt == "openvino":
         (out / name).mkdir(parents=True, exist_ok=True)
         shutil.copy(graph.parent / "config.json", out / name / "config.json")
-        graph = convert(graph, out / name / "openvino_model.xml", precision)
+    graph = finish_graph(graph, fmt, precision, out / name, keep_attention_fp32)
     return check_component(name, model, graph, tolerance)
 
 
