@@ -100,8 +100,12 @@ def export(source: str, fmt: str, out: Path, precision: str, taesd: str | None, 
         from backend.model_store import TINY_WARNING
 
         _say(TINY_WARNING)
+    from backend.catalog import export_args
+
+    source, defaults = export_args(source)
     try:
-        export_model(source, fmt, out, precision, say=_say, taesd=taesd, fusions=fusions, converter=converter)
+        export_model(source, fmt, out, precision, say=_say, taesd=taesd, fusions=fusions, converter=converter,
+                     defaults=defaults)
     except ExportError as exc:
         raise T2IError(str(exc)) from None
 
@@ -117,7 +121,7 @@ def _load(model: str | None, device: str | None, engine: str | None, threads: in
     s = Settings.from_env(model=model, device=device, engine=engine, threads=threads, offline=offline or None,
                           decoder=decoder, precision=precision, cuda_graph=cuda_graph)
     pipe = open_pipeline(s, say=_say)
-    if pipe.bundle.source_id in ("tiny", "tiny-v") and s.model not in ("tiny", "tiny-v"):
+    if pipe.bundle.source_id in ("tiny", "tiny-v") and s.store.model not in ("tiny", "tiny-v"):
         _say(TINY_WARNING)
     _say(f"model {pipe.bundle.path} ({pipe.bundle.format}, {pipe.bundle.precision}) on {pipe.engine}/{pipe.device} "
          f"with {pipe.threads} threads")
@@ -197,7 +201,7 @@ def generate(prompt: str, model: str | None, n: int, size: str | None, steps: in
 @_user_errors
 def info(model: str | None, as_json: bool) -> None:
     """Show the engines and devices available, the device and threads that would be used and why, and a bundle."""
-    from exporters.catalog import CATALOG
+    from backend.catalog import CATALOG
     from runtime.engines import available_engines, cuda_driver_problem, cuda_usable, default_threads
 
     s = Settings.from_env(model=model)
@@ -205,21 +209,21 @@ def info(model: str | None, as_json: bool) -> None:
         "engines": available_engines(),
         "cuda_usable": cuda_usable(),
         "cuda_driver": cuda_driver_problem() or "no problem found (or no NVIDIA driver here)",
-        "threads": s.threads or default_threads(),
-        "threads_reason": "T2I_THREADS/--threads" if s.threads else "cores this process may use (affinity mask)",
-        "model": s.model,
-        "model_store": str(s.model_store),
+        "threads": s.runtime.threads or default_threads(),
+        "threads_reason": ("T2I_THREADS/--threads" if s.runtime.threads
+                           else "cores this process may use (affinity mask)"),
+        "model": s.store.model,
+        "model_store": str(s.store.model_store),
         "known_models": {k: f"{m.source} — {m.notes}" for k, m in CATALOG.items()},
     }
     if model:
-        from backend.model_store import default_format, resolve_model
+        from backend.model_store import resolve_model
         from runtime.bundle import Bundle
         from runtime.engines import choose
 
-        fmt = s.format if s.format != "auto" else default_format(s.engine)
-        bundle = Bundle.open(resolve_model(model, s.model_store, fmt, offline=True, say=_say))
+        bundle = Bundle.open(resolve_model(model, s.store.model_store, s.bundle_format(), offline=True, say=_say))
         report["bundle"] = bundle.summary()
-        eng, dev, why = choose(bundle.format, s.engine, s.device)
+        eng, dev, why = choose(bundle.format, s.runtime.engine, s.runtime.device)
         report["would_use"] = {"engine": eng, "device": dev, "reason": why}
     if as_json:
         click.echo(json.dumps(report, indent=2))

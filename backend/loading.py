@@ -18,15 +18,16 @@ log = logging.getLogger(__name__)
 
 def open_pipeline(settings: Settings, progress: Callable[[float], None] | None = None,
                   say: Callable[[str], None] = log.warning, bundle: Path | None = None) -> Pipeline:
-    """Get ``settings.model`` into the store (download and convert it when needed) and load it with the settings'
-    device, engine, threads, decoder, precision and CUDA graphs. ``bundle`` skips the lookup (a worker loading what
-    another already resolved); ``progress`` gets the fraction of the download and conversion done (0..1)."""
-    from backend.model_store import default_format, resolve_model
+    """Get the configured model into the store (download and convert it when needed) and load it with the
+    settings' device, engine, threads, decoder, precision and CUDA graphs. ``bundle`` skips the lookup (a worker
+    loading what another already resolved); ``progress`` gets the fraction of the download and conversion done
+    (0..1)."""
+    from backend.model_store import resolve_model
     from runtime import Pipeline
 
+    store, run = settings.store, settings.runtime
     if bundle is None:
-        fmt = settings.format if settings.format != "auto" else default_format(settings.engine)
-        bundle = resolve_model(settings.model, settings.model_store, fmt, offline=settings.offline, say=say,
-                               progress=progress)
-    return Pipeline.load(bundle, device=settings.device, engine=settings.engine, threads=settings.threads or None,
-                         decoder=settings.decoder, precision=settings.precision, cuda_graph=settings.cuda_graph)
+        bundle = resolve_model(store.model, store.model_store, settings.bundle_format(), offline=store.offline,
+                               say=say, progress=progress)
+    return Pipeline.load(bundle, device=run.device, engine=run.engine, threads=run.threads or None,
+                         decoder=run.decoder, precision=run.precision, cuda_graph=run.cuda_graph)

@@ -53,7 +53,7 @@ def resolve_model(model: str, store: Path, fmt: str, offline: bool = False,
     with torch where the export extra is installed, else through the graph templates). ``tiny`` is built locally.
     ``progress`` receives the fraction of the download and conversion done (0..1).
     """
-    from exporters.catalog import CATALOG
+    from backend.catalog import CATALOG
 
     local = Path(model).expanduser()
     # A known name (tiny, sd-turbo …) means that model even where the working directory has a folder of that name.
@@ -71,7 +71,7 @@ def resolve_model(model: str, store: Path, fmt: str, offline: bool = False,
     if model in ("tiny", "tiny-v"):
         say(TINY_WARNING)
         return _export(model, fmt, target, say)
-    from exporters.catalog import lookup
+    from backend.catalog import lookup
 
     info = lookup(model)
     repo = info.source if info else model
@@ -198,8 +198,11 @@ def _export(source: str, fmt: str, target: Path, say: Callable[[str], None], ori
                        f"'text2image-sd2[cpu]' brings the converter); or export it elsewhere with "
                        f"`text2image export {source} --format {fmt} --out DIR`, copy DIR here and pass --model DIR"
                        ) from None
+    from backend.catalog import export_args
+
+    _, defaults = export_args(origin["id"] if origin else source)
     try:
-        return export_model(source, fmt, target, say=say, origin=origin, progress=progress)
+        return export_model(source, fmt, target, say=say, origin=origin, progress=progress, defaults=defaults)
     except ExportError as exc:
         shutil.rmtree(target, ignore_errors=True)
         raise T2IError(str(exc)) from None

@@ -6,12 +6,11 @@ import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from exporters import catalog
 from exporters.check import check_component
 from exporters.contract import COMPONENTS, CONVERTERS, FORMATS, PRECISIONS
 from exporters.convert import finish_graph, write_model_index
@@ -44,13 +43,9 @@ def resolve_source(source: str, workdir: Path) -> tuple[Path, dict[str, Any]]:
         if not (local / "model_index.json").is_file():
             raise ExportError(f"source folder '{local}' has no model_index.json; it is not a diffusers model folder")
         return local, {"id": str(local.resolve()), "revision": None, "kind": "local folder"}
-    info = catalog.lookup(source)
-    repo = info.source if info else source
+    repo = source
     if "/" not in repo:
-        raise ExportError(
-            f"source '{source}' is not a folder, a hub id (org/name), 'tiny', or a known model "
-            f"({', '.join(catalog.CATALOG)})"
-        )
+        raise ExportError(f"source '{source}' is not a folder, a hub id (org/name) or 'tiny'")
     from exporters.hub import HubError, fetch, list_repo
 
     try:
@@ -100,7 +95,8 @@ def choose_converter(converter: str, taesd: str | None = None, fusions: str = "n
 def export_model(source: str, fmt: str, out: Path, precision: str = "fp32",
                  say: Callable[[str], None] = print, origin: dict[str, Any] | None = None,
                  taesd: str | None = None, fusions: str = "none", converter: str = "auto",
-                 progress: Callable[[float], None] | None = None) -> Path:
+                 progress: Callable[[float], None] | None = None,
+                 defaults: Mapping[str, Any] | None = None) -> Path:
     """Export SOURCE to ``out`` in ``fmt`` (onnx | openvino) at ``precision`` (fp32 | fp16 | int8) and check it.
 
     ``fusions`` (ONNX only) applies onnxruntime's graph fusions: ``cpu`` those with CPU kernels, ``cuda`` the full
@@ -108,7 +104,8 @@ def export_model(source: str, fmt: str, out: Path, precision: str = "fp32",
     recipe). Each component is checked against torch before fusing, and after fusing where it can run here.
 
     ``origin`` describes where an already downloaded SOURCE folder came from (hub id and revision); it goes into
-    the manifest and picks the catalogue's defaults. ``taesd`` adds the TAESD decoder from that source ('tiny',
+    the manifest. ``defaults`` are the generation defaults (steps, guidance, scheduler) the manifest records for
+    the runtime. ``taesd`` adds the TAESD decoder from that source ('tiny',
     'random', a folder or a hub id such as madebyollin/taesd) as ``taesd_decoder/``.
 
     ``converter``: torch (optimum's export, each graph checked against torch), template (no torch: the
@@ -175,8 +172,7 @@ def export_model(source: str, fmt: str, out: Path, precision: str = "fp32",
         from exporters.int8 import quantize_bundle
 
         extra["quantization"] = quantize_bundle(out, say=say)
-    info = catalog.lookup(origin["id"]) or catalog.lookup(source)
-    _write_manifest(out, fmt, precision, origin, wanted, state["done"], info.defaults if info else {}, extra)
+    _write_manifest(out, fmt, precision, origin, wanted, state["done"], dict(defaults or {}), extra)
     (out / STATE).unlink()
     say(f"exported {source} → {out} ({fmt}, {precision})")
     return out

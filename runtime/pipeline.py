@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -15,6 +15,9 @@ from PIL import Image
 from runtime import validation as v
 from runtime.bundle import Bundle
 from runtime.engines import (
+    DeviceChoice,
+    EngineChoice,
+    PrecisionChoice,
     Session,
     check_precision,
     choose,
@@ -24,6 +27,7 @@ from runtime.engines import (
     parse_threads,
 )
 from runtime.errors import BundleError, ConfigError, GenerationCancelled, InvalidRequest
+from runtime.options import DecoderChoice
 from runtime.request import GenerationRequest
 from runtime.schedulers import Scheduler, default_scheduler_name, make_scheduler
 from runtime.tokenizer import ClipTokenizer
@@ -36,7 +40,7 @@ StepCallback = Callable[[int, int], "bool | None"]
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 7.5
 #: Latents → pixels: the model's own VAE decoder, or the TAESD decoder when the bundle has one (faster, coarser).
-DECODERS = {"vae": "vae_decoder", "taesd": "taesd_decoder"}
+DECODERS: dict[str, str] = {"vae": "vae_decoder", "taesd": "taesd_decoder"}
 
 
 @dataclass(frozen=True)
@@ -101,16 +105,18 @@ class Pipeline:
         static = bundle.static_shape or {}
         side = min(max(bundle.native_size, v.MIN_SIDE), v.MAX_SIDE)
         self.default_size = (int(static.get("width", side)), int(static.get("height", side)))
+        #: The bundle's own defaults, which :meth:`set_defaults` falls back to.
+        self._own_defaults = (self.default_size, self.default_steps, self.default_guidance)
 
     @classmethod
     def load(
         cls,
         path: str | Path,
-        device: str = "auto",
-        engine: str = "auto",
+        device: DeviceChoice = "auto",
+        engine: EngineChoice = "auto",
         threads: int | None = None,
-        decoder: str = "vae",
-        precision: str = "auto",
+        decoder: DecoderChoice = "vae",
+        precision: PrecisionChoice = "auto",
         cuda_graph: bool = False,
     ) -> Pipeline:
         """Load a bundle folder.
@@ -154,6 +160,24 @@ class Pipeline:
         """Generate ``n`` images: :meth:`run` for a request made of these arguments, returning only the images."""
         request = GenerationRequest(prompt, negative_prompt, n, width, height, steps, guidance, seed, scheduler)
         return [g.image for g in self.run(request, on_step, latents)]
+
+    def set_defaults(self, width: int | None = None, height: int | None = None, steps: int | None = None,
+                     guidance: float | None = None) -> None:
+        """Use these defaults for requests that leave them out (an admin's choice); None keeps the bundle's own.
+        Each value is checked as a request's is, and a size against a static bundle; :class:`ConfigError` names
+        what is not allowed."""
+        (own_w, own_h), own_steps, own_guidance = self._own_defaults
+        try:
+            wanted = self.resolve(GenerationRequest(
+                "defaults", width=own_w if width is None else width, height=own_h if height is None else height,
+                steps=own_steps if steps is None else steps,
+                guidance=own_guidance if guidance is None else guidance, seed=0))
+        except InvalidRequest as exc:
+            raise ConfigError(f"default for {self.bundle.source_id}: {exc}") from None
+        assert wanted.width is not None and wanted.height is not None
+        assert wanted.steps is not None and wanted.guidance is not None
+        self.default_size = (wanted.width, wanted.height)
+        self.default_steps, self.default_guidance = wanted.steps, wanted.guidance
 
     def resolve(self, request: GenerationRequest) -> GenerationRequest:
         """The request with the model's defaults filled in (a random seed where it has none), checked against what
@@ -256,10 +280,3 @@ class Pipeline:
             out.append((img.transpose(1, 2, 0) * 255).round().astype(np.uint8))
         return np.stack(out)
 
-
-def psnr(a: Sequence[Image.Image] | np.ndarray, b: Sequence[Image.Image] | np.ndarray) -> float:
-    """Peak signal-to-noise ratio in dB between two image sets (8-bit); inf when identical."""
-    x = np.stack([np.asarray(i, dtype=np.float64) for i in a])
-    y = np.stack([np.asarray(i, dtype=np.float64) for i in b])
-    mse = float(np.mean((x - y) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)

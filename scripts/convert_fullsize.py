@@ -39,7 +39,7 @@ import sys
 sys.path.insert(0, {root!r})
 import numpy as np
 from runtime import Pipeline
-from runtime.pipeline import psnr
+from backend.bench.metrics import psnr
 images = []
 for path in {bundles!r}:
     pipe = Pipeline.load(path, device='cpu', threads=None, precision='fp32')

@@ -22,10 +22,10 @@ def main() -> None:
     import diffusers
     import torch
 
+    from backend.bench.metrics import psnr
     from exporters.export import export_model
     from exporters.tiny import build_tiny_model
     from runtime import Pipeline
-    from runtime.pipeline import psnr
 
     names = {"euler": "EulerDiscreteScheduler", "dpm++2m": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler"}
     with tempfile.TemporaryDirectory() as tmp:

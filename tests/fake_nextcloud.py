@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from fake_appapi import APP_ID, APP_VERSION, SECRET, AppAPI, ExAppProcess, free_port
+from fake_settings_form import SettingsForms
 
 __all__ = ["APP_ID", "APP_VERSION", "SECRET", "ExAppProcess", "FakeNextcloud", "ScheduleError", "free_port"]
 
@@ -66,6 +67,12 @@ class FakeNextcloud(AppAPI):
         self.requests: list[dict] = []  # everything the ExApp sent: method, path, body, time
         self.handouts: dict[int, int] = {}
         self.enable_answers: list[dict] = []
+        #: Declarative settings forms the app registered (by form id), and the app's config (appconfig_ex), where
+        #: AppAPI keeps an admin form's values: one string per field id.
+        self.forms = SettingsForms()
+        self.settings_forms = self.forms.forms
+        self.app_config: dict[str, str] = {}
+        self.logged: list[dict] = []  # what the app wrote to nextcloud.log
         self._ids = iter(range(1, 10**9))
         self._file_ids = iter(range(1001, 10**9))
         self.port = free_port()
@@ -284,7 +291,16 @@ class FakeNextcloud(AppAPI):
                 self.enable()  # inside this request, as AppAPI does
             return 200, (100, []), True
         if path == "api/v1/log":
+            with self.lock:
+                self.logged.append({"level": (body or {}).get("level"), "message": (body or {}).get("message")})
             return 200, (100, []), True
+        if path == "api/v1/ui/settings":
+            return self.forms.handle(method, query, body)
+        if path == "api/v1/ex-app/config/get-values":
+            keys = (body or {}).get("configKeys") or []
+            with self.lock:
+                found = [{"configkey": k, "configvalue": self.app_config[k]} for k in keys if k in self.app_config]
+            return 200, (100, found), True
         if path == "api/v1/ai_provider/task_processing":
             if method == "POST":
                 provider = (body or {}).get("provider") or {}
@@ -305,6 +321,12 @@ class FakeNextcloud(AppAPI):
                     return 200, (100, []), True
                 return 200, (100, self.providers[query["name"]]), True
         return 200, (998, []), True
+
+    def admin_set(self, field_id: str, value: str) -> None:
+        """An admin saves one field of the app's admin form: AppAPI stores the value as a string in the app's
+        config under the field id (its DeclarativeSettings SetValueListener)."""
+        with self.lock:
+            self.app_config[field_id] = value
 
     def _provider_api(self, method: str, path: str, query: dict, body: Any) -> tuple[int, Any, bool]:
         if path in ("next", "next_batch"):
@@ -383,3 +405,4 @@ class FakeNextcloud(AppAPI):
 def _public(task: dict) -> dict:
     """The task as Nextcloud's JSON shows it: no error message in any form."""
     return {k: v for k, v in task.items() if not k.startswith("_")}
+

@@ -17,8 +17,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 BASE = "/ocs/v2.php/text2image"
-ALICE = ("alice", "alice-secret-1")
-BOB = ("bob", "bob-secret-22")
+ALICE = ("alice", "alice-secret-0001")
+BOB = ("bob", "bob-secret-000022")
 USERS = f"{ALICE[0]}:{ALICE[1]},{BOB[0]}:{BOB[1]}"
 
 
@@ -110,7 +110,7 @@ def load_service(bundle: Path) -> Any:
     from backend.config import Settings
     from backend.tasks.service import ImageService
 
-    service = ImageService(Settings(threads=1))
+    service = ImageService(Settings().updated(threads=1))
     service.load(bundle=bundle)
     return service
 

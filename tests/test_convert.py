@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from backend.bench.metrics import psnr
 from exporters.export import ExportError, export_model
 from exporters.graph_template import TEMPLATES, TemplateError
 from runtime import Pipeline
-from runtime.pipeline import psnr
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = {"prompt": "a red fox", "steps": 3, "seed": 4, "width": 256, "height": 256, "guidance": 7.5}

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from backend.bench.metrics import psnr
 from exporters.export import STATE, ExportError, export_model
 from runtime import Bundle, Pipeline
-from runtime.pipeline import psnr
 
 
 def test_manifest_lists_every_file(onnx_bundle: Path, tiny_source: Path) -> None:

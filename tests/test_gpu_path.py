@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from backend.bench.metrics import psnr
 from exporters.onnx_graphs import CUDA_ONLY_OPS
 from runtime import Pipeline
 from runtime.engines import OrtSession
 from runtime.errors import T2IError
-from runtime.pipeline import psnr
 
 ARGS = {"prompt": "a red fox", "n": 2, "steps": 3, "width": 256, "height": 256, "seed": 11}
 

@@ -121,7 +121,6 @@ def test_a_known_model_name_is_not_a_folder_of_the_working_directory(tmp_path: P
 def test_the_watermark_marks_the_corner_and_leaves_the_metadata(onnx_bundle: Path) -> None:
     # Issue #12: the official app stamps "Generated using Artificial Intelligence" into every image.
     import io
-    from dataclasses import replace
 
     import numpy as np
     from PIL import Image
@@ -130,7 +129,7 @@ def test_the_watermark_marks_the_corner_and_leaves_the_metadata(onnx_bundle: Pat
     service = load_service(onnx_bundle)
     request = GenerationRequest("a fox", steps=1, seed=3)
     plain = service.run(request)[0].png
-    service.settings = replace(service.settings, watermark=True)
+    service.settings = service.settings.updated(watermark=True)
     marked = service.run(request)[0].png
     a, b = (np.asarray(Image.open(io.BytesIO(p)).convert("RGB"), dtype=np.int16) for p in (plain, marked))
     h, w = a.shape[:2]

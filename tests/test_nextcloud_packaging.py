@@ -19,7 +19,6 @@ import sys
 import threading
 import time
 import xml.etree.ElementTree as ET
-from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -29,7 +28,7 @@ from backend.config import Settings
 REPO = Path(__file__).resolve().parents[1]
 #: Settings that only the standalone service or the CLI use; everything else must be declared for AppAPI.
 NOT_FOR_THE_EXAPP = {"model_store", "data_dir", "host", "port", "users", "rate_limit", "rate_window",
-                     "task_max_age_days"}
+                     "task_max_age_days", "request_timeout", "max_connections"}
 
 
 def _info() -> ET.Element:
@@ -50,7 +49,8 @@ def test_info_xml_declares_the_app_and_every_setting() -> None:
         parts = {k: var.findtext(k) for k in ("name", "display-name", "description", "default")}
         assert all(parts.values()), parts  # AppAPI drops variables with an empty value
         declared[parts["name"]] = parts["default"]
-    wanted = {f"T2I_{f.name.upper()}" for f in fields(Settings) if f.name not in NOT_FOR_THE_EXAPP}
+    wanted = {env for name, env in Settings.env_names().items()
+              if env.startswith("T2I_") and name not in NOT_FOR_THE_EXAPP}
     assert set(declared) == wanted
     # The declared defaults are the settings' own defaults.
     assert Settings.from_env(env=declared) == Settings.from_env(env={})
@@ -125,7 +125,7 @@ def test_cpu_image_install_has_no_torch_and_runs_the_exapp(tmp_path: Path, tiny_
                               env=env, cwd=tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
         assert json.loads((bundle / "manifest.json").read_text())["converter"] == "template"
-    compare = ("import sys; from runtime import Pipeline; from runtime.pipeline import psnr; "
+    compare = ("import sys; from runtime import Pipeline; from backend.bench.metrics import psnr; "
                "args = dict(prompt='a fox', steps=2, seed=3, width=256, height=256); "
                "a, b = (Pipeline.load(p, device='cpu', threads=1, precision='fp32').generate(**args) "
                "for p in sys.argv[1:]); print(psnr(a, b))")

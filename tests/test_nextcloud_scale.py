@@ -48,7 +48,7 @@ def test_the_thread_cap_is_for_the_container_not_per_model() -> None:
     from backend.nextcloud.loader import worker_settings
 
     def per_worker(**env: str) -> int:
-        return worker_settings(Settings.from_env({f"T2I_{k.upper()}": v for k, v in env.items()})).threads
+        return worker_settings(Settings.from_env({f"T2I_{k.upper()}": v for k, v in env.items()})).runtime.threads
 
     assert per_worker(model="tiny,tiny-v", threads="2") == 1
     assert per_worker(model="tiny,tiny-v", threads="8", workers="2") == 2

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from backend.bench.metrics import psnr
 from runtime import Bundle, Pipeline, T2IError
-from runtime.pipeline import psnr
 
 
 def test_plain_optimum_folder(tiny_source: Path, onnx_bundle: Path, tmp_path: Path) -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from backend.bench.metrics import psnr
 from runtime import Pipeline
-from runtime.pipeline import psnr
 
 PROMPT = "a red fox in the snow"
 NEGATIVE = "blurry"

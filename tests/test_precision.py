@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from backend.bench.metrics import psnr
 from runtime import Pipeline, T2IError
-from runtime.pipeline import psnr
 
 ARGS = {"prompt": "a red fox", "steps": 4, "seed": 11, "width": 256, "height": 256, "guidance": 7.5}
 

@@ -96,7 +96,7 @@ def test_deleting_from_the_cli_stops_a_task_the_service_is_making(tmp_path: Path
         assert not manager.store.image_dir(task.id or 0).exists()
 
 
-@pytest.mark.parametrize("users, words", [("alice:short", "use at least 8"), ("nocolon", "is not 'user:secret'")])
+@pytest.mark.parametrize("users, words", [("alice:short", "use at least 16"), ("nocolon", "is not 'user:secret'")])
 def test_serve_refuses_bad_users(tmp_path: Path, users: str, words: str) -> None:
     out = run("serve", "--standalone", "--data-dir", str(tmp_path), env={"T2I_USERS": users}, ok=False)
     assert words in out and "Traceback" not in out
@@ -108,7 +108,7 @@ def test_serve_says_when_the_port_is_taken_and_frees_the_store(tmp_path: Path) -
         taken.listen()
         port = str(taken.getsockname()[1])
         out = run("serve", "--standalone", "--data-dir", str(tmp_path), "--port", port,
-                  env={"T2I_USERS": "alice:long-enough"}, ok=False)
+                  env={"T2I_USERS": "alice:long-enough-secret"}, ok=False)
     assert f"cannot listen on 127.0.0.1:{port}" in out
     TaskManager(tmp_path).close()  # the data directory is free again
 

@@ -156,7 +156,7 @@ raw_bodies = st.one_of(
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, onnx_bundle: Path) -> Iterator[StandaloneServer]:
     data = tmp_path_factory.mktemp("fuzz")
-    srv = StandaloneServer(Settings(data_dir=data, users=USERS, port=0, threads=1),
+    srv = StandaloneServer(Settings().updated(data_dir=data, users=USERS, port=0, threads=1),
                            services=[load_service(onnx_bundle)])
     srv.start()
     yield srv

@@ -31,7 +31,8 @@ def service(onnx_bundle: Path) -> Any:
 
 @pytest.fixture
 def server(tmp_path: Path, service: Any) -> Iterator[StandaloneServer]:
-    srv = StandaloneServer(Settings(data_dir=tmp_path / "data", users=USERS, port=0, threads=1), services=[service])
+    settings = Settings().updated(data_dir=tmp_path / "data", users=USERS, port=0, threads=1)
+    srv = StandaloneServer(settings, services=[service])
     srv.start()
     yield srv
     srv.close()
@@ -48,8 +49,8 @@ def task_id(server: StandaloneServer) -> int:
 
 PRIVATE = [("GET", "task/{id}"), ("DELETE", "task/{id}"), ("GET", "task/{id}/image/0"), ("GET", "tasks/app/app"),
            ("POST", "schedule")]
-WRONG = [None, "Bearer nope", "Bearer ", basic("alice", "bob-secret-22"), basic("mallory", "alice-secret-1"),
-         "Basic !!!notbase64", "Basic " + base64.b64encode(b"no-colon").decode(), "Digest x", "alice-secret-1"]
+WRONG = [None, "Bearer nope", "Bearer ", basic("alice", "bob-secret-000022"), basic("mallory", "alice-secret-0001"),
+         "Basic !!!notbase64", "Basic " + base64.b64encode(b"no-colon").decode(), "Digest x", "alice-secret-0001"]
 
 
 @pytest.mark.parametrize("auth", WRONG)
@@ -177,15 +178,16 @@ def test_the_rate_limit_is_a_sliding_window() -> None:
 
 @pytest.mark.parametrize("users, words", [
     ("alice", "entry 1 is not 'user:secret'"),
-    ("alice:short", "is 5 characters long; use at least 8"),
-    ("alice:long-enough,alice:other-secret", "appears twice"),
-    ("alice:same-secret,bob:same-secret", "same secret as another user"),
-    ("../x:long-enough", "entry 1 is not"),
+    ("alice:short", "is 5 characters long; use at least 16"),
+    ("alice:only-12-chars", "is 13 characters long; use at least 16"),
+    ("alice:long-enough-secret,alice:other-secret-value", "appears twice"),
+    ("alice:same-secret-value,bob:same-secret-value", "same secret as another user"),
+    ("../x:long-enough-secret", "entry 1 is not"),
 ])
 def test_bad_user_settings_are_refused_without_echoing_secrets(users: str, words: str) -> None:
     with pytest.raises(T2IError, match=words) as raised:
         Credentials.parse(users)
-    assert "long-enough" not in str(raised.value) and "same-secret" not in str(raised.value)
+    assert "long-enough-secret" not in str(raised.value) and "same-secret-value" not in str(raised.value)
 
 
 def test_without_users_a_local_token_is_made_once_and_kept_private(tmp_path: Path) -> None:

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from backend.bench.metrics import psnr
 from exporters.export import export_model
 from runtime import Pipeline, T2IError
-from runtime.pipeline import psnr
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ AppAPI calls ``GET /heartbeat`` (no auth), ``POST /init``, ``PUT /enabled?enable
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -16,10 +15,6 @@ from backend.config import Settings
 from runtime.errors import T2IError
 
 log = logging.getLogger(__name__)
-
-#: Set by AppAPI in the container (``NEXTCLOUD_URL`` … ``APP_SECRET``); nc_py_api reads them.
-REQUIRED_ENV = ("NEXTCLOUD_URL", "APP_ID", "APP_VERSION", "APP_SECRET")
-
 
 def create_app(settings: Settings | None = None):  # type: ignore[no-untyped-def]
     """The FastAPI application; ``settings`` default to the environment (``T2I_*``)."""
@@ -31,6 +26,7 @@ def create_app(settings: Settings | None = None):  # type: ignore[no-untyped-def
     from backend.nextcloud.exapp import ExApp, exapp_settings
 
     state: dict[str, ExApp] = {}
+    appapi = (settings or Settings.from_env()).exapp
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -42,7 +38,7 @@ def create_app(settings: Settings | None = None):  # type: ignore[no-untyped-def
         await exapp.shutdown()
 
     app = FastAPI(lifespan=lifespan, title="text2image_sd2")
-    app.add_middleware(AppAPIAuth, app_id=os.environ.get("APP_ID", ""), secret=os.environ.get("APP_SECRET", ""))
+    app.add_middleware(AppAPIAuth, app_id=appapi.app_id, secret=appapi.app_secret)
 
     async def enabled_handler(enabled: bool, _nc: AsyncNextcloudApp) -> str:
         exapp = state["exapp"]
@@ -67,7 +63,10 @@ def create_app(settings: Settings | None = None):  # type: ignore[no-untyped-def
 def serve(host: str | None = None, port: int | None = None, workers: int | None = None) -> None:
     """Run the ExApp until SIGTERM/SIGINT. Host and port default to ``APP_HOST``/``APP_PORT``; with HaRP
     (``HP_SHARED_KEY`` set) it listens on the unix socket ``HP_EXAPP_SOCK`` (default /tmp/exapp.sock) instead."""
-    missing = [name for name in REQUIRED_ENV if not os.environ.get(name)]
+    settings = Settings.from_env(workers=workers)
+    appapi = settings.exapp
+    # AppAPI sets these in the container; nc_py_api reads them too.
+    missing = appapi.missing()
     if missing:
         raise T2IError(
             f"the Nextcloud ExApp needs {', '.join(missing)} in its environment (AppAPI sets them when it deploys "
@@ -77,19 +76,18 @@ def serve(host: str | None = None, port: int | None = None, workers: int | None 
         import uvicorn
     except ImportError:
         raise T2IError("the Nextcloud ExApp needs its extra: pip install 'text2image-sd2[nextcloud]'") from None
-    settings = Settings.from_env(workers=workers)
     for name in ("backend", "runtime"):
         logging.getLogger(name).setLevel(logging.INFO)
     if not logging.getLogger().handlers:
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     where: dict = {}
-    if os.environ.get("HP_SHARED_KEY"):
-        where["uds"] = os.environ.get("HP_EXAPP_SOCK", "/tmp/exapp.sock")
+    if appapi.harp_key:
+        where["uds"] = appapi.harp_socket
     else:
-        where["host"] = host or os.environ.get("APP_HOST", "127.0.0.1")
-        where["port"] = port or int(os.environ.get("APP_PORT", "0") or 0)
+        where["host"] = host or appapi.app_host
+        where["port"] = port or appapi.app_port
         if not where["port"]:
             raise T2IError("no port to listen on: set APP_PORT (AppAPI does) or pass --port")
-    log.info("text2image_sd2 ExApp %s for %s on %s", os.environ["APP_VERSION"], os.environ["NEXTCLOUD_URL"],
+    log.info("text2image_sd2 ExApp %s for %s on %s", appapi.app_version, appapi.nextcloud_url,
              where.get("uds") or f"{where['host']}:{where['port']}")
     uvicorn.run(create_app(settings), log_level="warning", timeout_graceful_shutdown=5, **where)

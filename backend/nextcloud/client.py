@@ -101,6 +101,24 @@ class Nextcloud:
     async def unregister(self, provider_id: str) -> None:
         await self.nc.providers.task_processing.unregister(provider_id)
 
+    async def register_settings_form(self, form: dict[str, Any]) -> None:
+        """Declare (or replace) an admin settings form; Nextcloud shows it in its admin settings."""
+        await self._ocs("POST", "/ocs/v1.php/apps/app_api/api/v1/ui/settings", json={"formScheme": form})
+
+    async def admin_values(self, keys: list[str]) -> dict[str, str]:
+        """The stored values of these admin-form fields (the app's config); a field never saved is absent."""
+        found = await self._ocs("POST", "/ocs/v1.php/apps/app_api/api/v1/ex-app/config/get-values",
+                                json={"configKeys": keys})
+        return {str(r["configkey"]): str(r.get("configvalue") or "") for r in found or [] if "configkey" in r}
+
+    async def admin_log(self, message: str, level: int = 2) -> None:
+        """Write to nextcloud.log (level 2 = warning, 3 = error), where an admin looks first; never raises."""
+        try:
+            await self._ocs("POST", "/ocs/v1.php/apps/app_api/api/v1/log",
+                            json={"level": level, "message": cut(message)})
+        except (Unreachable, Gone) as exc:
+            log.debug("could not write to the Nextcloud log: %s", exc)
+
     async def next_task(self, provider_ids: list[str]) -> dict[str, Any] | None:
         """The next task for one of ``provider_ids`` (``{"task", "provider"}``), or None when there is none."""
         found = await self._ocs("GET", f"{_PROVIDER_API}/next",

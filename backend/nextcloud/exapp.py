@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from backend.config import Settings
-from backend.nextcloud.client import Backoff, Nextcloud, Unreachable, sleep_or
+from backend.nextcloud.admin_loop import AdminSettings
+from backend.nextcloud.admin_settings import build_form
+from backend.nextcloud.client import Backoff, Gone, Nextcloud, Unreachable, sleep_or
 from backend.nextcloud.delivery import Delivery
 from backend.nextcloud.journal import Journal
 from backend.nextcloud.loader import Model, load_models, verify_bundle
@@ -49,8 +49,8 @@ def storage_dir() -> Path:
 def exapp_settings(settings: Settings | None = None, **overrides: Any) -> Settings:
     """Settings from the environment; models go into the persistent storage unless T2I_MODEL_STORE says otherwise."""
     settings = settings or Settings.from_env(**overrides)
-    if not os.environ.get("T2I_MODEL_STORE"):
-        settings = replace(settings, model_store=storage_dir() / "models")
+    if "model_store" not in settings.explicit:
+        settings = settings.updated(model_store=storage_dir() / "models")
     return settings
 
 
@@ -58,11 +58,13 @@ class ExApp:
     """Everything one ExApp process holds. Create and use it inside the running event loop."""
 
     def __init__(self, settings: Settings) -> None:
+        #: The deploy-time settings (environment); ``settings`` is them with the admin form's values applied.
+        self.base_settings = settings
         self.settings = settings
         self.nc = Nextcloud()
         self.journal = Journal(storage_dir() / "journal")
         self.delivery = Delivery(self.nc, self.journal)
-        self.trigger = Trigger(settings.poll_interval)
+        self.trigger = Trigger(settings.exapp.poll_interval)
         self.enabled = asyncio.Event()
         self.stopping = asyncio.Event()
         self.stop_deadline: float | None = None
@@ -73,6 +75,8 @@ class ExApp:
         self._verified = False  # whether the models in hand were hashed by a forced check in this process
         self._init_progress: asyncio.Queue | None = None
         self._recovered = False
+        self._worker_tasks: list[asyncio.Task] = []
+        self.admin = AdminSettings(self)
 
     # -- start and stop ----------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -153,6 +157,7 @@ class ExApp:
         record = storage_dir() / VERIFIED
         if not self.models:
             if self._loading is None or (self._loading.done() and self._loading.exception() is not None):
+                await self.admin.before_first_load()
                 def report(p: int) -> None:
                     if self._init_progress is not None:
                         loop.call_soon_threadsafe(self._init_progress.put_nowait, p)
@@ -217,9 +222,9 @@ class ExApp:
             return ""
         except T2IError as exc:
             return f"text2image_sd2 cannot start: {exc}"
+        self.admin.apply_light()
         try:
-            for model in models.values():
-                await self.nc.register(build_provider(model.name, model.services[0]))
+            await self.register(models)
         except Exception as exc:
             log.exception("provider registration failed")
             return f"text2image_sd2 could not register its provider with Nextcloud: {exc}"
@@ -228,7 +233,18 @@ class ExApp:
             self._start_workers()
         self.enabled.set()
         self.trigger.fire(from_nextcloud=False)
+        self.admin.watch()
         return ""
+
+    async def register(self, models: dict[str, Model]) -> None:
+        """Register (or update) each model's provider, then the admin form that shows them."""
+        for model in models.values():
+            await self.nc.register(build_provider(model.name, model.services[0]))
+        try:
+            await self.nc.register_settings_form(build_form(
+                self.base_settings, {m.name: m.services[0] for m in models.values()}))
+        except (Unreachable, Gone) as exc:
+            log.warning("the admin settings form could not be registered (%s); the T2I_* variables apply", exc)
 
     async def _enable_when_loaded(self) -> None:
         error = await self.enable()
@@ -271,7 +287,27 @@ class ExApp:
                 worker = Worker(f"{model.provider_id}#{i}", model, service, self.journal, self.delivery,
                                 self.trigger, self.enabled, self.stopping, lambda: self.stop_deadline)
                 self.workers.append(worker)
-                self.spawn(worker.run(), worker.name)
+                self._worker_tasks.append(self.spawn(worker.run(), worker.name))
+
+    async def retire_workers(self) -> None:
+        """Stop taking tasks and end every worker once its task in hand is done and delivered."""
+        self.enabled.clear()
+        for worker in self.workers:
+            worker.retired = True
+        self.trigger.fire(from_nextcloud=False)
+        await asyncio.gather(*self._worker_tasks, return_exceptions=True)
+        self.workers, self._worker_tasks = [], []
+
+    def resume_workers(self) -> None:
+        """Start workers for the models loaded now and take tasks again."""
+        self._start_workers()
+        self.enabled.set()
+        self.trigger.fire(from_nextcloud=False)
+
+    async def reload(self, settings: Settings) -> None:
+        """Drop the loaded models (the workers must be retired) and load those ``settings`` ask for."""
+        self.models, self._loading, self.settings = {}, None, settings
+        await self.load()
 
     def _recover(self) -> None:
         """Once per process, before any worker runs: queue the tasks that a dead process (normally this service

@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -37,26 +37,26 @@ class Model:
 
 def worker_settings(settings: Settings) -> Settings:
     """The settings of one worker: the container's thread cap split evenly between every worker of every model
-    (``T2I_MODEL`` lists the models, each runs ``settings.workers`` workers), since all of them may be busy at once.
+    (``T2I_MODEL`` lists the models, each runs ``T2I_WORKERS`` workers), since all of them may be busy at once.
     Below one thread each, every worker still gets one (and the log says so)."""
     from runtime.engines import default_threads
 
-    total = settings.threads or default_threads()
-    sessions = max(1, len(model_names(settings.model))) * max(1, settings.workers)
+    total = settings.runtime.threads or default_threads()
+    sessions = max(1, len(model_names(settings.store.model))) * max(1, settings.runtime.workers)
     if sessions > total:
         log.warning("%d model(s) × %d worker(s) share a cap of %d thread(s): each worker gets 1, %d in all",
-                    sessions // max(1, settings.workers), settings.workers, total, sessions)
-    return replace(settings, threads=max(1, total // sessions))
+                    sessions // max(1, settings.runtime.workers), settings.runtime.workers, total, sessions)
+    return settings.updated(threads=settings.threads_per_worker(sessions))
 
 
 def worker_device(settings: Settings, worker: int) -> str:
     """One worker per GPU: with several GPUs, worker i runs on GPU i (round robin); otherwise the setting as is."""
     from runtime.engines import cuda_device_count
 
-    if settings.device not in ("auto", "cuda") or settings.engine == "openvino":
-        return settings.device
+    if settings.runtime.device not in ("auto", "cuda") or settings.runtime.engine == "openvino":
+        return settings.runtime.device
     count = cuda_device_count()
-    return f"cuda:{worker % count}" if count > 1 else settings.device
+    return f"cuda:{worker % count}" if count > 1 else settings.runtime.device
 
 
 def load_models(settings: Settings, report: Report, verify: bool,
@@ -67,14 +67,14 @@ def load_models(settings: Settings, report: Report, verify: bool,
     ``verified`` (a JSON file) does not show this bundle's manifest verified before, so no path loads a model
     nobody has verified. Raises :class:`T2IError` with a message for the admin.
     """
-    names = model_names(settings.model)
+    names = model_names(settings.store.model)
     if not names:
         raise T2IError("T2I_MODEL is empty; set it to a model name (e.g. sd-turbo), a hub id or a bundle folder")
     ids = [provider_id(n) for n in names]
     if len(set(ids)) != len(ids):
         raise T2IError(f"T2I_MODEL lists models that would share a provider id: {', '.join(ids)}")
-    if settings.workers < 1:
-        raise T2IError(f"T2I_WORKERS={settings.workers} is not allowed; use 1 or more")
+    if settings.runtime.workers < 1:
+        raise T2IError(f"T2I_WORKERS={settings.runtime.workers} is not allowed; use 1 or more")
     per_worker = worker_settings(settings)
     share = 99 / len(names)
     ready = []
@@ -84,21 +84,22 @@ def load_models(settings: Settings, report: Report, verify: bool,
         def at(fraction: float, base: float = base) -> None:
             report(int(base + share * fraction))
 
-        first = ImageService(replace(per_worker, model=name))
+        first = ImageService(per_worker.updated(model=name))
         # Resolving (download or export) is most of the time on a first start; the service reports 1, 60, 85, 100.
         first.load(progress=partial(_scaled, at, 0.0, 0.006))
         bundle_path = first.bundle.path
         verify_bundle(first, partial(_scaled, at, 0.6, 0.2), force=verify, verified=verified)
         services = [first]
-        for w in range(1, settings.workers):
-            at(0.8 + 0.2 * w / settings.workers)
-            service = ImageService(replace(per_worker, model=name, device=worker_device(per_worker, w)))
+        for w in range(1, settings.runtime.workers):
+            at(0.8 + 0.2 * w / settings.runtime.workers)
+            service = ImageService(per_worker.updated(model=name, device=worker_device(per_worker, w)))
             service.load(bundle=bundle_path)
             services.append(service)
         at(1.0)
         log.info("model %s ready as provider %s: %d worker(s) with %d thread(s) each (of a cap of %d for %d "
-                 "model(s)), bundle %s", name, ids[m], len(services), per_worker.threads,
-                 settings.threads or per_worker.threads * len(names) * settings.workers, len(names), bundle_path)
+                 "model(s)), bundle %s", name, ids[m], len(services), per_worker.runtime.threads,
+                 settings.runtime.threads or per_worker.runtime.threads * len(names) * settings.runtime.workers,
+                 len(names), bundle_path)
         ready.append((name, ids[m], services))
     return ready
 

@@ -118,16 +118,20 @@ class Worker:
         self.nc = Nextcloud()
         self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=name)
         self.current: int | None = None
+        #: Set to end :meth:`run` after the task in hand (a reload for new admin settings); never drops a task.
+        self.retired = False
 
     async def run(self) -> None:
-        """Take and process tasks until the service stops."""
+        """Take and process tasks until the service stops or the worker is retired."""
         backoff = Backoff()
         try:
-            while not self.stopping.is_set():
+            while not self.stopping.is_set() and not self.retired:
                 wake = self.trigger.event()
                 if not self.enabled.is_set():
                     await sleep_or(wake, 5.0)
                     continue
+                if self.retired:
+                    break
                 task = self._recovered()
                 if task is None:
                     try:

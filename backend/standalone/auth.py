@@ -16,7 +16,8 @@ from pathlib import Path
 
 from runtime.errors import T2IError
 
-MIN_SECRET_CHARS = 8
+#: Secrets are compared in constant time and failed logins are slowed down; 16 characters keep guessing hopeless.
+MIN_SECRET_CHARS = 16
 #: The user that gets a generated token when no users are configured.
 LOCAL_USER = "local"
 CREDENTIALS_FILE = "credentials"

@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from backend.standalone.auth import Credentials, RateLimiter
+from backend.standalone.data_dir import StoreError, StoreFull
 from backend.standalone.manager import TaskManager
 from backend.standalone.task import NoProviderError, Task, TaskFailedError, TaskNotFoundError
 from backend.tasks.request import OPTIONAL_INPUTS, TaskInputError
@@ -112,14 +113,22 @@ class Api:
         if user is None and (request.headers.get("Authorization") or name not in PUBLIC):
             raise HttpError(401, "authentication required: send 'Authorization: Bearer <token>' or basic auth "
                                  "with a user and secret configured in T2I_USERS",
-                            {"WWW-Authenticate": 'Basic realm="text2image", charset="UTF-8"'})
+                            _challenge(request.headers))
         query = _single_values(parse_qs(url.query, keep_blank_values=True), "query parameter")
-        return getattr(self, name)(user, args, query, request)
+        try:
+            return getattr(self, name)(user, args, query, request)
+        except StoreError as exc:  # the admin's to fix; the user learns that it is not their request
+            log.error("task store: %s", exc)
+            if isinstance(exc, StoreFull):
+                raise HttpError(507, "the service has no room left to store tasks; try again later (the "
+                                     "administrator can see why in the service log)") from None
+            raise HttpError(503, "the service cannot use its task store right now; try again later (the "
+                                 "administrator can see why in the service log)", {"Retry-After": "60"}) from None
 
     # -- endpoints -------------------------------------------------------------------------------------------------
     def is_available(self, user: str | None, args: dict[str, str], query: dict[str, str], r: Request) -> Response:
         _known(query, ())
-        return ocs(200, {"isAvailable": self.manager.has_providers()})
+        return ocs(200, {"isAvailable": self.manager.has_providers() and self.manager.store.has_room()})
 
     def schedule(self, user: str, args: dict[str, str], query: dict[str, Any], r: Request) -> Response:
         params: dict[str, Any] = {**query, **_body_params(r)}
@@ -146,11 +155,11 @@ class Api:
             pass  # the task is FAILED with its message, which the answer shows, as in Nextcloud
         except NoProviderError as exc:
             raise HttpError(412, str(exc)) from None
-        return ocs(200, {"task": task.to_json()})
+        return ocs(200, {"task": self._json(task)})
 
     def get_task(self, user: str, args: dict[str, str], query: dict[str, str], r: Request) -> Response:
         _known(query, ())
-        return ocs(200, {"task": self._task(user, args["id"]).to_json()})
+        return ocs(200, {"task": self._json(self._task(user, args["id"]))})
 
     def delete_task(self, user: str, args: dict[str, str], query: dict[str, str], r: Request) -> Response:
         _known(query, ())
@@ -159,7 +168,7 @@ class Api:
             self.manager.delete_task(task)
         except TaskNotFoundError:
             raise HttpError(404, "Task not found") from None
-        return ocs(200, {"task": task.to_json()})
+        return ocs(200, {"task": self._json(task)})
 
     def get_image(self, user: str, args: dict[str, str], query: dict[str, str], r: Request) -> Response:
         _known(query, ())
@@ -178,10 +187,14 @@ class Api:
             raise HttpError(400, f"appId {app_id[:64]!r} is not allowed; use 1 to 64 letters, digits, '_', '.', "
                                  "'@' or '-', starting with a letter or digit")
         tasks = self.manager.get_user_tasks_by_app(user, app_id, query.get("identifier"))
-        return ocs(200, {"tasks": [t.to_json() for t in tasks]})
+        return ocs(200, {"tasks": [self._json(t) for t in tasks]})
 
     def openapi(self, user: str | None, args: dict[str, str], query: dict[str, str], r: Request) -> Response:
         return Response(200, OPENAPI_FILE.read_bytes())
+
+    def _json(self, task: Task) -> dict[str, Any]:
+        """The task JSON, with ``progress`` (0..1) as an extension of Nextcloud's."""
+        return {**task.to_json(), "progress": self.manager.progress(task)}
 
     def _task(self, user: str, raw_id: str) -> Task:
         try:
@@ -203,6 +216,14 @@ def _route(method: str, parts: list[str]) -> tuple[str, dict[str, str]]:
         args = {p.strip("{}"): s for p, s in pairs if p.startswith("{")}
         return methods[method], args
     raise HttpError(404, f"no such endpoint {BASE}/{'/'.join(parts)[:200]}; see {BASE}/openapi.json")
+
+
+def _challenge(headers: Mapping[str, str] | Message) -> dict[str, str]:
+    """The basic-auth challenge of a 401, except to a script (``X-Requested-With: XMLHttpRequest``, as the web page
+    sends), where it would make the browser open its own login dialog over the page's."""
+    if headers.get("X-Requested-With", "").lower() == "xmlhttprequest":
+        return {}
+    return {"WWW-Authenticate": 'Basic realm="text2image", charset="UTF-8"'}
 
 
 def _shorten(message: str) -> str:

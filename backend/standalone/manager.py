@@ -15,7 +15,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from backend.standalone.store import TaskStore, lock_data_dir
+from backend.standalone.data_dir import StoreError, StoreFull, lock_data_dir, store_error
+from backend.standalone.store import TaskStore
 from backend.standalone.task import (
     NoProviderError,
     Task,
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 #: A task found RUNNING after a crash runs again, up to this many starts in all; then it ends FAILED.
 MAX_ATTEMPTS = 2
 #: Shown to the user when something unexpected broke; the details go to the log and the failure event.
+NO_ROOM = "the server ran out of disk space while storing the images; please try again later"
 INTERNAL_ERROR = ("the images could not be made because of an internal error; the administrator can find the "
                   "details in the service log")
 #: Workers look into the store this often even without a wake-up (cheap, and it bounds any missed wake-up).
@@ -88,6 +90,8 @@ class TaskManager:
         self._pending = True  # there may be SCHEDULED tasks; _generation tells a wake-up from a stale "no"
         self._generation = 0
         self._deleted: set[int] = set()
+        #: Fraction done of each task being generated here (for the task JSON's ``progress``).
+        self._progress: dict[int, float] = {}
         self._on_success: list[SuccessHandler] = []
         self._on_failure: list[FailureHandler] = []
         self._start(self._janitor, "t2i-cleanup")
@@ -134,6 +138,13 @@ class TaskManager:
         self.close()
 
     # -- Nextcloud's operations ------------------------------------------------------------------------------------
+    def progress(self, task: Task) -> float:
+        """How far ``task`` is: 1 once it has ended, the fraction of its denoising steps done while this manager
+        generates it, else 0."""
+        if task.status in (TaskStatus.SUCCESSFUL, TaskStatus.FAILED):
+            return 1.0
+        return round(self._progress.get(task.id or -1, 0.0), 4) if task.status == TaskStatus.RUNNING else 0.0
+
     def has_providers(self) -> bool:
         """True when a model is loaded, so tasks can run."""
         return bool(self._services)
@@ -327,7 +338,8 @@ class TaskManager:
         assert task_id is not None
         checked = [time.monotonic()]
 
-        def on_progress(_fraction: float) -> bool:
+        def on_progress(fraction: float) -> bool:
+            self._progress[task_id] = fraction
             if self._stopping.is_set() or task_id in self._deleted:
                 return False
             if time.monotonic() - checked[0] > 1.0:  # deleted by another process (text2image tasks delete)?
@@ -348,19 +360,32 @@ class TaskManager:
         except TaskInputError as exc:
             self._fail(task_id, str(exc), str(exc))
             return
+        except (StoreError, OSError) as exc:
+            problem = store_error(exc, self.data_dir) if isinstance(exc, OSError) else exc
+            log.error("task %d: its images could not be stored: %s", task_id, problem)
+            self._fail(task_id, NO_ROOM if isinstance(problem, StoreFull) else INTERNAL_ERROR,
+                       f"{type(exc).__name__}: {problem}")
+            return
         except Exception as exc:
             log.exception("task %d failed", task_id)
             self._fail(task_id, INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
             return
         finally:
             self._deleted.discard(task_id)
+            self._progress.pop(task_id, None)
         done = self.store.get(task_id)
         if done is not None:
             _emit(self._on_success, TaskSuccessfulEvent(done, paths))
 
     def _fail(self, task_id: int, user_message: str, debug_message: str) -> None:
         self.store.remove_images(task_id)
-        if self.store.finish(task_id, TaskStatus.FAILED, error_message=user_message, debug_message=debug_message):
+        try:
+            ended = self.store.finish(task_id, TaskStatus.FAILED, error_message=user_message,
+                                      debug_message=debug_message)
+        except StoreError as exc:  # stays RUNNING; the next start runs it again or fails it with a reason
+            log.error("task %d could not be marked failed: %s", task_id, exc)
+            return
+        if ended:
             done = self.store.get(task_id)
             if done is not None:
                 _emit(self._on_failure, TaskFailedEvent(done, debug_message))

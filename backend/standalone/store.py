@@ -23,10 +23,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from backend.standalone.data_dir import DB_NAME, StoreError, StoreFull, has_room, store_error
 from backend.standalone.task import Task, TaskStatus
 from runtime.errors import T2IError
 
-DB_NAME = "tasks.sqlite3"
 DAMAGED = "this task's stored data is damaged, so it cannot run; please schedule it again"
 IMAGES_DIR = "images"
 
@@ -69,18 +69,43 @@ class TaskStore:
         if not create and not db.is_file():
             raise T2IError(f"there is no task store in {self.data_dir}; start `text2image serve --standalone` "
                            "first or pass the --data-dir it uses")
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        # Users' prompts and images: for this service's account only (the folder closes everything in it, the
-        # database gets its own mode too).
-        os.chmod(self.data_dir, 0o700)
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(db, timeout=30, check_same_thread=False, isolation_level=None)
-        os.chmod(db, 0o600)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL: a task acknowledged to a client survives a power cut, not only a crash of this process.
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        #: False when the store could only be opened for reading (``create=False`` on a read-only directory).
+        self.writable = True
+        try:
+            self._db = self._open(db, create)
+        except (sqlite3.Error, OSError) as exc:
+            raise store_error(exc, self.data_dir) from None
+
+    def _open(self, db: Path, create: bool) -> sqlite3.Connection:
+        if create:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            # Users' prompts and images: for this service's account only (the folder closes everything in it,
+            # the database gets its own mode too).
+            if self.data_dir.stat().st_mode & 0o077:
+                os.chmod(self.data_dir, 0o700)
+        try:
+            conn = sqlite3.connect(db, timeout=30, check_same_thread=False, isolation_level=None)
+            if not create:
+                _check_is_store(conn, db)
+            conn.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError:
+            if create:
+                raise
+            # Reading a store on a read-only mount (or without write permission) still works.
+            conn = sqlite3.connect(f"{db.resolve().as_uri()}?immutable=1", uri=True, timeout=30,
+                                   check_same_thread=False, isolation_level=None)
+            self.writable = False
+        conn.row_factory = sqlite3.Row
+        if create:
+            if db.stat().st_mode & 0o077:
+                os.chmod(db, 0o600)
+            # FULL: a task acknowledged to a client survives a power cut, not only a crash of this process.
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.executescript(_SCHEMA)
+        else:
+            _check_is_store(conn, db)
+        return conn
 
     def close(self) -> None:
         with self._lock:
@@ -90,17 +115,44 @@ class TaskStore:
     def _tx(self) -> Iterator[sqlite3.Connection]:
         # IMMEDIATE takes the write lock at once, so read-then-update (claiming a task) is atomic across processes.
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            if not self.writable:
+                self._reopen_writable()
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                raise store_error(exc, self.data_dir) from None
+
+    def _reopen_writable(self) -> None:
+        """Open for writing a store that could only be read at first (read-only, or no room for its WAL files)."""
+        db = self.data_dir / DB_NAME
+        try:
+            conn = sqlite3.connect(db, timeout=30, check_same_thread=False, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.Error as exc:
+            raise store_error(exc, self.data_dir) from None
+        conn.row_factory = sqlite3.Row
+        self._db.close()
+        self._db, self.writable = conn, True
 
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         with self._lock:
-            return self._db.execute(sql, args).fetchall()
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except sqlite3.Error as exc:
+                raise store_error(exc, self.data_dir) from None
+
+    def has_room(self) -> bool:
+        """Whether the data directory has the room a new task needs (:data:`MIN_FREE_BYTES`)."""
+        return has_room(self.data_dir)
 
     # -- writing ---------------------------------------------------------------------------------------------------
     def insert(self, task: Task, status: TaskStatus, expected_seconds: float, completion_expected_at: int,
@@ -131,11 +183,12 @@ class TaskStore:
                     return None
                 db.execute("UPDATE tasks SET status = ?, attempts = attempts + 1, updated_at = ? WHERE id = ?",
                            (int(TaskStatus.RUNNING), time.time(), row["id"]))
-            try:
-                return self.get(row["id"])
-            except (ValueError, KeyError, TypeError) as exc:
+            task = self.get(row["id"])
+            if task is not None and task.damaged is None:
+                return task
+            if task is not None:
                 self.finish(row["id"], TaskStatus.FAILED, error_message=DAMAGED,
-                            debug_message=f"stored task cannot be read: {type(exc).__name__}: {exc}")
+                            debug_message=f"stored task cannot be read: {task.damaged}")
 
     def finish(self, task_id: int, status: TaskStatus, seeds: list[int] | None = None,
                error_message: str | None = None, debug_message: str | None = None) -> bool:
@@ -175,20 +228,33 @@ class TaskStore:
         return requeued, failed
 
     def delete(self, task_id: int) -> bool:
-        """Delete a task and its images. False when there was no such task."""
-        with self._tx() as db:
-            cur = db.execute("DELETE FROM tasks WHERE id = ?", (task_id,))
+        """Delete a task and its images. False when there was no such task.
+
+        On a full disk the images go first: that frees the room the database needs to record the delete."""
+        try:
+            with self._tx() as db:
+                cur = db.execute("DELETE FROM tasks WHERE id = ?", (task_id,))
+        except StoreFull:
+            self.remove_images(task_id)
+            with self._tx() as db:
+                cur = db.execute("DELETE FROM tasks WHERE id = ?", (task_id,))
         self.remove_images(task_id)
         return cur.rowcount == 1
 
     def cleanup(self, older_than_seconds: float) -> list[int]:
         """Delete finished (SUCCESSFUL or FAILED) tasks last changed more than ``older_than_seconds`` ago."""
         cutoff = time.time() - older_than_seconds
-        with self._tx() as db:
-            ids = [r["id"] for r in db.execute(
-                "SELECT id FROM tasks WHERE status IN (?, ?) AND updated_at < ?",
-                (int(TaskStatus.SUCCESSFUL), int(TaskStatus.FAILED), cutoff))]
-            db.executemany("DELETE FROM tasks WHERE id = ?", [(i,) for i in ids])
+        rows = self._query("SELECT id FROM tasks WHERE status IN (?, ?) AND updated_at < ?",
+                           (int(TaskStatus.SUCCESSFUL), int(TaskStatus.FAILED), cutoff))
+        ids = [r["id"] for r in rows]
+        try:
+            with self._tx() as db:
+                db.executemany("DELETE FROM tasks WHERE id = ?", [(i,) for i in ids])
+        except StoreFull:  # free the images' room first, then record the deletes
+            for i in ids:
+                self.remove_images(i)
+            with self._tx() as db:
+                db.executemany("DELETE FROM tasks WHERE id = ?", [(i,) for i in ids])
         for i in ids:
             self.remove_images(i)
         return ids
@@ -279,38 +345,27 @@ class TaskStore:
         return len(orphans)
 
 
+def _check_is_store(conn: sqlite3.Connection, db: Path) -> None:
+    """Refuse a database without the tasks table (an empty file, another program's database), writing nothing."""
+    if conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'tasks'").fetchone() is None:
+        conn.close()
+        raise StoreError(f"{db} is not a task store (it has no tasks table); pass the --data-dir of the service")
+
+
 def _task(row: sqlite3.Row) -> Task:
-    return Task(input=row["input"], app_id=row["app_id"], number_of_images=row["number_of_images"],
-                user_id=row["user_id"], identifier=row["identifier"], options=json.loads(row["options"]),
-                id=row["id"], status=TaskStatus(row["status"]), completion_expected_at=row["completion_expected_at"],
-                error_message=row["error_message"], seeds=json.loads(row["seeds"]), created_at=row["created_at"],
-                updated_at=row["updated_at"])
-
-
-class DirLock:
-    """An exclusive lock on a data directory, held until :meth:`close`."""
-
-    def __init__(self, handle: Any) -> None:
-        self._handle = handle
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._handle.close()  # closing the file releases the lock
-
-
-def lock_data_dir(data_dir: Path) -> DirLock:
-    """Hold an exclusive lock on ``data_dir`` so that two services never run the same queue twice."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(data_dir / "service.lock", "a+")  # held open for the manager's lifetime
+    """The task of a row. A row damaged by hand (options or seeds not JSON, an unknown status …) reads as a FAILED
+    task with ``damaged`` set, so one bad row fails that task, never a listing or the service."""
     try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock, one service per data directory is then up to the admin
-        return DirLock(handle)
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        raise T2IError(f"another task service is using {data_dir}; stop it first or use another data "
-                       "directory (--data-dir / T2I_DATA_DIR)") from None
-    return DirLock(handle)
-
+        options, seeds = json.loads(row["options"]), json.loads(row["seeds"])
+        if not isinstance(options, dict) or not isinstance(seeds, list):
+            raise TypeError("options must be a JSON object and seeds a JSON list")
+        return Task(input=str(row["input"]), app_id=str(row["app_id"]), number_of_images=int(row["number_of_images"]),
+                    user_id=row["user_id"], identifier=str(row["identifier"]), options=options, id=row["id"],
+                    status=TaskStatus(row["status"]), completion_expected_at=row["completion_expected_at"],
+                    error_message=row["error_message"], seeds=seeds, created_at=row["created_at"],
+                    updated_at=row["updated_at"])
+    except (ValueError, TypeError, KeyError) as exc:
+        return Task(input=str(row["input"]), app_id=str(row["app_id"]), number_of_images=0, user_id=row["user_id"],
+                    identifier=str(row["identifier"]), id=row["id"], status=TaskStatus.FAILED,
+                    error_message=DAMAGED, created_at=row["created_at"], updated_at=row["updated_at"],
+                    damaged=f"{type(exc).__name__}: {exc}")

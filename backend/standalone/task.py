@@ -55,6 +55,8 @@ class Task:
     #: Unix seconds of creation and of the last status change.
     created_at: float | None = None
     updated_at: float | None = None
+    #: Why the stored row could not be read, for a task damaged in the store (it then reads as FAILED).
+    damaged: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """Nextcloud's task JSON (``CoreTextToImageTask``) plus two extensions: ``options`` and ``errorMessage``."""

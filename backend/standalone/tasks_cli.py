@@ -21,11 +21,19 @@ def _store(data_dir: Path | None) -> Any:
     from backend.standalone.store import TaskStore
     from runtime.errors import T2IError
 
-    path = data_dir or Settings.from_env().data_dir
+    path = data_dir or Settings.from_env().standalone.data_dir
     try:
         return TaskStore(path, create=False)
     except T2IError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def _json(text: Any) -> Any:
+    """A stored JSON column, or its raw text when it is damaged."""
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        return f"(damaged) {text!r}"
 
 
 def _when(seconds: float | None) -> str:
@@ -37,7 +45,19 @@ _data_dir_option = click.option(
     help="The service's data folder. Default: T2I_DATA_DIR or ~/.local/share/text2image-sd2/tasks.")
 
 
-@click.group()
+class _StoreErrors(click.Group):
+    """Every ``tasks`` command: a store that cannot be used (damaged, full, read-only) is an error line."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from runtime.errors import T2IError
+
+        try:
+            return super().invoke(ctx)
+        except T2IError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=_StoreErrors)
 def tasks() -> None:
     """Look at and delete the tasks of the standalone service (text2image serve --standalone)."""
 
@@ -86,8 +106,8 @@ def show(data_dir: Path | None, task_id: int, as_json: bool) -> None:
         store.close()
     if row is None:
         raise click.ClickException(f"there is no task {task_id}; `text2image tasks list` shows the tasks")
-    row["status"] = TaskStatus(row["status"]).name
-    row["options"], row["seeds"] = json.loads(row["options"]), json.loads(row["seeds"])
+    row["status"] = TaskStatus(row["status"]).name if row["status"] in set(TaskStatus) else row["status"]
+    row["options"], row["seeds"] = _json(row["options"]), _json(row["seeds"])
     row["images"] = [str(p) for p in images]
     if as_json:
         click.echo(json.dumps(row, indent=2, ensure_ascii=False))
@@ -121,7 +141,7 @@ def cleanup(data_dir: Path | None, older_than_days: float | None) -> None:
     """Delete finished (successful or failed) tasks older than the given age, with their images."""
     from backend.config import Settings
 
-    days = Settings.from_env().task_max_age_days if older_than_days is None else older_than_days
+    days = Settings.from_env().standalone.task_max_age_days if older_than_days is None else older_than_days
     if days < 0:
         raise click.BadParameter(f"{days:g} is negative; give an age in days, 0 or more",
                                  param_hint="--older-than-days")

@@ -145,7 +145,7 @@ class ImageService:
 
     # -- running ---------------------------------------------------------------------------------------------------
     def run(self, request: GenerationRequest, on_progress: ProgressCallback | None = None) -> list[ImageResult]:
-        """Generate the request's images in batches of at most ``settings.max_batch``.
+        """Generate the request's images in batches of at most ``settings.runtime.max_batch``.
 
         Raises :class:`TaskInputError` for input the model cannot take (e.g. a size its static graphs do not
         allow), :class:`GenerationCancelled` when ``on_progress`` returned False. Any other failure (an engine
@@ -155,7 +155,7 @@ class ImageService:
         pipe = self._pipe()
         with self._lock:
             steps = request.steps or pipe.default_steps
-            most = self.settings.max_batch
+            most = self.settings.runtime.max_batch
             batches = [min(most, request.n - i) for i in range(0, request.n, most)]
             total = steps * len(batches)
             first_seed = request.seed if request.seed is not None else _random_seed()
@@ -171,8 +171,8 @@ class ImageService:
                     raise TaskInputError(str(exc)) from None
                 for item in items:
                     w, h = item.image.size
-                    results.append(ImageResult(png_bytes(item, self.settings.ai_marking, self.settings.watermark),
-                                               item.seed, w, h))
+                    marks = self.settings.images
+                    results.append(ImageResult(png_bytes(item, marks.ai_marking, marks.watermark), item.seed, w, h))
             return results
 
 

@@ -10,8 +10,6 @@ from runtime.engines.openvino import OvSession, openvino_math_precision
 from runtime.engines.ort import OrtSession
 from runtime.engines.select import (
     DEVICES,
-    ENGINES,
-    PRECISIONS,
     Device,
     Engine,
     InputSpec,
@@ -27,8 +25,10 @@ from runtime.engines.select import (
     onnxruntime_cuda_major,
     parse_threads,
 )
+from runtime.options import ENGINES, PRECISIONS, DeviceChoice, EngineChoice, PrecisionChoice
 
-__all__ = ["DEVICES", "ENGINES", "PRECISIONS", "Device", "Engine", "InputSpec", "OrtSession", "OvSession", "Session",
+__all__ = ["DEVICES", "ENGINES", "PRECISIONS", "Device", "DeviceChoice", "Engine", "EngineChoice", "InputSpec",
+           "OrtSession", "OvSession", "PrecisionChoice", "Session",
            "available_engines", "check_precision", "choose", "cuda_device_count", "cuda_driver_problem",
            "cuda_driver_version", "cuda_usable", "default_threads", "onnxruntime_cuda_major", "open_session",
            "openvino_math_precision", "parse_threads"]

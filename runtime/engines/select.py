@@ -14,11 +14,11 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from runtime.errors import ConfigError, EngineError
+from runtime.options import ENGINES, PRECISIONS
 
 Engine = Literal["onnxruntime", "openvino"]
 #: "cpu", "cuda" (GPU 0) or "cuda:N" (GPU N, e.g. one worker per GPU).
 Device = str
-ENGINES = ("auto", "onnxruntime", "openvino")
 DEVICES = ("auto", "cpu", "cuda")
 
 def default_threads() -> int:
@@ -197,11 +197,6 @@ def choose(bundle_format: str, engine: str, device: str) -> tuple[Engine, Device
         pkg = "openvino" if engine == "openvino" else "onnxruntime"
         raise EngineError(f"engine '{engine}' is not installed; install {pkg} with: pip install 'text2image-sd2[cpu]'")
     return engine, "cpu", why  # type: ignore[return-value]
-
-
-#: Math precision choices: auto leaves each engine its own default (OpenVINO picks bf16 on CPUs with AVX512-BF16 or
-#: AMX, onnxruntime runs the graph's own types); fp32 forces full precision, e.g. to match the reference exactly.
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def check_precision(precision: str, engine: str) -> str:

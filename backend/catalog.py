@@ -1,7 +1,8 @@
 """Known models: short names, where their weights live, and the generation defaults that suit them.
 
-This is configuration, not logic: any diffusers SD2-family folder or hub id exports the same way; a catalogue entry
-only adds a short name and defaults (sd-turbo wants 1–4 steps and no guidance).
+This is the application's policy, not the exporters': any diffusers SD2-family folder or hub id exports the same
+way; a catalogue entry only adds a short name and the defaults written into its bundle's manifest (sd-turbo wants
+1–4 steps and no guidance), which :func:`export_args` hands to the exporter.
 """
 
 from __future__ import annotations
@@ -38,3 +39,10 @@ def lookup(source: str) -> ModelInfo | None:
     if source in CATALOG:
         return CATALOG[source]
     return next((m for m in CATALOG.values() if m.source == source), None)
+
+
+def export_args(source: str) -> tuple[str, dict[str, Any]]:
+    """What to hand :func:`exporters.export.export_model` for ``source``: the hub id of a short name (other
+    sources as they are) and the catalogue's generation defaults for it (none for an unknown model)."""
+    info = lookup(source)
+    return (info.source, dict(info.defaults)) if info else (source, {})

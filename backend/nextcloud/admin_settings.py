@@ -1,0 +1,177 @@
+"""The admin settings form this ExApp declares in Nextcloud (Administration settings → Artificial intelligence), and
+how its stored values become :class:`Settings` and per-model defaults.
+
+Nextcloud keeps an admin form's values in the app's config (``appconfig_ex``, one string per field id) and does not
+tell the app when one changes, so the ExApp reads them between tasks (:mod:`backend.nextcloud.exapp`). A field with
+no stored value means the deploy-time setting (the ``T2I_*`` environment variable), which is also what the form
+shows as its default. A stored value that is not allowed is ignored with a warning naming the field and the value.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from backend.config import Settings
+from backend.nextcloud.provider import model_names, provider_id
+from runtime.errors import T2IError
+
+FORM_ID = "text2image_sd2_admin"
+#: Nextcloud's admin section "Artificial intelligence".
+SECTION_ID = "ai"
+#: The fields every deployment has; each model adds its own size, steps and guidance.
+GLOBAL_FIELDS = ("model", "threads", "decoder", "ai_marking", "watermark")
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """An admin's defaults for one model's requests; None keeps the model's own."""
+
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+
+
+@dataclass(frozen=True)
+class AdminChoice:
+    """What the stored values ask for, and what had to be ignored."""
+
+    settings: Settings
+    defaults: dict[str, ModelDefaults] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+
+def model_key(model: str) -> str:
+    """The field-id part for ``model`` (its provider id's name part: letters, digits, ``._-``)."""
+    return provider_id(model).split(":", 1)[1].replace(".", "_").replace("-", "_")
+
+
+def field_ids(models: list[str]) -> list[str]:
+    """Every field id of the form for these models."""
+    ids = list(GLOBAL_FIELDS)
+    for m in models:
+        ids += [f"{model_key(m)}_{k}" for k in ("size", "steps", "guidance")]
+    return ids
+
+
+def build_form(base: Settings, models: Mapping[str, Any]) -> dict[str, Any]:
+    """The form, in the shape AppAPI's ``ui/settings`` takes (``formScheme``). ``base`` gives the defaults shown
+    (the deploy-time settings); ``models`` maps each configured model name to its loaded service (for its sizes
+    and own defaults)."""
+    r, i = base.runtime, base.images
+    fields_: list[dict[str, Any]] = [
+        _field("model", "Models", "text", base.store.model,
+               "One or more models, separated by commas: sd-turbo (fastest), sd2.1-base, sd2.1, a hub id or a "
+               "bundle folder. Each becomes an image-generation provider. A new model is downloaded and loaded "
+               "between tasks; watch the app's log for its progress."),
+        _field("threads", "CPU threads", "number", r.threads,
+               "Op threads for all models and workers together; 0 uses every core the container may use."),
+        _field("decoder", "Image decoder", "select", r.decoder,
+               "vae: the model's own decoder (best pixels); taesd: about 18× cheaper, coarser (the model bundle "
+               "must include it).", options=["vae", "taesd"]),
+        _field("ai_marking", "Mark images as AI-generated in their metadata", "checkbox", i.ai_marking,
+               "IPTC digital source type trainedAlgorithmicMedia, read by photo tools and platforms.",
+               label="Mark in metadata"),
+        _field("watermark", "Visible watermark", "checkbox", i.watermark,
+               'Stamp "Generated using Artificial Intelligence" into the bottom-left corner of every image.',
+               label="Stamp a visible mark"),
+    ]
+    for name, service in models.items():
+        key, own = model_key(name), service.defaults
+        sizes = [f"{size} ({label.split('(', 1)[1]}" if "(" in label else size
+                 for size, label in service.allowed_sizes().items()]
+        current = next((s for s in sizes if s.split(" ", 1)[0] == own["size"]), sizes[0])
+        fields_ += [
+            _field(f"{key}_size", f"{name}: default size", "select", current,
+                   "The size of an image when the user does not choose one.", options=sizes),
+            _field(f"{key}_steps", f"{name}: default steps", "number", int(own["steps"]),
+                   "Denoising steps when the user does not choose (1–100); more is slower and finer."),
+            _field(f"{key}_guidance", f"{name}: default guidance", "number", float(own["guidance"]),
+                   "How closely images follow the prompt when the user does not choose (0–30; sd-turbo: 0)."),
+        ]
+    return {"id": FORM_ID, "priority": 10, "section_type": "admin", "section_id": SECTION_ID,
+            "title": "Local image generation (Stable Diffusion 2)",
+            "description": "Settings of the text2image_sd2 app. They take effect between tasks; an empty field "
+                           "means the value the app was deployed with.",
+            "doc_url": "", "fields": fields_}
+
+
+def _field(fid: str, title: str, kind: str, default: Any, description: str, options: list[str] | None = None,
+           label: str = "") -> dict[str, Any]:
+    return {"id": fid, "title": title, "type": kind, "default": default, "description": description,
+            "options": options or [], "placeholder": "", "label": label, "notify": False, "sensitive": False}
+
+
+def choose(base: Settings, values: Mapping[str, str]) -> AdminChoice:
+    """The settings and per-model defaults that the stored ``values`` (field id → string) ask for, on top of
+    ``base``. Each value that is not allowed is left out and described in ``problems``."""
+    problems: list[str] = []
+    changes: dict[str, Any] = {}
+    for fid in GLOBAL_FIELDS:
+        raw = values.get(fid)
+        if raw is None or (raw.strip() == "" and fid not in ("ai_marking", "watermark")):
+            continue
+        try:
+            value = _parse(fid, raw)
+            base.updated(**{fid: value})  # checked like the environment's value
+        except T2IError as exc:
+            problems.append(f"admin setting {fid}={raw!r} ignored: {exc}")
+            continue
+        changes[fid] = value
+    settings = base.updated(**changes) if changes else base
+    defaults: dict[str, ModelDefaults] = {}
+    for name in model_names(settings.store.model):
+        key, parsed = model_key(name), {}
+        for part in ("size", "steps", "guidance"):
+            raw = (values.get(f"{key}_{part}") or "").strip()
+            if not raw:
+                continue
+            try:
+                parsed.update(_parse_default(part, raw))
+            except ValueError:
+                problems.append(f"admin setting {key}_{part}={raw!r} ignored: {_EXPECTED[part]}")
+        defaults[name] = ModelDefaults(**parsed)
+    return AdminChoice(settings, defaults, problems)
+
+
+_EXPECTED = {"size": "use WIDTHxHEIGHT, e.g. 512x768", "steps": "use a whole number of steps",
+             "guidance": "use a number such as 7.5"}
+
+
+def _parse(fid: str, raw: str) -> Any:
+    text = raw.strip()
+    if fid in ("ai_marking", "watermark"):
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise T2IError("not a yes/no value")
+    if fid == "threads":
+        try:
+            number = float(text)
+        except ValueError:
+            raise T2IError("not a number") from None
+        if number != int(number) or number < 0:
+            raise T2IError("use 0 (every core) or a whole number of threads")
+        return int(number)
+    if fid == "model" and not model_names(text):
+        raise T2IError("no model named")
+    return text
+
+
+def _parse_default(part: str, raw: str) -> dict[str, Any]:
+    if part == "size":
+        found = re.match(r"^\s*(\d+)\s*[x×]\s*(\d+)", raw)
+        if not found:
+            raise ValueError(raw)
+        return {"width": int(found.group(1)), "height": int(found.group(2))}
+    number = float(raw)
+    if part == "steps":
+        if number != int(number):
+            raise ValueError(raw)
+        return {"steps": int(number)}
+    return {"guidance": number}

@@ -1,0 +1,136 @@
+"""Issue #12: the admin settings form. The ExApp registers it in the shape Nextcloud 32's declarative settings take;
+values saved on the form (the fake stores them as AppAPI does: strings in the app's config) take effect between
+tasks: marking and defaults at once, a new model by loading it and re-registering the providers."""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fake_nextcloud import APP_ID, ExAppProcess, FakeNextcloud
+from fake_settings_form import form_problem
+from PIL import Image
+
+from backend.config import Settings
+from backend.nextcloud.admin_settings import FORM_ID, GLOBAL_FIELDS, build_form, choose, model_key
+
+
+def _wait(what, timeout: float = 60.0, proc: ExAppProcess | None = None):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = what()
+        if found:
+            return found
+        time.sleep(0.1)
+    raise AssertionError(f"timed out{': ' + proc.output() if proc else ''}")
+
+
+@pytest.fixture
+def bundles(onnx_bundle: Path, openvino_v_bundle: Path, tmp_path: Path) -> tuple[Path, Path]:
+    first, second = tmp_path / "tiny-onnx", tmp_path / "tiny-v-ov"
+    first.symlink_to(onnx_bundle)
+    second.symlink_to(openvino_v_bundle)
+    return first, second
+
+
+def _png(fake: FakeNextcloud, task: dict) -> bytes:
+    return fake.files[task["output"]["images"][0]]
+
+
+def test_the_form_is_registered_and_its_changes_apply_between_tasks(bundles: tuple[Path, Path],
+                                                                   tmp_path: Path) -> None:
+    first, second = bundles
+    fake = FakeNextcloud(version=32).start()
+    proc = ExAppProcess(fake, tmp_path / "storage", {"T2I_MODEL": str(first), "T2I_POLL_INTERVAL": "0.2",
+                                                     "T2I_THREADS": "1", "T2I_SETTINGS_POLL": "0.3"})
+    try:
+        assert fake.install(proc)["error"] == "", proc.output()
+        form = _wait(lambda: fake.settings_forms.get(FORM_ID), proc=proc)
+        assert form["section_type"] == "admin" and form_problem(form) == ""
+        key = model_key(str(first))
+        ids = [f["id"] for f in form["fields"]]
+        assert ids == [*GLOBAL_FIELDS, f"{key}_size", f"{key}_steps", f"{key}_guidance"]
+        by_id = {f["id"]: f for f in form["fields"]}
+        assert by_id["model"]["default"] == str(first) and by_id["watermark"]["default"] is False
+        assert by_id[f"{key}_size"]["default"].startswith("256x256")
+        assert any(o.startswith("256x384 (portrait") for o in by_id[f"{key}_size"]["options"])
+
+        job = {"input": "a red fox", "numberOfImages": 1, "seed": 7, "steps": 2, "size": "256x256"}
+        plain = fake.wait([fake.schedule(job)])[0]
+        assert plain["status"] == "STATUS_SUCCESSFUL", proc.output()
+
+        # Marking and defaults: the next task is stamped, the provider shows the new defaults.
+        fake.admin_set("watermark", "1")
+        fake.admin_set(f"{key}_steps", "3")
+        fake.admin_set(f"{key}_size", "256x384 (portrait 2:3)")
+        provider = f"{APP_ID}:tiny-onnx"
+        _wait(lambda: fake.providers[provider]["optional_input_shape_defaults"]["steps"] == 3, proc=proc)
+        assert fake.providers[provider]["optional_input_shape_defaults"]["size"] == "256x384"
+        marked = fake.wait([fake.schedule(job)])[0]
+        a, b = (np.asarray(Image.open(io.BytesIO(_png(fake, t))).convert("RGB"), dtype=np.int16)
+                for t in (plain, marked))
+        h, w = a.shape[:2]
+        assert np.abs(a[h - h // 8:, : w // 2] - b[h - h // 8:, : w // 2]).mean() > 10, "visible mark"
+        assert np.array_equal(a[: h // 2], b[: h // 2]), "the rest of the image is untouched"
+        defaulted = fake.wait([fake.schedule({"input": "a fox", "numberOfImages": 1})])[0]
+        assert Image.open(io.BytesIO(_png(fake, defaulted))).size == (256, 384)
+
+        # A new model: loaded between tasks, its provider replaces the old one, the next task runs on it.
+        fake.admin_set("model", str(second))
+        new = f"{APP_ID}:tiny-v-ov"
+        _wait(lambda: new in fake.providers and provider not in fake.providers, proc=proc)
+        done = fake.wait([fake.schedule(job)])[0]
+        assert done["status"] == "STATUS_SUCCESSFUL", proc.output()
+        assert fake.tasks[done["id"]]["_provider"] == new
+        form = fake.settings_forms[FORM_ID]
+        assert f"{model_key(str(second))}_steps" in [f["id"] for f in form["fields"]]
+        assert "admin settings applied" in proc.output()
+
+        # A model that cannot be loaded: the admin is told in nextcloud.log, the working model stays.
+        fake.admin_set("model", str(tmp_path / "missing"))
+        _wait(lambda: any("could not be applied" in (e["message"] or "") for e in fake.logged), proc=proc)
+        _wait(lambda: new in fake.providers, proc=proc)
+        again = fake.wait([fake.schedule(job)])[0]
+        assert again["status"] == "STATUS_SUCCESSFUL", proc.output()
+    finally:
+        proc.stop()
+        fake.stop()
+
+
+def test_stored_values_are_parsed_and_bad_ones_named() -> None:
+    base = Settings.from_env({"T2I_MODEL": "sd-turbo", "T2I_THREADS": "4"})
+    choice = choose(base, {"threads": "2", "decoder": "taesd", "watermark": "true", "ai_marking": "0",
+                           "sd_turbo_size": "768x512 (landscape 3:2)", "sd_turbo_steps": "2",
+                           "sd_turbo_guidance": ""})
+    s = choice.settings
+    assert (s.runtime.threads, s.runtime.decoder, s.images.watermark, s.images.ai_marking) == (2, "taesd", True, False)
+    assert choice.defaults["sd-turbo"].__dict__ == {"width": 768, "height": 512, "steps": 2, "guidance": None}
+    assert choice.problems == []
+    # Unset fields keep the deploy-time values; bad ones are ignored and named with the value.
+    bad = choose(base, {"threads": "-1", "decoder": "fast", "watermark": "perhaps", "sd_turbo_steps": "2.5",
+                        "sd_turbo_size": "big"})
+    assert bad.settings == base
+    text = "\n".join(bad.problems)
+    for word in ("threads='-1'", "decoder='fast'", "vae, taesd", "watermark='perhaps'", "sd_turbo_steps='2.5'",
+                 "sd_turbo_size='big'", "WIDTHxHEIGHT"):
+        assert word in text
+
+
+def test_the_form_passes_nextclouds_schema_check(onnx_bundle: Path) -> None:
+    from standalone_helpers import load_service
+
+    service = load_service(onnx_bundle)
+    form = build_form(Settings(), {"tiny": service})
+    assert form_problem(form) == ""
+    broken = {**form, "fields": [{**form["fields"][2], "options": [{"name": "vae", "value": "vae"}]}]}
+    assert "option strings" in form_problem(broken), "the fake's check can fail"
+    # Per-model defaults set on the pipeline are what requests without them get; wrong ones are refused.
+    service.pipeline.set_defaults(width=320, height=256, steps=4)
+    assert service.defaults["size"] == "320x256" and service.defaults["steps"] == 4
+    with pytest.raises(Exception, match="steps"):
+        service.pipeline.set_defaults(steps=1000)
+    service.pipeline.set_defaults()
+    assert service.defaults["size"] == "256x256"
