@@ -60,6 +60,8 @@ class RuntimeSettings:
     workers: int = 1
     #: Most images run through the UNet at once; larger requests run in several batches.
     max_batch: int = 4
+    #: Keep OpenVINO's compiled shapes in the model store (``compiled/``), so a restart skips compiling them.
+    compile_cache: bool = True
 
 
 @dataclass(frozen=True)

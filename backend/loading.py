@@ -15,6 +15,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: The model store's folder of compiled OpenVINO blobs (see runtime.engines.compile_cache_dir).
+COMPILED = "compiled"
+
 
 def open_pipeline(settings: Settings, progress: Callable[[float], None] | None = None,
                   say: Callable[[str], None] = log.warning, bundle: Path | None = None) -> Pipeline:
@@ -30,4 +33,5 @@ def open_pipeline(settings: Settings, progress: Callable[[float], None] | None =
         bundle = resolve_model(store.model, store.model_store, settings.bundle_format(), offline=store.offline,
                                say=say, progress=progress)
     return Pipeline.load(bundle, device=run.device, engine=run.engine, threads=run.threads or None,
-                         decoder=run.decoder, precision=run.precision, cuda_graph=run.cuda_graph)
+                         decoder=run.decoder, precision=run.precision, cuda_graph=run.cuda_graph,
+                         compile_cache=store.model_store / COMPILED if run.compile_cache else None)

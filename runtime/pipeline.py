@@ -21,6 +21,7 @@ from runtime.engines import (
     Session,
     check_precision,
     choose,
+    compile_cache_dir,
     default_threads,
     open_session,
     openvino_math_precision,
@@ -58,10 +59,12 @@ class Pipeline:
     """A loaded bundle that turns prompts into images. Create it with :meth:`Pipeline.load`."""
 
     def __init__(self, bundle: Bundle, engine: str, device: str, threads: int, why: str,
-                 decoder: str = "vae", precision: str = "auto", cuda_graph: bool = False) -> None:
+                 decoder: str = "vae", precision: str = "auto", cuda_graph: bool = False,
+                 compile_cache: Path | None = None) -> None:
         if cuda_graph and not device.startswith("cuda"):
             raise ConfigError(f"CUDA graphs need --device cuda; this pipeline runs on {device}")
         self.cuda_graph = cuda_graph
+        self.compile_cache = compile_cache
         self.bundle = bundle
         self.engine = engine
         self.device = device
@@ -118,6 +121,7 @@ class Pipeline:
         decoder: DecoderChoice = "vae",
         precision: PrecisionChoice = "auto",
         cuda_graph: bool = False,
+        compile_cache: str | Path | None = None,
     ) -> Pipeline:
         """Load a bundle folder.
 
@@ -126,7 +130,9 @@ class Pipeline:
         (the model's own) or taesd (about 18× cheaper, coarser pixels; the bundle must include it). ``precision``:
         auto (each engine's own default: OpenVINO uses bf16 on CPUs with AVX512-BF16/AMX) | fp32 (full precision,
         matches the reference) | bf16 (OpenVINO only). ``cuda_graph``: on CUDA, capture each static shape's kernel
-        launches once and replay them (cuts launch overhead; costs GPU memory per shape).
+        launches once and replay them (cuts launch overhead; costs GPU memory per shape). ``compile_cache``: a
+        folder where OpenVINO keeps each compiled shape, so the next start (same bundle, same OpenVINO) loads it
+        instead of compiling again; None compiles every time.
         """
         bundle = Bundle.open(path)
         chosen_engine, chosen_device, why = choose(bundle.format, engine, device)
@@ -137,11 +143,15 @@ class Pipeline:
                 "with --fusions none or cpu"
             )
         n_threads = parse_threads(threads) if threads is not None else default_threads()
-        return cls(bundle, chosen_engine, chosen_device, n_threads, why, decoder, precision, cuda_graph)
+        return cls(bundle, chosen_engine, chosen_device, n_threads, why, decoder, precision, cuda_graph,
+                   None if compile_cache is None else Path(compile_cache))
 
     def _open(self, component: str) -> Session:
-        return open_session(self.bundle.graph(component), self.engine, self.device, self.threads,  # type: ignore[arg-type]
-                            self.precision, self.cuda_graph)
+        graph = self.bundle.graph(component)
+        cache = (compile_cache_dir(self.compile_cache, graph)
+                 if self.compile_cache is not None and self.engine == "openvino" else None)
+        return open_session(graph, self.engine, self.device, self.threads,  # type: ignore[arg-type]
+                            self.precision, self.cuda_graph, cache)
 
     def generate(
         self,

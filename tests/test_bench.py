@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from backend.bench.report import GPU_REFERENCE, configurations, run_case, turbo_configurations
 
 
@@ -64,3 +66,31 @@ def test_bench_json_is_the_json_alone() -> None:
                           env={**os.environ, "FORCE_COLOR": "1"})
     assert json.loads(done.stdout)["results"] == {"x": {"s": 1.0}}, done.stdout
     assert "native progress line" in done.stderr and "Compressing weights" in done.stderr
+
+
+def test_memory_is_the_childs_own_and_matches_time_v(tmp_path: Path) -> None:
+    # Issue #14: ru_maxrss is carried from the parent into a forked child, so every bench child reported the
+    # parent's peak. A parent holding ~600 MB starts children that allocate ~100 and ~300 MB.
+    if not Path("/usr/bin/time").exists():
+        pytest.skip("/usr/bin/time is not installed (Debian: apt-get install time)")
+    child = ("import numpy as np, sys; from backend.bench.memory import peak_rss_mb, rss_mb; "
+             "a = np.ones(int(sys.argv[1]) * 2**20, dtype=np.uint8); now = rss_mb(); print(peak_rss_mb(), now)")
+    parent = f"""
+import json, subprocess, sys
+import numpy as np
+hold = np.ones(600 * 2**20, dtype=np.uint8)
+found = []
+for n in ("100", "300"):
+    done = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-c", {child!r}, n], capture_output=True, text=True)
+    kb = done.stderr.split("Maximum resident set size (kbytes): ")[1].split()[0]
+    found.append([*map(float, done.stdout.split()), int(kb) / 1024])
+print(json.dumps(found))
+"""
+    out = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    (small, small_now, small_time), (big, big_now, big_time) = json.loads(out)
+    for peak, now, timed in ((small, small_now, small_time), (big, big_now, big_time)):
+        assert abs(peak - timed) <= 0.05 * timed, (peak, timed)
+        assert 0 < now <= peak
+    assert 100 <= small < 400 and 300 <= big < 600, "each child reports its own memory, not the parent's 600 MB"
+    assert 150 <= big - small <= 250

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from backend.bench.memory import peak_rss_mb, rss_mb
 
 PROMPT = "a photograph of a red fox in the snow, detailed fur, soft light"
 
@@ -182,7 +183,9 @@ KINDS = {"ours": ours, "diffusers": diffusers_torch, "optimum": optimum_pipeline
 def main() -> None:
     case = json.loads(sys.argv[1])
     result = KINDS[case["kind"]](case)
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # After the runs: what a service holding this configuration keeps (steady) and what it needed at most (peak).
+    result["rss_mb"] = rss_mb()
+    result["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(result))
 
 

@@ -148,7 +148,7 @@ def print_report(results: dict[str, dict[str, Any]], peak: dict[str, float], opt
                f"(CFG batch 2n); whole image = {opts['steps']} Euler steps + decode + PNG")
     click.echo(f"matrix multiply (OpenVINO, 8 chained 8192×2048×2048): f32 {peak['f32']:.0f} GFLOP/s, "
                f"bf16 {peak['bf16']:.0f} GFLOP/s")
-    header = f"{'configuration':28s}" + "".join(f"{k:>16s}" for k in keys) + f"{'peak MB':>10s}"
+    header = f"{'configuration':28s}" + "".join(f"{k:>16s}" for k in keys) + f"{'RSS MB':>9s}{'peak MB':>9s}"
     click.echo(header)
     for label, r in results.items():
         if "error" in r:
@@ -162,7 +162,7 @@ def print_report(results: dict[str, dict[str, Any]], peak: dict[str, float], opt
             s = r[k]["s"]
             ratio = f" ({ref[k]['s'] / s:.1f}x)" if k in ref and "error" not in ref else ""
             cells.append(f"{s:>8.3f}s{ratio:>8s}")
-        click.echo(f"{label:28s}" + "".join(cells) + f"{r['peak_rss_mb']:>10.0f}")
+        click.echo(f"{label:28s}" + "".join(cells) + f"{r.get('rss_mb', 0):>9.0f}{r['peak_rss_mb']:>9.0f}")
     click.echo("(x) = speed-up over " + reference)
     for label, r in results.items():
         step = r.get("unet_step@64x1", {}).get("s") if "error" not in r else None

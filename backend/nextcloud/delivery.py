@@ -55,11 +55,15 @@ class Delivery:
         outcome = entry.outcome or {}
         tid = entry.task_id
         if "pngs" in outcome:
+            t0 = time.monotonic()
             file_ids = list(outcome.get("file_ids") or [])
             for path in outcome["pngs"][len(file_ids):]:
                 file_ids.append(await self.nc.upload(tid, Path(path).read_bytes()))
                 self.journal.uploaded(tid, file_ids)
+            t1 = time.monotonic()
             await self.nc.report(tid, output={"images": file_ids})
+            # The task's timeline at debug level: where the time around a generation goes.
+            log.debug("task %d timeline: upload %.3f s, result %.3f s", tid, t1 - t0, time.monotonic() - t1)
             log.info("task %d: %d image(s) delivered", tid, len(file_ids))
         else:
             await self.nc.report(tid, error=outcome.get("error") or "failed", user_error=outcome.get("user_error"))

@@ -129,9 +129,10 @@ class ExApp:
             await asyncio.wait_for(self.delivery.flush(), timeout=max(0.1, deadline - time.monotonic()))
         except asyncio.TimeoutError:
             pass
-        for t in self._tasks:
+        tasks = [*self._tasks, *(d for w in self.workers for d in w.deliveries)]
+        for t in tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)  # none may touch the journal after this
+        await asyncio.gather(*tasks, return_exceptions=True)  # none may touch the journal after this
         left = self.journal.mine()
         self.journal.close()
         await self.nc.close()

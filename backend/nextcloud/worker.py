@@ -75,6 +75,7 @@ class ProgressBridge:
         self.cancelled = False
         self.stopped = False
         self.started = time.monotonic()
+        self.reports = 0
         self._pending: concurrent.futures.Future | None = None
 
     def __call__(self, fraction: float) -> bool:
@@ -84,6 +85,7 @@ class ProgressBridge:
             self._read(0)
             if not self.cancelled:
                 coro = self.nc.progress(self.task_id, DENOISE_SHARE * fraction)
+                self.reports += 1
                 self._pending = asyncio.run_coroutine_threadsafe(coro, self.loop)
                 self._read(PROGRESS_WAIT)
         deadline = self.deadline()
@@ -120,6 +122,8 @@ class Worker:
         self.current: int | None = None
         #: Set to end :meth:`run` after the task in hand (a reload for new admin settings); never drops a task.
         self.retired = False
+        #: Deliveries under way: a result is uploaded while the next task already denoises.
+        self.deliveries: set[asyncio.Task] = set()
 
     async def run(self) -> None:
         """Take and process tasks until the service stops or the worker is retired."""
@@ -153,6 +157,8 @@ class Worker:
                     log.exception("%s: task %s could not be handled", self.name, task.get("id"))
                     await self._report_directly(task, exc)
         finally:
+            if self.deliveries:  # what is not delivered now stays in the journal for the delivery loop
+                await asyncio.wait(self.deliveries, timeout=5.0)
             self.executor.shutdown(wait=False)
             await self.nc.close()
 
@@ -181,7 +187,11 @@ class Worker:
         finally:
             self.current = None
         if not settled:
-            await self.delivery.deliver(tid)
+            # Upload and report while this worker takes the next task: the generation runs in a thread, so the
+            # event loop is free to send the result in the meantime.
+            delivering = asyncio.get_running_loop().create_task(self.delivery.deliver(tid), name=f"deliver-{tid}")
+            self.deliveries.add(delivering)
+            delivering.add_done_callback(self.deliveries.discard)
 
     async def _generate(self, tid: int, task: dict[str, Any]) -> bool:
         """Run the task; record its outcome in the journal. True when nothing is left to deliver."""
@@ -215,7 +225,10 @@ class Worker:
             log.info("%s: task %d cancelled by its user; nothing uploaded", self.name, tid)
             self.journal.remove(tid)
             return True
+        t1 = time.monotonic()
         self.journal.finish(tid, [r.png for r in results])
+        log.debug("task %d timeline: generation %.3f s, journal %.3f s, %d progress report(s)", tid, t1 - t0,
+                  time.monotonic() - t1, bridge.reports)
         log.info("%s: task %d generated %d image(s) in %.1f s", self.name, tid, len(results), time.monotonic() - t0)
         return False
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runtime.engines.openvino import OvSession, openvino_math_precision
+from runtime.engines.openvino import OvSession, compile_cache_dir, openvino_math_precision
 from runtime.engines.ort import OrtSession
 from runtime.engines.select import (
     DEVICES,
@@ -27,20 +27,43 @@ from runtime.engines.select import (
 )
 from runtime.options import ENGINES, PRECISIONS, DeviceChoice, EngineChoice, PrecisionChoice
 
-__all__ = ["DEVICES", "ENGINES", "PRECISIONS", "Device", "DeviceChoice", "Engine", "EngineChoice", "InputSpec",
-           "OrtSession", "OvSession", "PrecisionChoice", "Session",
-           "available_engines", "check_precision", "choose", "cuda_device_count", "cuda_driver_problem",
-           "cuda_driver_version", "cuda_usable", "default_threads", "onnxruntime_cuda_major", "open_session",
-           "openvino_math_precision", "parse_threads"]
+__all__ = [
+    "DEVICES",
+    "ENGINES",
+    "PRECISIONS",
+    "Device",
+    "DeviceChoice",
+    "Engine",
+    "EngineChoice",
+    "InputSpec",
+    "OrtSession",
+    "OvSession",
+    "PrecisionChoice",
+    "Session",
+    "available_engines",
+    "check_precision",
+    "choose",
+    "compile_cache_dir",
+    "cuda_device_count",
+    "cuda_driver_problem",
+    "cuda_driver_version",
+    "cuda_usable",
+    "default_threads",
+    "onnxruntime_cuda_major",
+    "open_session",
+    "openvino_math_precision",
+    "parse_threads",
+]
 
 
 def open_session(path: Path, engine: Engine, device: Device, threads: int, precision: str,
-                 cuda_graph: bool = False) -> Session:
+                 cuda_graph: bool = False, compile_cache: Path | None = None) -> Session:
     """Load one graph on the chosen engine with the math ``precision`` (see :data:`PRECISIONS`); ``cuda_graph``
-    captures CUDA graphs per static shape (onnxruntime on CUDA only)."""
+    captures CUDA graphs per static shape (onnxruntime on CUDA only); ``compile_cache`` is a folder where OpenVINO
+    keeps the compiled shapes of this graph for the next start."""
     if engine == "onnxruntime":
         return OrtSession(path, device, threads, cuda_graph=cuda_graph)
     hint = {"auto": None, "fp32": "f32", "bf16": "bf16"}[precision]
-    return OvSession(path, threads, hint)
+    return OvSession(path, threads, hint, cache_dir=compile_cache)
 
 

@@ -23,12 +23,18 @@ class OvSession:
     ``keep`` compiled shapes are kept.
     """
 
-    def __init__(self, path: Path, threads: int, precision_hint: str | None, keep: int = 2) -> None:
+    def __init__(self, path: Path, threads: int, precision_hint: str | None, keep: int = 2,
+                 cache_dir: Path | None = None) -> None:
         import openvino as ov
 
         self._config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
         if precision_hint:
             self._config["INFERENCE_PRECISION_HINT"] = precision_hint
+        if cache_dir is not None:
+            # OpenVINO keys each blob by the graph, the shapes and this config as well; the folder (see
+            # compile_cache_dir) also changes with the bundle's files and the OpenVINO version.
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            self._config["CACHE_DIR"] = str(cache_dir)
         self._core = ov.Core()
         self._path = path
         try:
@@ -73,6 +79,22 @@ class OvSession:
             raise EngineError(f"OpenVINO failed to run {self._path.parent.name} on inputs {shapes}: {exc}") from exc
         # Copy: the request reuses its output buffers on the next call.
         return [np.array(request.get_output_tensor(i).data, copy=True) for i in range(self._n_out)]
+
+
+def compile_cache_dir(root: Path, graph: Path) -> Path:
+    """The folder under ``root`` for one graph's compiled blobs: named by the OpenVINO version and a digest of the
+    graph's files (path, size, modification time), so a changed bundle or a new OpenVINO never reads a stale blob."""
+    import hashlib
+
+    import openvino as ov
+
+    key = hashlib.sha256()
+    for part in (graph, graph.with_suffix(".bin")):
+        if part.is_file():
+            info = part.stat()
+            key.update(f"{part.resolve()}|{info.st_size}|{info.st_mtime_ns}\n".encode())
+    version = ov.__version__.split("-")[0]
+    return root / f"openvino-{version}" / f"{graph.parent.name}-{key.hexdigest()[:16]}"
 
 
 _OV_PRECISION: dict[str | None, str] = {}
