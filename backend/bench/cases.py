@@ -73,6 +73,7 @@ def ours(case: dict[str, Any]) -> dict[str, Any]:
                     png_bytes(item)
 
             out[f"image@{latent}x{n}"] = timed(whole, w, r)
+    out["rss_mb"] = rss_mb()  # with the model still loaded: what a service holding it keeps
     return out
 
 
@@ -121,6 +122,7 @@ def diffusers_torch(case: dict[str, Any]) -> dict[str, Any]:
                 out[f"image@{latent}x{n}"] = timed(partial(
                     pipe, PROMPT, height=side, width=side, num_inference_steps=case["steps"],
                     guidance_scale=case["guidance"], num_images_per_prompt=n), w, r)
+    out["rss_mb"] = rss_mb()  # with the model still loaded: what a service holding it keeps
     return out
 
 
@@ -174,6 +176,7 @@ def optimum_pipeline(case: dict[str, Any]) -> dict[str, Any]:
                 per = timed(partial(pipe.vae_decoder, latent_sample=lat), w, r)
                 out[f"decode@{latent}"] = {**per, "s": per["s"] / n}
     out["text_encoder"] = timed(lambda: pipe.text_encoder(input_ids=ids), w, r)
+    out["rss_mb"] = rss_mb()  # with the model still loaded: what a service holding it keeps
     return out
 
 
@@ -183,8 +186,6 @@ KINDS = {"ours": ours, "diffusers": diffusers_torch, "optimum": optimum_pipeline
 def main() -> None:
     case = json.loads(sys.argv[1])
     result = KINDS[case["kind"]](case)
-    # After the runs: what a service holding this configuration keeps (steady) and what it needed at most (peak).
-    result["rss_mb"] = rss_mb()
     result["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(result))
 

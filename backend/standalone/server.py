@@ -107,9 +107,13 @@ class StandaloneServer:
 
     def __init__(self, settings: Settings, services: list[ImageService] | None = None,
                  sync_budget: float = 0.0) -> None:
-        import uvicorn
+        try:
+            import uvicorn
 
-        from backend.standalone.asgi import AsgiApp
+            from backend.standalone.asgi import AsgiApp
+        except ImportError as exc:
+            raise T2IError(f"the standalone service needs {exc.name}, which comes with its extra: pip install "
+                           "'text2image-sd2[nextcloud]'") from None
 
         if settings.runtime.workers < 1:
             raise T2IError(f"workers {settings.runtime.workers} is not allowed; use 1 or more")
