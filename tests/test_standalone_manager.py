@@ -134,6 +134,20 @@ def test_tasks_by_app_filter_on_user_app_and_identifier(manager: TaskManager) ->
     wait_until(lambda: _finished(manager, *made), 60, what="5 tasks")
 
 
+def test_a_long_task_lets_other_users_in_between_its_batches(manager: TaskManager) -> None:
+    # Issue #14: first come, first served let one user's 12-image task hold everyone else up for its whole run.
+    events = Recorder(manager)
+    big = manager.schedule_task(Task("many foxes", "app", 12, "alice", options={"steps": 6, "seed": 10}))
+    wait_until(lambda: _status(manager, big.id) == TaskStatus.RUNNING, 60, every=0.01, what="the big task")
+    own = manager.schedule_task(Task("alice again", "app", 1, "alice", options=QUICK))
+    other = manager.schedule_task(Task("a cat", "app", 1, "bob", options=QUICK))
+    wait_until(lambda: _finished(manager, big, own, other), 120, what="the tasks")
+    order = [e.task.id for e in events.success]
+    assert order.index(other.id) < order.index(big.id), "bob's task ran between alice's batches"
+    assert order.index(own.id) > order.index(big.id), "alice's own next task waits for her first"
+    assert manager.get_task(big.id or 0).seeds == list(range(10, 22)), "image i keeps seed + i"
+
+
 def test_delete_removes_the_task_and_its_images(manager: TaskManager) -> None:
     task = manager.run_task(Task("a red fox", "app", 2, "alice", options=QUICK))
     folder = manager.image_path(task, 0).parent

@@ -313,7 +313,7 @@ class TaskManager:
                     with self._cond:
                         self._pending = self._generation != generation
                 else:
-                    self._execute(task, service)
+                    self._execute(task, service, share=True)
             except Exception:
                 log.exception("the task worker hit an unexpected error; it carries on")
                 self._stopping.wait(1.0)
@@ -331,12 +331,21 @@ class TaskManager:
             if self._stopping.wait(CLEANUP_EVERY_SECONDS):
                 return
 
-    def _execute(self, task: Task, service: ImageService) -> None:
+    def _execute(self, task: Task, service: ImageService, share: bool = False) -> None:
         """Make a RUNNING task's images and end it SUCCESSFUL or FAILED, firing the event once; never leaves it
-        RUNNING except when cancelled (deleted: gone; stopping: back in the queue)."""
+        RUNNING except when cancelled (deleted: gone; stopping: back in the queue).
+
+        ``share``: between the batches of a task with more images than one batch, run the oldest waiting task of
+        another user that fits in one batch, so one user's 12 images do not hold everyone else up."""
         task_id = task.id
         assert task_id is not None
         checked = [time.monotonic()]
+
+        def serve_another() -> None:
+            other = self.store.claim_next(other_than=task.user_id, most_images=service.settings.runtime.max_batch)
+            if other is not None:
+                log.info("task %d of %s runs between the batches of task %d", other.id, other.user_id, task_id)
+                self._execute(other, service)
 
         def on_progress(fraction: float) -> bool:
             self._progress[task_id] = fraction
@@ -348,7 +357,8 @@ class TaskManager:
             return True
 
         try:
-            results = service.run(parse_task_input(task.task_input()), on_progress)
+            results = service.run(parse_task_input(task.task_input()), on_progress,
+                                  serve_another if share else None)
             paths = self.store.save_images(task_id, [r.png for r in results])
             if not self.store.finish(task_id, TaskStatus.SUCCESSFUL, seeds=[r.seed for r in results]):
                 self.store.remove_images(task_id)  # deleted while it ran

@@ -170,15 +170,20 @@ class TaskStore:
         task.completion_expected_at, task.created_at, task.updated_at = completion_expected_at, now, now
         return task
 
-    def claim_next(self) -> Task | None:
-        """Move the oldest SCHEDULED task to RUNNING and return it; None when there is none.
+    def claim_next(self, other_than: Any = ANY_USER, most_images: int | None = None) -> Task | None:
+        """Move the oldest SCHEDULED task to RUNNING and return it; None when there is none. ``other_than`` skips
+        that user's tasks and ``most_images`` larger tasks (a task run between another one's batches).
 
         A row that cannot be read back (damaged by hand) ends FAILED instead of blocking the queue.
         """
+        where, args = "status = ?", [int(TaskStatus.SCHEDULED)]
+        if other_than is not ANY_USER:
+            where, args = where + " AND user_id IS NOT ?", [*args, other_than]
+        if most_images is not None:
+            where, args = where + " AND number_of_images <= ?", [*args, most_images]
         while True:
             with self._tx() as db:
-                row = db.execute("SELECT id FROM tasks WHERE status = ? ORDER BY id LIMIT 1",
-                                 (int(TaskStatus.SCHEDULED),)).fetchone()
+                row = db.execute(f"SELECT id FROM tasks WHERE {where} ORDER BY id LIMIT 1", args).fetchone()
                 if row is None:
                     return None
                 db.execute("UPDATE tasks SET status = ?, attempts = attempts + 1, updated_at = ? WHERE id = ?",

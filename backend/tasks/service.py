@@ -45,7 +45,8 @@ class ImageService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.pipeline: Pipeline | None = None
-        self._lock = threading.Lock()
+        # Re-entrant: a task service may run another user's short task between the batches of a long one.
+        self._lock = threading.RLock()
         # Seconds per image-step at the model's native size, measured on this machine; None until measured.
         self._step_seconds: float | None = None
         self._decode_seconds: float | None = None
@@ -144,8 +145,10 @@ class ImageService:
         return max(0.1, request.n * per_image * area)
 
     # -- running ---------------------------------------------------------------------------------------------------
-    def run(self, request: GenerationRequest, on_progress: ProgressCallback | None = None) -> list[ImageResult]:
-        """Generate the request's images in batches of at most ``settings.runtime.max_batch``.
+    def run(self, request: GenerationRequest, on_progress: ProgressCallback | None = None,
+            between_batches: Callable[[], None] | None = None) -> list[ImageResult]:
+        """Generate the request's images in batches of at most ``settings.runtime.max_batch``;
+        ``between_batches`` is called after each batch but the last (e.g. to serve someone else in between).
 
         Raises :class:`TaskInputError` for input the model cannot take (e.g. a size its static graphs do not
         allow), :class:`GenerationCancelled` when ``on_progress`` returned False. Any other failure (an engine
@@ -173,6 +176,8 @@ class ImageService:
                     w, h = item.image.size
                     marks = self.settings.images
                     results.append(ImageResult(png_bytes(item, marks.ai_marking, marks.watermark), item.seed, w, h))
+                if between_batches is not None and b < len(batches) - 1:
+                    between_batches()
             return results
 
 
