@@ -94,3 +94,21 @@ print(json.dumps(found))
         assert 0 < now <= peak
     assert 100 <= small < 400 and 300 <= big < 600, "each child reports its own memory, not the parent's 600 MB"
     assert 150 <= big - small <= 250
+
+
+def test_fastsd_style_peer_runs_optimum_with_taesd_as_its_vae(tiny_source: Path, tmp_path: Path) -> None:
+    # Issue #14: FastSD CPU runs optimum's OVStableDiffusionPipeline with TAESD in place of the VAE decoder.
+    from backend.bench.cases import with_taesd_as_vae
+    from exporters.export import export_model
+
+    bundle = export_model(str(tiny_source), "openvino", tmp_path / "tiny-ov", say=lambda _: None, taesd="tiny")
+    confs = dict(turbo_configurations({"openvino": bundle}, peers=True))
+    case = confs["turbo fastsd-style optimum auto taesd"]
+    assert case["decoder"] == "taesd" and case["kind"] == "optimum"
+    common = {"threads": 1, "latents": [32], "batches": [1], "steps": 1, "guidance": 0.0, "warmup": 0, "repeats": 1}
+    result = run_case({**case, **common}, timeout=600)
+    assert "error" not in result, result
+    assert result["image@32x1"]["s"] > 0 and result["decode@32"]["s"] > 0
+    view = with_taesd_as_vae(bundle)
+    assert (view / "vae_decoder").resolve() == (bundle / "taesd_decoder").resolve()
+    assert (view / "unet").resolve() == (bundle / "unet").resolve() and not (view / "taesd_decoder").exists()

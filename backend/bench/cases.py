@@ -128,14 +128,16 @@ def diffusers_torch(case: dict[str, Any]) -> dict[str, Any]:
 
 def optimum_pipeline(case: dict[str, Any]) -> dict[str, Any]:
     """optimum's own pipelines on the same exported graphs: ORTStableDiffusionPipeline (ONNX) or
-    OVStableDiffusionPipeline (OpenVINO, reshaped to static shapes per measurement, as optimum recommends)."""
+    OVStableDiffusionPipeline (OpenVINO, reshaped to static shapes per measurement, as optimum recommends).
+    ``decoder`` taesd: the bundle's TAESD decoder as the pipeline's VAE decoder (FastSD CPU's configuration)."""
     import diffusers
 
     is_ov = case["engine"] == "openvino"
+    folder = with_taesd_as_vae(Path(case["bundle"])) if case.get("decoder") == "taesd" else case["bundle"]
     if is_ov:
         from optimum.intel import OVStableDiffusionPipeline
 
-        pipe = OVStableDiffusionPipeline.from_pretrained(case["bundle"], compile=False,
+        pipe = OVStableDiffusionPipeline.from_pretrained(folder, compile=False,
                                                          ov_config={"INFERENCE_NUM_THREADS": case["threads"],
                                                                     "PERFORMANCE_HINT": "LATENCY"})
     else:
@@ -144,7 +146,7 @@ def optimum_pipeline(case: dict[str, Any]) -> dict[str, Any]:
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = case["threads"], 1
-        pipe = ORTStableDiffusionPipeline.from_pretrained(case["bundle"], session_options=opts)
+        pipe = ORTStableDiffusionPipeline.from_pretrained(folder, session_options=opts)
     pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     w, r = case["warmup"], case["repeats"]
@@ -178,6 +180,20 @@ def optimum_pipeline(case: dict[str, Any]) -> dict[str, Any]:
     out["text_encoder"] = timed(lambda: pipe.text_encoder(input_ids=ids), w, r)
     out["rss_mb"] = rss_mb()  # with the model still loaded: what a service holding it keeps
     return out
+
+
+def with_taesd_as_vae(bundle: Path) -> Path:
+    """A folder next to ``bundle`` that optimum loads as a pipeline whose VAE decoder is the bundle's TAESD decoder
+    (as FastSD CPU swaps it in): links to the bundle's parts, with ``taesd_decoder`` as ``vae_decoder``. TAESD's
+    config carries its own scaling factor (1.0), which optimum's pipeline reads from there."""
+    view = bundle.with_name(bundle.name + "-taesd-as-vae")
+    view.mkdir(exist_ok=True)
+    for part in bundle.iterdir():
+        name = {"taesd_decoder": "vae_decoder", "vae_decoder": None}.get(part.name, part.name)
+        link = view / name if name else None
+        if link is not None and not link.exists():
+            link.symlink_to(part.resolve())
+    return view
 
 
 KINDS = {"ours": ours, "diffusers": diffusers_torch, "optimum": optimum_pipeline}

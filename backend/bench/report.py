@@ -134,9 +134,18 @@ def turbo_configurations(paths: dict[str, Path], peers: bool, device: str = "cpu
         return confs
     ours = {"kind": "ours", "bundle": paths["openvino"], "engine": "openvino"}
     confs = [("turbo ours openvino auto vae", ours), ("turbo ours openvino auto taesd", {**ours, "decoder": "taesd"})]
+    if "int8" in paths:
+        confs.append(("turbo ours openvino int8 taesd", {**ours, "bundle": paths["int8"], "decoder": "taesd"}))
     if peers:
         confs.append(("turbo optimum openvino auto", {"kind": "optimum", "bundle": paths["openvino"],
                                                       "engine": "openvino"}))
+        # FastSD CPU's configuration: optimum's OVStableDiffusionPipeline with TAESD as its VAE decoder, on the
+        # fp weights and on the int8 ones.
+        for name in ("openvino", "int8"):
+            if name in paths:
+                label = "auto" if name == "openvino" else "int8"
+                confs.append((f"turbo fastsd-style optimum {label} taesd",
+                              {"kind": "optimum", "bundle": paths[name], "engine": "openvino", "decoder": "taesd"}))
     return confs
 
 
