@@ -34,4 +34,5 @@ def open_pipeline(settings: Settings, progress: Callable[[float], None] | None =
                                say=say, progress=progress)
     return Pipeline.load(bundle, device=run.device, engine=run.engine, threads=run.threads or None,
                          decoder=run.decoder, precision=run.precision, cuda_graph=run.cuda_graph,
-                         compile_cache=store.model_store / COMPILED if run.compile_cache else None)
+                         compile_cache=store.model_store / COMPILED if run.compile_cache else None,
+                         static_shapes=run.static_shapes)

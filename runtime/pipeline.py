@@ -60,11 +60,12 @@ class Pipeline:
 
     def __init__(self, bundle: Bundle, engine: str, device: str, threads: int, why: str,
                  decoder: str = "vae", precision: str = "auto", cuda_graph: bool = False,
-                 compile_cache: Path | None = None) -> None:
+                 compile_cache: Path | None = None, static_shapes: bool = False) -> None:
         if cuda_graph and not device.startswith("cuda"):
             raise ConfigError(f"CUDA graphs need --device cuda; this pipeline runs on {device}")
         self.cuda_graph = cuda_graph
         self.compile_cache = compile_cache
+        self.static_shapes = static_shapes
         self.bundle = bundle
         self.engine = engine
         self.device = device
@@ -122,6 +123,7 @@ class Pipeline:
         precision: PrecisionChoice = "auto",
         cuda_graph: bool = False,
         compile_cache: str | Path | None = None,
+        static_shapes: bool = False,
     ) -> Pipeline:
         """Load a bundle folder.
 
@@ -132,7 +134,8 @@ class Pipeline:
         matches the reference) | bf16 (OpenVINO only). ``cuda_graph``: on CUDA, capture each static shape's kernel
         launches once and replay them (cuts launch overhead; costs GPU memory per shape). ``compile_cache``: a
         folder where OpenVINO keeps each compiled shape, so the next start (same bundle, same OpenVINO) loads it
-        instead of compiling again; None compiles every time.
+        instead of compiling again; None compiles every time. ``static_shapes``: OpenVINO compiles each graph
+        anew for every input shape it meets (each a copy of the weights) instead of once for all shapes.
         """
         bundle = Bundle.open(path)
         chosen_engine, chosen_device, why = choose(bundle.format, engine, device)
@@ -144,14 +147,14 @@ class Pipeline:
             )
         n_threads = parse_threads(threads) if threads is not None else default_threads()
         return cls(bundle, chosen_engine, chosen_device, n_threads, why, decoder, precision, cuda_graph,
-                   None if compile_cache is None else Path(compile_cache))
+                   None if compile_cache is None else Path(compile_cache), static_shapes)
 
     def _open(self, component: str) -> Session:
         graph = self.bundle.graph(component)
         cache = (compile_cache_dir(self.compile_cache, graph)
                  if self.compile_cache is not None and self.engine == "openvino" else None)
         return open_session(graph, self.engine, self.device, self.threads,  # type: ignore[arg-type]
-                            self.precision, self.cuda_graph, cache)
+                            self.precision, self.cuda_graph, cache, self.static_shapes)
 
     def generate(
         self,

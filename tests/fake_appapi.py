@@ -109,8 +109,10 @@ class AppAPI:
 class ExAppProcess:
     """``text2image serve`` as AppAPI deploys it: the AppAPI environment plus ``T2I_*`` settings."""
 
-    def __init__(self, fake: AppAPI, storage: Path, env: dict[str, str], args: tuple[str, ...] = ()) -> None:
+    def __init__(self, fake: AppAPI, storage: Path, env: dict[str, str], args: tuple[str, ...] = (),
+                 verbose: int = 0) -> None:
         self.fake, self.storage, self.args = fake, storage, args
+        self.verbose = ("-" + "v" * verbose,) if verbose else ()
         self.port = free_port()
         self.env = {**os.environ, "NEXTCLOUD_URL": fake.url, "APP_ID": APP_ID, "APP_SECRET": SECRET,
                     "APP_VERSION": APP_VERSION, "APP_HOST": "127.0.0.1", "APP_PORT": str(self.port),
@@ -123,7 +125,8 @@ class ExAppProcess:
         self.storage.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", "from backend.cli import main; main()", "serve", *self.args],
+                [sys.executable, "-c", "from backend.cli import main; main()", *self.verbose, "serve",
+                 *self.args],
                 cwd=self.storage, env=self.env, stdout=out, stderr=subprocess.STDOUT)
         self.fake.exapp_url = f"http://127.0.0.1:{self.port}"
         return self

@@ -33,7 +33,8 @@ def test_math_precision_follows_the_cpu(openvino_bundle: Path, asked: str) -> No
 
 
 def test_static_shapes_recompile_per_size(openvino_bundle: Path) -> None:
-    pipe = Pipeline.load(openvino_bundle, device="cpu", engine="openvino", threads=2, precision="fp32")
+    pipe = Pipeline.load(openvino_bundle, device="cpu", engine="openvino", threads=2, precision="fp32",
+                         static_shapes=True)
     a = pipe.generate(**ARGS)
     b = pipe.generate(**{**ARGS, "width": 320, "height": 256})
     c = pipe.generate(**ARGS)

@@ -57,13 +57,14 @@ __all__ = [
 
 
 def open_session(path: Path, engine: Engine, device: Device, threads: int, precision: str,
-                 cuda_graph: bool = False, compile_cache: Path | None = None) -> Session:
+                 cuda_graph: bool = False, compile_cache: Path | None = None, static_shapes: bool = False) -> Session:
     """Load one graph on the chosen engine with the math ``precision`` (see :data:`PRECISIONS`); ``cuda_graph``
     captures CUDA graphs per static shape (onnxruntime on CUDA only); ``compile_cache`` is a folder where OpenVINO
-    keeps the compiled shapes of this graph for the next start."""
+    keeps the compiled shapes of this graph for the next start; ``static_shapes`` makes OpenVINO compile per input
+    shape rather than once."""
     if engine == "onnxruntime":
         return OrtSession(path, device, threads, cuda_graph=cuda_graph)
     hint = {"auto": None, "fp32": "f32", "bf16": "bf16"}[precision]
-    return OvSession(path, threads, hint, cache_dir=compile_cache)
+    return OvSession(path, threads, hint, cache_dir=compile_cache, static_shapes=static_shapes)
 
 
