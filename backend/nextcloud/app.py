@@ -77,7 +77,9 @@ def serve(host: str | None = None, port: int | None = None, workers: int | None 
     except ImportError:
         raise T2IError("the Nextcloud ExApp needs its extra: pip install 'text2image-sd2[nextcloud]'") from None
     for name in ("backend", "runtime"):
-        logging.getLogger(name).setLevel(logging.INFO)
+        logger = logging.getLogger(name)
+        if logger.getEffectiveLevel() > logging.INFO:  # INFO at least; -vv (DEBUG) stays: the task timelines
+            logger.setLevel(logging.INFO)
     if not logging.getLogger().handlers:
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     where: dict = {}
