@@ -54,7 +54,8 @@ def ours(case: dict[str, Any]) -> dict[str, Any]:
 
     pipe = Pipeline.load(case["bundle"], device=case.get("device", "cpu"), engine=case["engine"],
                          threads=case["threads"], precision=case.get("precision", "auto"),
-                         decoder=case.get("decoder", "vae"), cuda_graph=case.get("cuda_graph", False))
+                         decoder=case.get("decoder", "vae"), cuda_graph=case.get("cuda_graph", False),
+                         static_shapes=case.get("static_shapes", False))
     dim = int(pipe.unet.inputs["encoder_hidden_states"].shape[-1] or 1024)
     w, r = case["warmup"], case["repeats"]
     out: dict[str, Any] = {"text_encoder": timed(lambda: pipe._encode(PROMPT), w, r)}

@@ -29,6 +29,7 @@ GPU_REFERENCE = "diffusers torch fp16 cuda"
 def prepare(cache: Path, int8: bool, say: Any, device: str = "cpu") -> dict[str, Path]:
     """Build the random full-size model once and export it (ONNX, OpenVINO, optionally int8; on a GPU the fp16
     ONNX bundle with onnxruntime's CUDA fusions); cached in ``cache``."""
+    from backend.model_store import STORE_PRECISION
     from exporters.export import export_model
     from exporters.fullsize import build_full_model
 
@@ -42,7 +43,9 @@ def prepare(cache: Path, int8: bool, say: Any, device: str = "cpu") -> dict[str,
                                      taesd="random", fusions="cuda")
         return paths
     paths["onnx"] = export_model(str(src), "onnx", cache / "sd21-onnx", say=say, taesd="random")
-    paths["openvino"] = export_model(str(src), "openvino", cache / "sd21-openvino", say=say, taesd="random")
+    # OpenVINO: the weights the model store exports (fp16-compressed), which ours and optimum's pipelines both read.
+    paths["openvino"] = export_model(str(src), "openvino", cache / "sd21-openvino-fp16", say=say, taesd="random",
+                                     precision=STORE_PRECISION["openvino"])
     if int8:
         paths["int8"] = export_model(str(src), "openvino", cache / "sd21-int8", precision="int8", say=say,
                                      taesd="random")
@@ -64,6 +67,9 @@ def configurations(paths: dict[str, Path], peers: bool, device: str = "cpu") -> 
         ("ours openvino fp32", {"kind": "ours", "bundle": paths["openvino"], "engine": "openvino",
                                 "precision": "fp32"}),
         ("ours openvino auto", {"kind": "ours", "bundle": paths["openvino"], "engine": "openvino"}),
+        # The default compiles each graph once for every shape; this is the per-shape compile, side by side.
+        ("ours openvino auto static", {"kind": "ours", "bundle": paths["openvino"], "engine": "openvino",
+                                       "static_shapes": True}),
     ]
     if "int8" in paths:
         confs.append(("ours openvino int8", {"kind": "ours", "bundle": paths["int8"], "engine": "openvino"}))
