@@ -60,9 +60,10 @@ class RuntimeSettings:
     workers: int = 1
     #: Most images run through the UNet at once; larger requests run in several batches.
     max_batch: int = 4
-    #: Keep OpenVINO's compiled shapes in the model store (``compiled/``), so a restart skips most compiling. Off by
-    #: default: measured on the full-size SD2.1 it made the first image after a restart ~1.2x sooner but raised the
-    #: start's peak memory by ~4.5 GB (the blobs are read whole beside the graph).
+    #: Keep OpenVINO's compiled models in the model store (``compiled/``), so a restart skips compiling. Off by
+    #: default: measured on the full-size SD2.1 (2-core AVX2 EPYC, fp16 weights, one compile for all shapes) the
+    #: first image after a restart came no sooner (18.7 s against 17.4 s) and the start peaked 2.2 GB higher (the
+    #: blob is read whole beside the graph).
     compile_cache: bool = False
     #: OpenVINO: compile a graph anew for each input shape (batch and size) instead of once for all shapes. Measured
     #: on a 2-core AVX2 EPYC with OpenVINO 2026.4 the single shape-free compile ran the 512² UNet step as fast

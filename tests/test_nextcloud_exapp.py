@@ -361,3 +361,22 @@ def test_disable_mid_task_settles_the_task_before_unregistering(tmp_path: Path, 
     finally:
         proc.stop()
         fake.stop()
+
+
+def test_a_short_task_runs_between_the_batches_of_a_long_one(nc32) -> None:
+    # Issue #14: one user's 12-image task held every other user's task behind it for its whole run.
+    fake, proc = nc32  # T2I_MAX_BATCH=1: every image is a batch of its own
+    fake.install(proc)
+    long = fake.schedule({"input": "a long one", "numberOfImages": 12, "steps": 20}, user="admin")
+    end = time.monotonic() + 60
+    while fake.task(long)["status"] != "STATUS_RUNNING" and time.monotonic() < end:
+        time.sleep(0.02)
+    short = fake.schedule({"input": "a short one", "numberOfImages": 1, "steps": 2}, user="alice")
+    assert fake.wait([short], timeout=120)[0]["status"] == "STATUS_SUCCESSFUL", proc.output()[-3000:]
+    assert fake.task(long)["status"] == "STATUS_RUNNING", "the short task did not wait for the long one to end"
+    done = fake.wait([long, short], timeout=120)
+    assert [t["status"] for t in done] == ["STATUS_SUCCESSFUL"] * 2
+    assert [len(t["output"]["images"]) for t in done] == [12, 1]
+    assert fake.handouts[long] == fake.handouts[short] == 1
+    assert f"task {short} runs between the batches of another task" in proc.output()
+    assert _progress(fake, long) == sorted(_progress(fake, long)), "the long task's progress never goes back"

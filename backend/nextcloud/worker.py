@@ -15,6 +15,7 @@ import logging
 import time
 import traceback
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from backend.nextcloud.client import Backoff, Gone, Nextcloud, Unreachable, cut, sleep_or
@@ -24,6 +25,7 @@ from backend.nextcloud.loader import Model
 from backend.tasks.request import TaskInputError, parse_task_input
 from backend.tasks.service import ImageService
 from runtime.errors import GenerationCancelled
+from runtime.request import GenerationRequest
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +126,11 @@ class Worker:
         self.retired = False
         #: Deliveries under way: a result is uploaded while the next task already denoises.
         self.deliveries: set[asyncio.Task] = set()
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     async def run(self) -> None:
         """Take and process tasks until the service stops or the worker is retired."""
+        self.loop = asyncio.get_running_loop()
         backoff = Backoff()
         try:
             while not self.stopping.is_set() and not self.retired:
@@ -178,34 +182,97 @@ class Worker:
 
     async def process(self, task: dict[str, Any]) -> None:
         """Generate one task and hand its outcome (images or an error) to the delivery."""
+        tid, request, bridge = self._begin(task)
+        if request is None:
+            self._deliver(tid)
+            return
+        loop = asyncio.get_running_loop()
+        t0 = time.monotonic()
+        # Between the batches of a task with more images than one batch, the next task in Nextcloud's queue runs
+        # (see _between): one user's 12 images do not hold everyone else up for their whole run.
+        between = self._between if request.n > self.service.settings.runtime.max_batch else None
+        try:
+            results: list | BaseException = await loop.run_in_executor(
+                self.executor, partial(self.service.run, request, bridge, between_batches=between))
+        except Exception as exc:
+            results = exc
+        finally:
+            self.current = None
+        if not await self._settle(tid, bridge, results, t0):
+            self._deliver(tid)
+
+    def _begin(self, task: dict[str, Any]) -> tuple[int, GenerationRequest | None, ProgressBridge]:
+        """Record the task as taken and parse its input; a refused input is recorded as failed (request None)."""
         tid = int(task["id"])
         entry = self.journal.take(task, self.model.provider_id)
         self.current = tid
         log.info("%s: task %d taken (attempt %d)", self.name, tid, entry.attempts)
+        bridge = ProgressBridge(self.nc, tid, asyncio.get_running_loop(), self.deadline)
         try:
-            settled = await self._generate(tid, task)
-        finally:
-            self.current = None
-        if not settled:
-            # Upload and report while this worker takes the next task: the generation runs in a thread, so the
-            # event loop is free to send the result in the meantime.
-            delivering = asyncio.get_running_loop().create_task(self.delivery.deliver(tid), name=f"deliver-{tid}")
-            self.deliveries.add(delivering)
-            delivering.add_done_callback(self.deliveries.discard)
-
-    async def _generate(self, tid: int, task: dict[str, Any]) -> bool:
-        """Run the task; record its outcome in the journal. True when nothing is left to deliver."""
-        try:
-            request = parse_task_input(task.get("input") or {})
+            return tid, parse_task_input(task.get("input") or {}), bridge
         except TaskInputError as exc:
             self.journal.fail(tid, f"task {tid} was refused: {exc}", str(exc))
-            return False
-        bridge = ProgressBridge(self.nc, tid, asyncio.get_running_loop(), self.deadline)
-        t0 = time.monotonic()
+            self.current = None
+            return tid, None, bridge
+
+    def _deliver(self, tid: int) -> None:
+        """Upload and report while this worker goes on: the generation runs in a thread, so the event loop is free
+        to send the result in the meantime."""
+        delivering = asyncio.get_running_loop().create_task(self.delivery.deliver(tid), name=f"deliver-{tid}")
+        self.deliveries.add(delivering)
+        delivering.add_done_callback(self.deliveries.discard)
+
+    def _between(self) -> None:
+        """In the generation thread, between two batches of a long task: take the next task from Nextcloud's queue
+        and run it here and now (its own batches without a further interleave), then go back to the long one."""
+        if self.stopping.is_set() or self.retired or not self.enabled.is_set():
+            return
+        loop, held = self.loop, self.current
+        assert loop is not None  # set by run(), which is what calls the generation
         try:
-            results = await asyncio.get_running_loop().run_in_executor(self.executor, self.service.run, request,
-                                                                       bridge)
-        except GenerationCancelled:
+            found = asyncio.run_coroutine_threadsafe(self.nc.next_task([self.model.provider_id]), loop).result(30)
+        except Exception as exc:  # Nextcloud unreachable: carry on with the task in hand
+            log.info("%s: no task taken between batches: %s", self.name, exc)
+            return
+        if found is None:
+            return
+
+        try:
+            self._run_between(found["task"])
+        except Exception as exc:  # a bug or a broken journal must fail neither this task nor the one in hand
+            log.exception("%s: task %s could not be handled between batches", self.name, found["task"].get("id"))
+            asyncio.run_coroutine_threadsafe(self._report_directly(found["task"], exc), loop).result(60)
+        finally:
+            self.current = held
+
+    def _run_between(self, task: dict[str, Any]) -> None:
+        """:meth:`process` for a task taken between batches: the generation runs in this (the generation) thread,
+        the rest on the event loop."""
+        loop = self.loop
+        assert loop is not None
+
+        async def begin() -> tuple[int, GenerationRequest | None, ProgressBridge]:
+            return self._begin(task)
+
+        tid, request, bridge = asyncio.run_coroutine_threadsafe(begin(), loop).result()
+        log.info("%s: task %d runs between the batches of another task", self.name, tid)
+        outcome: list | BaseException = []
+        t0 = time.monotonic()
+        if request is not None:
+            try:
+                outcome = self.service.run(request, bridge)
+            except Exception as exc:
+                outcome = exc
+
+        async def settle() -> None:
+            if request is None or not await self._settle(tid, bridge, outcome, t0):
+                self._deliver(tid)
+
+        asyncio.run_coroutine_threadsafe(settle(), loop).result()
+
+    async def _settle(self, tid: int, bridge: ProgressBridge, results: list | BaseException, t0: float) -> bool:
+        """Record a generation's outcome in the journal. True when nothing is left to deliver."""
+        if isinstance(results, GenerationCancelled):
             if bridge.cancelled:
                 log.info("%s: task %d cancelled by its user after %.1f s; nothing uploaded", self.name, tid,
                          time.monotonic() - t0)
@@ -213,12 +280,12 @@ class Worker:
                 return True
             self.journal.fail(tid, f"task {tid} stopped: the service was shutting down", STOPPED)
             return False
-        except TaskInputError as exc:
-            self.journal.fail(tid, f"task {tid} was refused: {exc}", str(exc))
+        if isinstance(results, TaskInputError):
+            self.journal.fail(tid, f"task {tid} was refused: {results}", str(results))
             return False
-        except Exception as exc:
-            log.exception("%s: task %d failed", self.name, tid)
-            self.journal.fail(tid, _admin_detail(tid, exc), INTERNAL_ERROR)
+        if isinstance(results, BaseException):
+            log.error("%s: task %d failed", self.name, tid, exc_info=results)
+            self.journal.fail(tid, _admin_detail(tid, results), INTERNAL_ERROR)
             return False
         # The last chance to see a cancel that came during decoding: a cancelled task must upload nothing.
         if await self.nc.progress(tid, (1 + DENOISE_SHARE) / 2) == CANCELLED:
