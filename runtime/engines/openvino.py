@@ -99,6 +99,7 @@ class OvSession:
                 raise EngineError(f"OpenVINO failed to run {self._path.parent.name} on inputs {dims}: {exc}") from exc
         if fresh:
             self._seen.add(shapes)
+        if fresh and log.isEnabledFor(logging.DEBUG):  # reading smaps costs milliseconds in a large process
             log.debug("%s: %d MB of the weights file resident after its first run at %s", self._path.parent.name,
                       resident_bytes(self._weights) >> 20, dict(shapes))
         # Copy: the request reuses its output buffers on the next call.
