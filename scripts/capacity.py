@@ -20,6 +20,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -60,10 +62,11 @@ class Client:
         return time.monotonic() - t0
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def load_options(doc: str, clients: int) -> argparse.ArgumentParser:
+    """The options both capacity scripts take (``clients``: the default number of users)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("bundle", type=Path)
-    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--clients", type=int, default=clients)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0)
@@ -72,8 +75,62 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=0.0)
     parser.add_argument("--decoder", default="vae", choices=["vae", "taesd"])
     parser.add_argument("--greedy", action="store_true", help="one more user schedules a 12-image task first")
-    args = parser.parse_args()
+    return parser
 
+
+@dataclass
+class Load:
+    """What :func:`drive` saw: one-image latencies, the greedy task's latency, errors, and seconds it ran."""
+
+    latencies: list[float] = field(default_factory=list)
+    greedy: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    took: float = 0.0
+
+    def report(self, ready: str) -> None:
+        """Print images per hour and the latencies; ``ready`` opens the first line."""
+        images = len(self.latencies) + (12 if self.greedy else 0)
+        ordered = sorted(self.latencies)
+        print(f"{ready}; {images} images in {self.took:.1f} s = {images / self.took * 3600:,.0f} images/hour")
+        if ordered:
+            p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+            print(f"one-image task latency: p50 {statistics.median(ordered):.2f} s, p95 {p95:.2f} s "
+                  f"({len(ordered)} tasks)")
+        if self.greedy:
+            print(f"12-image task latency: {self.greedy[0]:.1f} s")
+
+
+def drive(run_task: Callable[[str, int], float], users: list[str], seconds: float, greedy: bool) -> Load:
+    """Each of ``users[1:]`` runs one-image tasks (``run_task(user, n)`` → seconds) until ``seconds`` are up;
+    with ``greedy``, ``users[0]`` schedules a 12-image task first."""
+    load = Load()
+    deadline = time.monotonic() + seconds
+
+    def client(user: str) -> None:
+        while time.monotonic() < deadline:
+            try:
+                load.latencies.append(run_task(user, 1))
+            except Exception as exc:
+                load.errors.append(str(exc))
+                return
+
+    threads = []
+    if greedy:
+        threads.append(threading.Thread(target=lambda: load.greedy.append(run_task(users[0], 12))))
+        threads[-1].start()
+        time.sleep(0.2)
+    started = time.monotonic()
+    for user in users[1:]:
+        threads.append(threading.Thread(target=client, args=(user,)))
+        threads[-1].start()
+    for t in threads:
+        t.join()
+    load.took = time.monotonic() - started
+    return load
+
+
+def main() -> None:
+    args = load_options(__doc__, clients=4).parse_args()
     users = {f"user{i}": f"capacity-secret-{i:04d}" for i in range(args.clients + 1)}
     with tempfile.TemporaryDirectory(prefix="t2i-capacity-") as data:
         settings = Settings.from_env(model=str(args.bundle), data_dir=Path(data), port=0, workers=args.workers,
@@ -85,49 +142,16 @@ def main() -> None:
         server.start()
         loaded = time.monotonic() - t_load
         options = {"size": f"{args.size}x{args.size}", "steps": args.steps, "guidance": args.guidance}
-        latencies: list[float] = []
-        greedy: list[float] = []
-        errors: list[str] = []
-        deadline = time.monotonic() + args.seconds
-
-        def client(user: str) -> None:
-            c = Client(server.url, user, users[user])
-            while time.monotonic() < deadline:
-                try:
-                    latencies.append(c.run_task(1, options))
-                except Exception as exc:
-                    errors.append(str(exc))
-                    return
-
-        threads = []
-        if args.greedy:
-            big = Client(server.url, "user0", users["user0"])
-            threads.append(threading.Thread(target=lambda: greedy.append(big.run_task(12, options))))
-            threads[-1].start()
-            time.sleep(0.2)
-        started = time.monotonic()
-        for i in range(1, args.clients + 1):
-            threads.append(threading.Thread(target=client, args=(f"user{i}",)))
-            threads[-1].start()
-        for t in threads:
-            t.join()
-        took = time.monotonic() - started
+        clients = {user: Client(server.url, user, secret) for user, secret in users.items()}
+        load = drive(lambda user, n: clients[user].run_task(n, options), list(users), args.seconds, args.greedy)
         steady = rss_mb()
         server.close()
-    images = len(latencies) + (12 if greedy else 0)
-    ordered = sorted(latencies)
-    p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))] if ordered else float("nan")
     print(f"{args.bundle} at {args.size}², {args.steps} step(s), guidance {args.guidance:g}, {args.decoder} decoder; "
           f"{args.clients} client(s), {args.workers} worker(s), threads {args.threads or 'all'}")
-    print(f"model ready in {loaded:.1f} s; {images} images in {took:.1f} s = {images / took * 3600:,.0f} images/hour")
-    if ordered:
-        print(f"one-image task latency: p50 {statistics.median(ordered):.2f} s, p95 {p95:.2f} s "
-              f"({len(ordered)} tasks)")
-    if greedy:
-        print(f"12-image task latency: {greedy[0]:.1f} s")
+    load.report(f"model ready in {loaded:.1f} s")
     print(f"memory: peak {peak_rss_mb():.0f} MB, at the end {steady:.0f} MB")
-    if errors:
-        print(f"errors: {errors[:3]}")
+    if load.errors:
+        print(f"errors: {load.errors[:3]}")
 
 
 if __name__ == "__main__":

@@ -15,12 +15,10 @@ the ExApp finds new tasks by polling (``T2I_POLL_INTERVAL``, 5 s by default when
 
 from __future__ import annotations
 
-import argparse
 import re
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -28,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the fake Nextcloud lives with the tests
 sys.path.insert(0, str(REPO))
 
+from capacity import drive, load_options  # noqa: E402  (its folder is on sys.path when run as a script)
 from fake_nextcloud import ExAppProcess, FakeNextcloud  # noqa: E402
 
 PROMPT = "a red fox in the snow"
@@ -43,10 +42,6 @@ def memory_mb(pid: int) -> dict[str, float]:
     return found
 
 
-def percentile(ordered: list[float], q: float) -> float:
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
-
-
 def timeline(log: str) -> dict[str, list[float]]:
     """Seconds per task spent in each phase, from the ExApp's debug lines."""
     phases: dict[str, list[float]] = {"generation": [], "journal": [], "upload": [], "result": []}
@@ -60,22 +55,12 @@ def timeline(log: str) -> dict[str, list[float]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("bundle", type=Path)
-    parser.add_argument("--clients", type=int, default=2)
-    parser.add_argument("--seconds", type=float, default=60.0)
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=1)
-    parser.add_argument("--guidance", type=float, default=0.0)
-    parser.add_argument("--decoder", default="vae", choices=["vae", "taesd"])
+    parser = load_options(__doc__, clients=2)
     parser.add_argument("--nextcloud", type=int, default=32, choices=[32, 33])
-    parser.add_argument("--greedy", action="store_true", help="one more user schedules a 12-image task first")
     args = parser.parse_args()
 
-    users = tuple(f"user{i}" for i in range(args.clients + 1))
-    fake = FakeNextcloud(version=args.nextcloud, users=users).start()
+    users = [f"user{i}" for i in range(args.clients + 1)]
+    fake = FakeNextcloud(version=args.nextcloud, users=tuple(users)).start()
     env = {"T2I_MODEL": str(args.bundle.resolve()), "T2I_DECODER": args.decoder}
     if args.threads:
         env["T2I_THREADS"] = str(args.threads)
@@ -85,12 +70,8 @@ def main() -> None:
             t_load = time.monotonic()
             fake.install(proc, timeout=1800)
             loaded = time.monotonic() - t_load
-            task_input = {"input": PROMPT, "numberOfImages": 1, "size": f"{args.size}x{args.size}",
-                          "steps": args.steps, "guidance": args.guidance}
-            latencies: list[float] = []
-            greedy: list[float] = []
-            errors: list[str] = []
-            deadline = time.monotonic() + args.seconds
+            task_input = {"input": PROMPT, "size": f"{args.size}x{args.size}", "steps": args.steps,
+                          "guidance": args.guidance}
 
             def one(user: str, n: int) -> float:
                 t0 = time.monotonic()
@@ -100,50 +81,23 @@ def main() -> None:
                     raise RuntimeError(f"task {tid}: {done['status']} {done.get('_error')}")
                 return time.monotonic() - t0
 
-            def client(user: str) -> None:
-                while time.monotonic() < deadline:
-                    try:
-                        latencies.append(one(user, 1))
-                    except Exception as exc:
-                        errors.append(str(exc))
-                        return
-
-            threads = []
-            if args.greedy:
-                threads.append(threading.Thread(target=lambda: greedy.append(one("user0", 12))))
-                threads[-1].start()
-                time.sleep(0.2)
-            started = time.monotonic()
-            for user in users[1:]:
-                threads.append(threading.Thread(target=client, args=(user,)))
-                threads[-1].start()
-            for t in threads:
-                t.join()
-            took = time.monotonic() - started
+            load = drive(one, users, args.seconds, args.greedy)
             assert proc.proc is not None
             memory = memory_mb(proc.proc.pid)
             phases = timeline(proc.output())
         finally:
             proc.stop()
             fake.stop()
-    images = len(latencies) + (12 if greedy else 0)
-    ordered = sorted(latencies)
     print(f"ExApp on fake Nextcloud {args.nextcloud}: {args.bundle} at {args.size}², {args.steps} step(s), guidance "
           f"{args.guidance:g}, {args.decoder} decoder; {args.clients} user(s), {args.workers} worker(s), "
           f"threads {args.threads or 'all'}")
-    print(f"installed and ready in {loaded:.1f} s; {images} images in {took:.1f} s = "
-          f"{images / took * 3600:,.0f} images/hour")
-    if ordered:
-        print(f"one-image task latency: p50 {statistics.median(ordered):.2f} s, p95 {percentile(ordered, 0.95):.2f} s "
-              f"({len(ordered)} tasks)")
-    if greedy:
-        print(f"12-image task latency: {greedy[0]:.1f} s")
+    load.report(f"installed and ready in {loaded:.1f} s")
     for name, values in phases.items():
         if values:
             print(f"  per task, {name}: median {statistics.median(values):.3f} s ({len(values)} tasks)")
     print(f"ExApp memory: peak {memory.get('VmHWM', 0):.0f} MB, at the end {memory.get('VmRSS', 0):.0f} MB")
-    if errors:
-        print(f"errors: {errors[:3]}")
+    if load.errors:
+        print(f"errors: {load.errors[:3]}")
 
 
 if __name__ == "__main__":
