@@ -78,6 +78,8 @@ class FakeNextcloud(AppAPI):
         self.port = free_port()
         self._server: ThreadingHTTPServer | None = None
         self._down_until = 0.0
+        #: Seconds a request whose path contains the key waits before it is answered (a busy server's latency).
+        self.slow: dict[str, float] = {}
 
     # -- server --------------------------------------------------------------------------------------------
     @property
@@ -220,6 +222,9 @@ class FakeNextcloud(AppAPI):
         with self.lock:
             self.requests.append({"method": h.command, "path": parts.path, "query": query, "t": time.monotonic(),
                                   "body": body if not isinstance(body, dict) or "file" not in body else "<file>"})
+        delay = max((t for part, t in self.slow.items() if part in parts.path), default=0.0)
+        if delay:
+            time.sleep(delay)
         status, payload, v1 = self._route(h.command, parts.path, query, body, h.headers)
         if status == 204:
             h.send_response(204)

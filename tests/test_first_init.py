@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -100,6 +101,30 @@ def test_exapp_init_refuses_an_uncovered_architecture_before_any_weight(hub: Fak
         assert took < 30, f"init took {took:.1f} s to fail (process start included)"
         assert _weights_sent(hub, "org/other") == [], "no weight file may be requested"
         assert not [p for p in (tmp_path / "storage").rglob("*") if "downloads" in p.parts and p.is_file()]
+    finally:
+        proc.stop()
+        fake.stop()
+
+
+def test_a_resume_and_init_arriving_together_share_one_load(hub: FakeHub, tiny_source: Path,
+                                                            tmp_path: Path) -> None:
+    """AppAPI 32 marks a new app enabled before it posts /init, so the start's resume and /init both ask for the
+    models. While the admin settings are read (slowly here, as on a busy server) neither may start a second load:
+    two would fetch into one download folder, and the one that fails first deletes it under the other."""
+    other = sd2_layout(tiny_source, tmp_path / "other")
+    config = json.loads((other / "unet" / "config.json").read_text())
+    config["cross_attention_dim"] = 48
+    (other / "unet" / "config.json").write_text(json.dumps(config))
+    hub.add_repo("org/other", other)
+    fake = FakeNextcloud(version=32).start()
+    fake.slow["/ex-app/config/get-values"] = 1.0
+    proc = ExAppProcess(fake, tmp_path / "storage", {"T2I_MODEL": "org/other", **_hub_env(hub, tmp_path)})
+    try:
+        status = fake.install(proc, timeout=60)
+        assert "unet.cross_attention_dim: 48 (template: 32)" in status["error"], status
+        lookups = [r for r in hub.requests if re.match(r"GET /api/models/org/other(/revision/[^/]+)?(\?|$)", r)]
+        assert len(lookups) == 1, (lookups, proc.output()[-3000:])
+        assert proc.output().count("looking up org/other on the model hub") == 1, proc.output()[-3000:]
     finally:
         proc.stop()
         fake.stop()

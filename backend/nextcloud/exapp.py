@@ -158,12 +158,9 @@ class ExApp:
         record = storage_dir() / VERIFIED
         if not self.models:
             if self._loading is None or (self._loading.done() and self._loading.exception() is not None):
-                await self.admin.before_first_load()
-                def report(p: int) -> None:
-                    if self._init_progress is not None:
-                        loop.call_soon_threadsafe(self._init_progress.put_nowait, p)
-
-                self._loading = loop.run_in_executor(None, load_models, self.settings, report, verify, record)
+                # Claimed before the first await: a resume and /init arriving together must share one load, or
+                # two would download into the same folder and one would delete it under the other.
+                self._loading = loop.create_task(self._load_models(verify, record), name="load-models")
                 self._verified = verify
             ready = await asyncio.shield(self._loading)
             if not self.models:
@@ -173,6 +170,16 @@ class ExApp:
                 await loop.run_in_executor(None, verify_bundle, model.services[0], lambda _: None, True, record)
             self._verified = True
         return self.models
+
+    async def _load_models(self, verify: bool, record: Path) -> list:
+        await self.admin.before_first_load()
+        loop = asyncio.get_running_loop()
+
+        def report(p: int) -> None:
+            if self._init_progress is not None:
+                loop.call_soon_threadsafe(self._init_progress.put_nowait, p)
+
+        return await loop.run_in_executor(None, load_models, self.settings, report, verify, record)
 
     async def init(self) -> None:
         """/init: download and verify the models, load them, and report progress to AppAPI (0..100, or an error)."""
