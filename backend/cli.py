@@ -81,9 +81,14 @@ def cli(verbose: int) -> None:
               help="torch: optimum's export, each graph checked against torch (needs the export extra). template: "
                    "no torch; the checkpoint's safetensors are bound into graph templates of that same export "
                    "(sd-turbo, sd2.1-base, sd2.1 architectures). auto: torch where installed, else template.")
+@click.option("--int8-matmuls", is_flag=True,
+              help="OpenVINO: store the matrix-product weights of the text encoder and the UNet in int8 (per "
+                   "channel; activations stay floating point). For SD2.1 on an f32 CPU the compiled model holds "
+                   "1.7 GB less at the same speed; pixels change slightly. The model store exports this way, with "
+                   "--precision fp16.")
 @_user_errors
 def export(source: str, fmt: str, out: Path, precision: str, taesd: str | None, fusions: str,
-           converter: str) -> None:
+           converter: str, int8_matmuls: bool) -> None:
     """Export SOURCE to a model bundle.
 
     SOURCE is a hub model id (e.g. stabilityai/sd-turbo), a known short name (sd-turbo, sd2.1-base, sd2.1), a local
@@ -105,7 +110,7 @@ def export(source: str, fmt: str, out: Path, precision: str, taesd: str | None, 
     source, defaults = export_args(source)
     try:
         export_model(source, fmt, out, precision, say=_say, taesd=taesd, fusions=fusions, converter=converter,
-                     defaults=defaults)
+                     defaults=defaults, int8_matmuls=int8_matmuls)
     except ExportError as exc:
         raise T2IError(str(exc)) from None
 

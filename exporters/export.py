@@ -96,7 +96,7 @@ def export_model(source: str, fmt: str, out: Path, precision: str = "fp32",
                  say: Callable[[str], None] = print, origin: dict[str, Any] | None = None,
                  taesd: str | None = None, fusions: str = "none", converter: str = "auto",
                  progress: Callable[[float], None] | None = None,
-                 defaults: Mapping[str, Any] | None = None) -> Path:
+                 defaults: Mapping[str, Any] | None = None, int8_matmuls: bool = False) -> Path:
     """Export SOURCE to ``out`` in ``fmt`` (onnx | openvino) at ``precision`` (fp32 | fp16 | int8) and check it.
 
     ``fusions`` (ONNX only) applies onnxruntime's graph fusions: ``cpu`` those with CPU kernels, ``cuda`` the full
@@ -112,6 +112,10 @@ def export_model(source: str, fmt: str, out: Path, precision: str = "fp32",
     checkpoint's safetensors bound into graph templates of the same export), or auto (torch where installed).
     ``progress`` gets the fraction done (template converter).
 
+    ``int8_matmuls`` (OpenVINO, fp32/fp16) stores the weights of the text encoder's and the UNet's matrix products
+    in int8 with a scale per channel (:mod:`exporters.weight_int8`): OpenVINO keeps them in int8 when it compiles,
+    so the compiled model holds less, at the same speed, for a small change in pixels (tests/test_memory_levers.py).
+
     Re-running on a finished folder says so and does nothing; an interrupted run resumes after the last finished
     component.
     """
@@ -125,6 +129,8 @@ def export_model(source: str, fmt: str, out: Path, precision: str = "fp32",
 
     if fusions not in FUSIONS:
         raise ExportError(f"fusions '{fusions}' is not known; use one of {', '.join(FUSIONS)}")
+    if int8_matmuls and fmt != "openvino":
+        raise ExportError("int8 MatMul weights are an OpenVINO graph rewrite; use --format openvino")
     if fusions != "none" and fmt != "onnx":
         raise ExportError(f"fusions '{fusions}' are onnxruntime graph fusions; use --format onnx (OpenVINO fuses "
                           "its graphs itself when it compiles them)")
@@ -137,6 +143,8 @@ def export_model(source: str, fmt: str, out: Path, precision: str = "fp32",
         wanted["taesd"] = taesd
     if fusions != "none":
         wanted["fusions"] = fusions
+    if int8_matmuls and precision != "int8":  # precision int8 quantizes these graphs anyway
+        wanted["int8_matmuls"] = "true"
     if (out / MANIFEST).is_file():
         done = json.loads((out / MANIFEST).read_text())
         if done.get("request") == wanted:
@@ -172,6 +180,13 @@ def export_model(source: str, fmt: str, out: Path, precision: str = "fp32",
         from exporters.int8 import quantize_bundle
 
         extra["quantization"] = quantize_bundle(out, say=say)
+    elif int8_matmuls:
+        from exporters.weight_int8 import COMPONENTS, compress_graph
+
+        extra["weights"] = {}
+        for name in COMPONENTS:
+            say(f"int8 MatMul weights: {name} …")
+            extra["weights"][name] = compress_graph(out / name / "openvino_model.xml")
     _write_manifest(out, fmt, precision, origin, wanted, state["done"], dict(defaults or {}), extra)
     (out / STATE).unlink()
     say(f"exported {source} → {out} ({fmt}, {precision})")

@@ -72,7 +72,10 @@ def test_exapp_first_init_converts_the_checkpoint(hub: FakeHub, tmp_path: Path) 
         assert hub.files_sent(REPO) == CHECKPOINT_NEEDED, "configs, tokenizer, one fp16 weight file per component"
         bundles = [p.parent for p in (tmp_path / "storage").rglob("manifest.json")]
         assert len(bundles) == 1, bundles
-        assert json.loads((bundles[0] / "manifest.json").read_text())["converter"] == "template"
+        manifest = json.loads((bundles[0] / "manifest.json").read_text())
+        assert manifest["converter"] == "template"
+        # The store's OpenVINO export, made torch-free: fp16 weights, the MatMul weights in int8.
+        assert manifest["precision"] == "fp16" and manifest["weights"]["unet"]["matmuls"] > 0, manifest
         assert not list((tmp_path / "storage").rglob("*.safetensors")), "the checkpoint is not kept beside it"
         assert any(p.startswith(f"{APP_ID}:") for p in fake.providers), fake.providers
         tid = fake.schedule({"input": "a red fox", "numberOfImages": 1})

@@ -1,5 +1,6 @@
 """Issue #14's memory levers against the fp32 path, with the pixels they cost: fp16-compressed weights in the
-OpenVINO bundle, the weights file's pages given back once compiled, and one shape-free compile for every size."""
+OpenVINO bundle, int8 MatMul weights, the weights file's pages given back once compiled, and one shape-free compile
+for every size."""
 
 from __future__ import annotations
 
@@ -66,3 +67,72 @@ def test_fp16_weights_against_fp32(tiny_source: Path, openvino_bundle: Path, tmp
     print(f"OpenVINO fp16-compressed weights vs fp32: PSNR {score:.1f} dB")
     assert score >= 35
     assert np.isfinite(score)
+
+
+def test_int8_quantize_restores_each_weight_to_half_a_step() -> None:
+    from exporters.weight_int8 import quantize
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((48, 40)).astype(np.float32) * rng.uniform(0.01, 3.0, (1, 40)).astype(np.float32)
+    w[:, 7] = 0.0  # a channel of zeros must not divide by zero
+    w[:, 9] = np.abs(w[:, 9])  # one sign only: zero stays exactly representable
+    q, zero, scale = quantize(w, axis=0)
+    assert q.dtype == np.uint8 and zero.shape == scale.shape == (1, 40)
+    restored = (q.astype(np.float32) - zero) * scale
+    assert np.all(np.abs(restored - w) <= scale / 2 + 1e-6)
+    assert np.all(restored[:, 7] == 0.0)
+    assert np.all((q.astype(np.float32) - zero)[w == 0.0] == 0.0), "zero weights stay zero"
+
+
+def _matmul_weights(xml: Path) -> dict[str, int]:
+    """Of the IR's MatMuls, how many take a float weight constant and how many one made of uint8."""
+    import openvino as ov
+
+    from exporters.weight_int8 import _weight
+
+    counts = {"float": 0, "uint8": 0}
+    for op in ov.Core().read_model(str(xml)).get_ordered_ops():
+        if op.get_type_name() != "MatMul":
+            continue
+        if _weight(op) is not None:
+            counts["float"] += 1
+        node = op.input_value(1).get_node()
+        while node.get_type_name() in ("Multiply", "Subtract", "Convert"):
+            node = node.input_value(0).get_node()
+        if node.get_type_name() == "Constant" and node.get_element_type().get_type_name() == "u8":
+            counts["uint8"] += 1
+    return counts
+
+
+def test_int8_matmul_weights_against_fp32(tiny_source: Path, openvino_bundle: Path, tmp_path: Path) -> None:
+    """What the model store exports for OpenVINO (fp16, the MatMul weights of the text encoder and the UNet in
+    int8), against the fp32 bundle: every such weight became uint8, the convolutions did not, and the pixels barely
+    move."""
+    from backend.model_store import STORE_EXPORT
+    from exporters.export import export_model
+
+    store = export_model(str(tiny_source), "openvino", tmp_path / "store", say=lambda _: None,
+                         **STORE_EXPORT["openvino"])
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert manifest["request"]["int8_matmuls"] == "true" and manifest["precision"] == "fp16"
+    for name in ("text_encoder", "unet"):
+        before = _matmul_weights(openvino_bundle / name / "openvino_model.xml")
+        after = _matmul_weights(store / name / "openvino_model.xml")
+        assert before["float"] > 0 and before["uint8"] == 0, (name, before)
+        assert after == {"float": 0, "uint8": before["float"]}, (name, after)
+        assert manifest["weights"][name]["matmuls"] == before["float"]
+    assert _matmul_weights(store / "vae_decoder" / "openvino_model.xml")["uint8"] == 0, "the VAE is left alone"
+    lean, full = _load(store), _load(openvino_bundle)
+    a, b = lean._encode(ARGS["prompt"]), full._encode(ARGS["prompt"])
+    cos = float(np.sum(a * b) / np.sqrt(np.sum(a * a) * np.sum(b * b)))
+    score = psnr(lean.generate(**ARGS), full.generate(**ARGS))
+    print(f"store export (fp16 + int8 MatMuls) vs fp32: text embedding cosine {cos:.6f}, PSNR {score:.1f} dB")
+    assert cos >= 0.999, cos
+    assert 30 <= score < float("inf"), score
+
+
+def test_int8_matmul_weights_need_openvino(tiny_source: Path, tmp_path: Path) -> None:
+    from exporters.export import ExportError, export_model
+
+    with pytest.raises(ExportError, match="use --format openvino"):
+        export_model(str(tiny_source), "onnx", tmp_path / "x", int8_matmuls=True, say=lambda _: None)

@@ -29,7 +29,7 @@ GPU_REFERENCE = "diffusers torch fp16 cuda"
 def prepare(cache: Path, int8: bool, say: Any, device: str = "cpu") -> dict[str, Path]:
     """Build the random full-size model once and export it (ONNX, OpenVINO, optionally int8; on a GPU the fp16
     ONNX bundle with onnxruntime's CUDA fusions); cached in ``cache``."""
-    from backend.model_store import STORE_PRECISION
+    from backend.model_store import STORE_EXPORT
     from exporters.export import export_model
     from exporters.fullsize import build_full_model
 
@@ -43,9 +43,10 @@ def prepare(cache: Path, int8: bool, say: Any, device: str = "cpu") -> dict[str,
                                      taesd="random", fusions="cuda")
         return paths
     paths["onnx"] = export_model(str(src), "onnx", cache / "sd21-onnx", say=say, taesd="random")
-    # OpenVINO: the weights the model store exports (fp16-compressed), which ours and optimum's pipelines both read.
-    paths["openvino"] = export_model(str(src), "openvino", cache / "sd21-openvino-fp16", say=say, taesd="random",
-                                     precision=STORE_PRECISION["openvino"])
+    # OpenVINO: the weights the model store exports (fp16, int8 text encoder), which ours and optimum's pipelines
+    # both read.
+    paths["openvino"] = export_model(str(src), "openvino", cache / "sd21-openvino-store", say=say, taesd="random",
+                                     **STORE_EXPORT["openvino"])
     if int8:
         paths["int8"] = export_model(str(src), "openvino", cache / "sd21-int8", precision="int8", say=say,
                                      taesd="random")
