@@ -183,10 +183,14 @@ def export_model(source: str, fmt: str, out: Path, precision: str = "fp32",
     elif int8_matmuls:
         from exporters.weight_int8 import COMPONENTS, compress_graph
 
-        extra["weights"] = {}
+        # Recorded per graph, so that a resumed export does not compress a graph twice.
+        weights = state.setdefault("weights", {})
         for name in COMPONENTS:
-            say(f"int8 MatMul weights: {name} …")
-            extra["weights"][name] = compress_graph(out / name / "openvino_model.xml")
+            if name not in weights:
+                say(f"int8 MatMul weights: {name} …")
+                weights[name] = compress_graph(out / name / "openvino_model.xml")
+                (out / STATE).write_text(json.dumps(state))
+        extra["weights"] = weights
     _write_manifest(out, fmt, precision, origin, wanted, state["done"], dict(defaults or {}), extra)
     (out / STATE).unlink()
     say(f"exported {source} → {out} ({fmt}, {precision})")

@@ -65,15 +65,19 @@ class Client:
 def load_options(doc: str, clients: int) -> argparse.ArgumentParser:
     """The options both capacity scripts take (``clients``: the default number of users)."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    parser.add_argument("bundle", type=Path)
-    parser.add_argument("--clients", type=int, default=clients)
-    parser.add_argument("--seconds", type=float, default=60.0)
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=1)
-    parser.add_argument("--guidance", type=float, default=0.0)
-    parser.add_argument("--decoder", default="vae", choices=["vae", "taesd"])
+    parser.add_argument("bundle", type=Path, help="the model bundle folder to serve")
+    parser.add_argument("--clients", type=int, default=clients,
+                        help="users asking for one image each, again as soon as one arrives (default: %(default)s)")
+    parser.add_argument("--seconds", type=float, default=60.0,
+                        help="how long the clients keep asking (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=1, help="generation workers (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="threads per worker; 0: the service's own choice (default: %(default)s)")
+    parser.add_argument("--size", type=int, default=512, help="image side in pixels (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=1, help="denoising steps (default: %(default)s)")
+    parser.add_argument("--guidance", type=float, default=0.0, help="guidance scale (default: %(default)s)")
+    parser.add_argument("--decoder", default="vae", choices=["vae", "taesd"],
+                        help="latent decoder (default: %(default)s)")
     parser.add_argument("--greedy", action="store_true", help="one more user schedules a 12-image task first")
     return parser
 

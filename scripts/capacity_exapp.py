@@ -56,7 +56,8 @@ def timeline(log: str) -> dict[str, list[float]]:
 
 def main() -> None:
     parser = load_options(__doc__, clients=2)
-    parser.add_argument("--nextcloud", type=int, default=32, choices=[32, 33])
+    parser.add_argument("--nextcloud", type=int, default=32, choices=[32, 33],
+                        help="the fake Nextcloud's version (default: %(default)s)")
     args = parser.parse_args()
 
     users = [f"user{i}" for i in range(args.clients + 1)]
