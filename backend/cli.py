@@ -128,7 +128,7 @@ def _load(model: str | None, device: str | None, engine: str | None, threads: in
     pipe = open_pipeline(s, say=_say)
     if pipe.bundle.source_id in ("tiny", "tiny-v") and s.store.model not in ("tiny", "tiny-v"):
         _say(TINY_WARNING)
-    _say(f"model {pipe.bundle.path} ({pipe.bundle.format}, {pipe.bundle.precision}) on {pipe.engine}/{pipe.device} "
+    _say(f"model {pipe.bundle.path} ({pipe.bundle.format}, {pipe.bundle.weights}) on {pipe.engine}/{pipe.device} "
          f"with {pipe.threads} threads")
     return pipe
 

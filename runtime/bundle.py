@@ -185,6 +185,13 @@ class Bundle:
         return str((self.manifest or {}).get("precision", "fp32"))
 
     @property
+    def weights(self) -> str:
+        """How the weights are stored, for logs and `info`: the precision, and the graphs whose MatMul weights the
+        exporter stored in int8."""
+        int8 = sorted((self.manifest or {}).get("weights") or {})
+        return f"{self.precision} (int8 MatMuls: {', '.join(int8)})" if int8 else self.precision
+
+    @property
     def fusions(self) -> str:
         """onnxruntime graph fusions applied at export: none, cpu, or cuda (runs on the CUDA provider only)."""
         return str(((self.manifest or {}).get("request") or {}).get("fusions", "none"))
@@ -232,6 +239,7 @@ class Bundle:
             "path": str(self.path),
             "format": self.format,
             "precision": self.precision,
+            "weights": self.weights,
             "fusions": self.fusions,
             "source": m.get("source", {}).get("id", "unknown (plain optimum folder)"),
             "prediction_type": self.scheduler_config.get("prediction_type", "epsilon"),

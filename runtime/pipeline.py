@@ -93,7 +93,7 @@ class Pipeline:
                               else float(bundle.component_config(DECODERS[decoder]).get("scaling_factor", 1.0)))
         log.info(
             "loaded %s (%s, %s weights, %s math (asked: %s), %s decoder) on %s/%s with %d threads in %.1f s [%s]",
-            bundle.path, bundle.format, bundle.precision, self.math_precision, self.precision, decoder, engine, device,
+            bundle.path, bundle.format, bundle.weights, self.math_precision, self.precision, decoder, engine, device,
             threads,
             time.perf_counter() - t0, why,
         )

@@ -123,6 +123,7 @@ def test_int8_matmul_weights_against_fp32(tiny_source: Path, openvino_bundle: Pa
         assert manifest["weights"][name]["matmuls"] == before["float"]
     assert _matmul_weights(store / "vae_decoder" / "openvino_model.xml")["uint8"] == 0, "the VAE is left alone"
     lean, full = _load(store), _load(openvino_bundle)
+    assert lean.bundle.weights == "fp16 (int8 MatMuls: text_encoder, unet)" and full.bundle.weights == "fp32"
     a, b = lean._encode(ARGS["prompt"]), full._encode(ARGS["prompt"])
     cos = float(np.sum(a * b) / np.sqrt(np.sum(a * a) * np.sum(b * b)))
     score = psnr(lean.generate(**ARGS), full.generate(**ARGS))
