@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from exporters.openvino_ir import replace_graph
+
 CALIBRATION_PROMPTS = (
     "a photograph of a red fox in the snow",
     "a watercolor painting of a lighthouse at dusk",
@@ -60,20 +62,10 @@ def quantize_bundle(bundle: Path, samples: int = 16, steps: int = 4,
     say("int8: quantizing the UNet (weights and activations) …")
     quantized = nncf.quantize(core.read_model(unet_xml), nncf.Dataset(data), model_type=nncf.ModelType.TRANSFORMER,
                               subset_size=len(data))
-    _replace(unet_xml, quantized)
+    replace_graph(unet_xml, quantized)
     for component in ("text_encoder", "vae_decoder"):
         xml = bundle / component / "openvino_model.xml"
         say(f"int8: compressing {component} weights …")
-        _replace(xml, nncf.compress_weights(core.read_model(xml), mode=nncf.CompressWeightsMode.INT8_ASYM))
+        replace_graph(xml, nncf.compress_weights(core.read_model(xml), mode=nncf.CompressWeightsMode.INT8_ASYM))
     return {"unet": "int8 weights and activations", "calibration_samples": len(data),
             "text_encoder": "int8 weights", "vae_decoder": "int8 weights"}
-
-
-def _replace(xml: Path, model: Any) -> None:
-    """Write the new IR beside the old one, then swap, so an interrupted run never leaves half a file."""
-    import openvino as ov
-
-    tmp = xml.with_name("int8_tmp.xml")
-    ov.save_model(model, str(tmp), compress_to_fp16=False)
-    tmp.replace(xml)
-    tmp.with_suffix(".bin").replace(xml.with_suffix(".bin"))

@@ -77,15 +77,12 @@ def compress_matmuls(model: Any) -> int:
 
 
 def compress_graph(xml: Path) -> dict[str, Any]:
-    """Compress the MatMul weights of the IR at ``xml`` in place (written beside it first, then swapped, so an
-    interrupted run never leaves half a file); return what the manifest records."""
+    """Compress the MatMul weights of the IR at ``xml`` in place; return what the manifest records."""
     import openvino as ov
+
+    from exporters.openvino_ir import replace_graph
 
     model = ov.Core().read_model(str(xml))
     count = compress_matmuls(model)
-    tmp = xml.with_name("weights_int8_tmp.xml")
-    ov.save_model(model, str(tmp), compress_to_fp16=False)
-    del model
-    tmp.replace(xml)
-    tmp.with_suffix(".bin").replace(xml.with_suffix(".bin"))
+    replace_graph(xml, model)
     return {"scheme": SCHEME, "matmuls": count}
