@@ -86,13 +86,18 @@ def test_exapp_first_init_converts_the_checkpoint(hub: FakeHub, tmp_path: Path) 
         fake.stop()
 
 
-def test_exapp_init_refuses_an_uncovered_architecture_before_any_weight(hub: FakeHub, tiny_source: Path,
-                                                                        tmp_path: Path) -> None:
+def _add_uncovered_repo(hub: FakeHub, tiny_source: Path, tmp_path: Path) -> None:
+    """Put ``org/other`` on the hub: the tiny checkpoint with a UNet config no template covers."""
     other = sd2_layout(tiny_source, tmp_path / "other")
     config = json.loads((other / "unet" / "config.json").read_text())
     config["cross_attention_dim"] = 48
     (other / "unet" / "config.json").write_text(json.dumps(config))
     hub.add_repo("org/other", other)
+
+
+def test_exapp_init_refuses_an_uncovered_architecture_before_any_weight(hub: FakeHub, tiny_source: Path,
+                                                                        tmp_path: Path) -> None:
+    _add_uncovered_repo(hub, tiny_source, tmp_path)
     fake = FakeNextcloud(version=32).start()
     proc = ExAppProcess(fake, tmp_path / "storage", {"T2I_MODEL": "org/other", **_hub_env(hub, tmp_path)})
     try:
@@ -114,11 +119,7 @@ def test_a_resume_and_init_arriving_together_share_one_load(hub: FakeHub, tiny_s
     """AppAPI 32 marks a new app enabled before it posts /init, so the start's resume and /init both ask for the
     models. While the admin settings are read (slowly here, as on a busy server) neither may start a second load:
     two would fetch into one download folder, and the one that fails first deletes it under the other."""
-    other = sd2_layout(tiny_source, tmp_path / "other")
-    config = json.loads((other / "unet" / "config.json").read_text())
-    config["cross_attention_dim"] = 48
-    (other / "unet" / "config.json").write_text(json.dumps(config))
-    hub.add_repo("org/other", other)
+    _add_uncovered_repo(hub, tiny_source, tmp_path)
     fake = FakeNextcloud(version=32).start()
     fake.slow["/ex-app/config/get-values"] = 1.0
     proc = ExAppProcess(fake, tmp_path / "storage", {"T2I_MODEL": "org/other", **_hub_env(hub, tmp_path)})
