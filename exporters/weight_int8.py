@@ -28,8 +28,9 @@ COMPONENTS = ("text_encoder", "unet")
 SCHEME = "int8 weights (MatMul, per output channel, asymmetric)"
 
 
-def _weight(matmul: Any) -> tuple[Any, np.ndarray] | None:
-    """The Constant feeding ``matmul``'s second input (directly or through a Convert) and its values in f32."""
+def float_weight(matmul: Any) -> np.ndarray | None:
+    """The values, in f32, of the 2-D float Constant feeding ``matmul``'s second input (directly or through a
+    Convert); None where that input is anything else."""
     node = matmul.input_value(1).get_node()
     if node.get_type_name() == "Convert":
         node = node.input_value(0).get_node()
@@ -38,7 +39,7 @@ def _weight(matmul: Any) -> tuple[Any, np.ndarray] | None:
     data = node.get_data()
     if data.ndim != 2 or not np.issubdtype(data.dtype, np.floating):
         return None
-    return node, data.astype(np.float32)
+    return data.astype(np.float32)
 
 
 def quantize(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -61,10 +62,9 @@ def compress_matmuls(model: Any) -> int:
     for op in model.get_ordered_ops():
         if op.get_type_name() != "MatMul":
             continue
-        found = _weight(op)
-        if found is None:
+        weight = float_weight(op)
+        if weight is None:
             continue
-        _, weight = found
         # The product sums over the weight's first axis, or its last when MatMul transposes it.
         axis = 1 if op.get_attributes().get("transpose_b") else 0
         q, zero, scale = quantize(weight, axis)

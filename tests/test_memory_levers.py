@@ -88,13 +88,13 @@ def _matmul_weights(xml: Path) -> dict[str, int]:
     """Of the IR's MatMuls, how many take a float weight constant and how many one made of uint8."""
     import openvino as ov
 
-    from exporters.weight_int8 import _weight
+    from exporters.weight_int8 import float_weight
 
     counts = {"float": 0, "uint8": 0}
     for op in ov.Core().read_model(str(xml)).get_ordered_ops():
         if op.get_type_name() != "MatMul":
             continue
-        if _weight(op) is not None:
+        if float_weight(op) is not None:
             counts["float"] += 1
         node = op.input_value(1).get_node()
         while node.get_type_name() in ("Multiply", "Subtract", "Convert"):

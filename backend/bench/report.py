@@ -43,8 +43,8 @@ def prepare(cache: Path, int8: bool, say: Any, device: str = "cpu") -> dict[str,
                                      taesd="random", fusions="cuda")
         return paths
     paths["onnx"] = export_model(str(src), "onnx", cache / "sd21-onnx", say=say, taesd="random")
-    # OpenVINO: the weights the model store exports (fp16, int8 text encoder), which ours and optimum's pipelines
-    # both read.
+    # OpenVINO: the weights the model store exports (fp16, int8 MatMul weights in the text encoder and the UNet),
+    # which ours and optimum's pipelines both read.
     paths["openvino"] = export_model(str(src), "openvino", cache / "sd21-openvino-store", say=say, taesd="random",
                                      **STORE_EXPORT["openvino"])
     if int8:
