@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from standalone_helpers import ALICE, USERS, Client, basic
+from standalone_helpers import ALICE, BOB, USERS, Client, basic
 
 from backend.cli import cli
 from backend.config import Settings
@@ -97,6 +97,10 @@ def test_one_unreadable_column_fails_only_its_task(tmp_path: Path, caplog: pytes
         if column != "user_id":  # a user id that is not UTF-8 is nobody's
             assert tasks_by_id[1]["status"] == TaskStatus.FAILED and tasks_by_id[1]["errorMessage"] == DAMAGED
         assert server.manager.get_task(1).damaged.startswith(reason)  # type: ignore[union-attr]
+        with sqlite3.connect(data / DB_NAME) as db:  # the same damage while the service runs
+            db.execute(f"UPDATE tasks SET {column} = {value} WHERE id = 3")
+        listed = Client(server.url, basic(*BOB)).get("tasks/app/app")
+        assert listed.status == 200 and [t["id"] for t in listed.data["tasks"]] == ([] if column == "user_id" else [3])
     finally:
         server.close()
     for args in [["list"], ["list", "--json"], ["show", "1"], ["show", "1", "--json"], ["delete", "1"]]:
