@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -140,8 +141,14 @@ def _check_out(out: Path) -> None:
         existing = existing.parent
     if not existing.is_dir():
         raise T2IError(f"--out {str(out)!r} cannot be created: {str(existing)!r} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise T2IError(f"--out {str(out)!r} is not writable by this user ({str(existing)!r}); choose another folder")
+    # Writing is the only sure test: permissions say nothing for root, nor for /proc, a read-only mount or an ACL.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".t2i-write-test-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise T2IError(f"--out {str(out)!r} is not writable: no file can be created in {str(existing)!r} "
+                       f"({exc.strerror}); choose another folder") from None
 
 
 @cli.command()
@@ -190,10 +197,13 @@ def generate(prompt: str, model: str | None, n: int, size: str | None, steps: in
             bar.update(1)
 
         items = pipe.run(request, on_step=on_step)
-    out.mkdir(parents=True, exist_ok=True)
-    for item in items:
-        path = save_png(item, out / f"t2i-{item.seed}.png")
-        click.echo(str(path))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for item in items:
+            path = save_png(item, out / f"t2i-{item.seed}.png")
+            click.echo(str(path))
+    except OSError as exc:
+        raise T2IError(f"the images cannot be written to --out {str(out)!r}: {exc.strerror or exc}") from None
     if pipe.bundle.source_id in ("tiny", "tiny-v"):
         from backend.model_store import TINY_WARNING
 

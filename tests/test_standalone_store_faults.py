@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from standalone_helpers import ALICE, USERS, Client, basic
+from standalone_helpers import ALICE, BOB, USERS, Client, basic
 
 from backend.cli import cli
 from backend.config import Settings
@@ -57,8 +57,74 @@ def test_a_damaged_row_fails_that_task_and_nothing_else(tmp_path: Path) -> None:
         assert manager.store.claim_next().id == 3  # type: ignore[union-attr]
         damaged = manager.get_task(2)
         assert damaged.status == TaskStatus.FAILED and damaged.error_message == DAMAGED
-        assert manager.store.details(2)["debug_message"].startswith("stored task cannot be read: JSONDecodeError")
+        assert manager.store.details(2)["debug_message"].startswith(
+            "stored task cannot be read: column options is not JSON (JSONDecodeError")
         assert [t.id for t in manager.get_user_tasks_by_app("alice", "app")] == [1, 2]
+    finally:
+        manager.close()
+
+
+DEEP = "[" * 5000 + "]" * 5000
+
+
+@pytest.mark.parametrize("column, value, reason", [
+    ("input", "CAST(x'ff41' AS TEXT)", r"column input is not UTF-8: b'\xffA'"),
+    ("user_id", "CAST(x'c328' AS TEXT)", r"column user_id is not UTF-8: b'\xc3('"),
+    ("options", f"'{DEEP}'", "column options is JSON nested too deeply"),
+    ("seeds", f"'{DEEP}'", "column seeds is JSON nested too deeply"),
+    ("seeds", "'[1, [2]]'", "column seeds holds '[1, [2]]'; a list of whole numbers is allowed"),
+    ("options", "'{\"steps\": {\"a\": 1}}'", "column options holds '{\"steps\": {\"a\": 1}}'; an object of plain"),
+    ("created_at", "'yesterday'", "column created_at holds 'yesterday'; Unix seconds from 0 to"),
+    ("number_of_images", "1e300", "column number_of_images holds 1e+300; a whole number from 1 to 12"),
+    ("error_message", "x'00ff'", "column error_message holds b'\\x00\\xff'; text or NULL is allowed"),
+])
+def test_one_unreadable_column_fails_only_its_task(tmp_path: Path, caplog: pytest.LogCaptureFixture, column: str,
+                                                    value: str, reason: str) -> None:
+    # Issue #16, item 8: bytes that are not UTF-8 in a SUCCESSFUL task refused start-up and answered the user's list
+    # with 503; JSON nested 5000 deep crashed start-up with RecursionError.
+    data = tmp_path / "data"
+    _store_with_tasks(data)
+    with sqlite3.connect(data / DB_NAME) as db:
+        db.execute(f"UPDATE tasks SET {column} = {value} WHERE id = 1")
+    server = StandaloneServer(Settings().updated(data_dir=data, users=USERS, port=0, threads=1))
+    server.start()
+    try:
+        assert f"task 1 cannot be read from the store, so it reads as FAILED: {reason}" in caplog.text
+        listed = Client(server.url, basic(*ALICE)).get("tasks/app/app")
+        assert listed.status == 200, listed
+        tasks_by_id = {t["id"]: t for t in listed.data["tasks"]}
+        assert tasks_by_id[2]["status"] == TaskStatus.SCHEDULED
+        if column != "user_id":  # a user id that is not UTF-8 is nobody's
+            assert tasks_by_id[1]["status"] == TaskStatus.FAILED and tasks_by_id[1]["errorMessage"] == DAMAGED
+        assert server.manager.get_task(1).damaged.startswith(reason)  # type: ignore[union-attr]
+        with sqlite3.connect(data / DB_NAME) as db:  # the same damage while the service runs
+            db.execute(f"UPDATE tasks SET {column} = {value} WHERE id = 3")
+        listed = Client(server.url, basic(*BOB)).get("tasks/app/app")
+        assert listed.status == 200 and [t["id"] for t in listed.data["tasks"]] == ([] if column == "user_id" else [3])
+    finally:
+        server.close()
+    for args in [["list"], ["list", "--json"], ["show", "1"], ["show", "1", "--json"], ["delete", "1"]]:
+        code, out = tasks(data, *args)
+        assert code == 0 and "Traceback" not in out, (args, out)
+    assert tasks(data, "list")[1].splitlines()[0].split()[:2] == ["2", "SCHEDULED"]
+
+
+def test_start_up_reads_counts_and_estimates_as_input(tmp_path: Path) -> None:
+    # A RUNNING task whose attempts are not a number is failed at start-up (it stopped start-up with a TypeError);
+    # estimates that are not plausible numbers do not count in the backlog (an overflowing SUM refused scheduling).
+    data = tmp_path / "data"
+    store = TaskStore(data)
+    for attempts in ("'many'", "1"):
+        task = store.insert(Task("a fox", "app", 1, "alice"), TaskStatus.SCHEDULED, 5, 0)
+        store._db.execute(f"UPDATE tasks SET status = 2, attempts = {attempts} WHERE id = ?", (task.id,))
+    for estimate in ("'soon'", "1e308", "9223372036854775807", "-7"):
+        task = store.insert(Task("a fox", "app", 1, "alice"), TaskStatus.SCHEDULED, 5, 0)
+        store._db.execute(f"UPDATE tasks SET expected_seconds = {estimate} WHERE id = ?", (task.id,))
+    store.close()
+    manager = TaskManager(data)
+    try:
+        assert [t.status for t in manager.store.find()][:2] == [TaskStatus.FAILED, TaskStatus.SCHEDULED]
+        assert manager.store.backlog_seconds() == 5.0  # the one scheduled again; the others have no estimate
     finally:
         manager.close()
 

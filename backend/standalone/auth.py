@@ -56,12 +56,17 @@ class Credentials:
     def local(cls, data_dir: Path) -> tuple[Credentials, Path]:
         """One user, ``local``, with a random token kept in ``<data_dir>/credentials`` (mode 0600, reused)."""
         path = data_dir / CREDENTIALS_FILE
-        if not path.is_file():
-            data_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as out:
-                out.write(f"{LOCAL_USER}:{secrets.token_urlsafe(24)}\n")
-        return cls.parse(path.read_text().strip()), path
+        try:
+            if not path.is_file():
+                data_dir.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as out:
+                    out.write(f"{LOCAL_USER}:{secrets.token_urlsafe(24)}\n")
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise T2IError(f"the credentials file {str(path)!r} cannot be written or read ({exc}); give the service "
+                           "a writable data folder (--data-dir / T2I_DATA_DIR) or users in T2I_USERS") from None
+        return cls.parse(text.strip()), path
 
     def authenticate(self, header: str | None) -> str | None:
         """The user an ``Authorization`` header proves, or None."""

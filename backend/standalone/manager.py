@@ -8,6 +8,7 @@ queue, the persistence and the events around it.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 import time
@@ -73,6 +74,8 @@ class TaskManager:
     """
 
     def __init__(self, data_dir: Path, max_age_days: float = 30.0, services: Iterable[ImageService] = ()) -> None:
+        if not isinstance(max_age_days, (int, float)) or not math.isfinite(max_age_days) or max_age_days < 0:
+            raise T2IError(f"max_age_days {_show(max_age_days)} is not allowed; give days, a finite number 0 or more")
         self.data_dir = Path(data_dir)
         self.max_age_days = max_age_days
         self._lock_file = lock_data_dir(self.data_dir)
@@ -80,6 +83,8 @@ class TaskManager:
         requeued, failed = self.store.recover(MAX_ATTEMPTS)
         if requeued or failed:
             log.warning("tasks left RUNNING by the last process: scheduled again %s, failed %s", requeued, failed)
+        for task in (t for t in self.store.find() if t.damaged):
+            log.warning("task %d cannot be read from the store, so it reads as FAILED: %s", task.id, task.damaged)
         self.store.remove_orphan_images()
         self._services: list[ImageService] = []
         self._idle: list[ImageService] = []

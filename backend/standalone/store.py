@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import sqlite3
@@ -24,11 +25,16 @@ from pathlib import Path
 from typing import Any
 
 from backend.standalone.data_dir import DB_NAME, StoreError, StoreFull, has_room, store_error
+from backend.standalone.rows import DAMAGED, decode_text, missing_columns, shown_value, task_of_row
 from backend.standalone.task import Task, TaskStatus
 from runtime.errors import T2IError
 
-DAMAGED = "this task's stored data is damaged, so it cannot run; please schedule it again"
+__all__ = ["ANY_USER", "DAMAGED", "DB_NAME", "StoreError", "StoreFull", "TaskStore"]
 IMAGES_DIR = "images"
+#: Task ids are SQLite rowids: a larger number is no task (and SQLite could not even bind it).
+MAX_TASK_ID = 2**63 - 1
+#: A stored runtime estimate above this (115 days) is damage, and does not count in the backlog.
+MAX_EXPECTED_SECONDS = 1e7
 
 # AUTOINCREMENT: ids of deleted tasks are never handed out again, so an app polling an old id cannot reach a task
 # made later for the same user.
@@ -96,12 +102,14 @@ class TaskStore:
             conn = sqlite3.connect(f"{db.resolve().as_uri()}?immutable=1", uri=True, timeout=30,
                                    check_same_thread=False, isolation_level=None)
             self.writable = False
-        conn.row_factory = sqlite3.Row
+        _rows_as_input(conn)
         if create:
             if db.stat().st_mode & 0o077:
                 os.chmod(db, 0o600)
             # FULL: a task acknowledged to a client survives a power cut, not only a crash of this process.
             conn.execute("PRAGMA synchronous=FULL")
+            if _has_tasks_table(conn):
+                _check_is_store(conn, db)
             conn.executescript(_SCHEMA)
         else:
             _check_is_store(conn, db)
@@ -139,7 +147,7 @@ class TaskStore:
             conn.execute("PRAGMA journal_mode=WAL")
         except sqlite3.Error as exc:
             raise store_error(exc, self.data_dir) from None
-        conn.row_factory = sqlite3.Row
+        _rows_as_input(conn)
         self._db.close()
         self._db, self.writable = conn, True
 
@@ -221,8 +229,10 @@ class TaskStore:
                    "again; try fewer or smaller images, or ask the administrator to check the log")
         with self._tx() as db:
             rows = db.execute("SELECT id, attempts FROM tasks WHERE status = ?", (int(TaskStatus.RUNNING),)).fetchall()
-            failed = [r["id"] for r in rows if r["attempts"] >= max_attempts]
-            requeued = [r["id"] for r in rows if r["attempts"] < max_attempts]
+            # A count that is not a whole number (a damaged row) counts as used up.
+            spent = {r["id"]: not isinstance(r["attempts"], int) or r["attempts"] >= max_attempts for r in rows}
+            failed = [i for i, done in spent.items() if done]
+            requeued = [i for i, done in spent.items() if not done]
             now = time.time()
             db.executemany("UPDATE tasks SET status = ?, error_message = ?, debug_message = ?, updated_at = ? "
                            "WHERE id = ?",
@@ -236,6 +246,8 @@ class TaskStore:
         """Delete a task and its images. False when there was no such task.
 
         On a full disk the images go first: that frees the room the database needs to record the delete."""
+        if not _is_task_id(task_id):
+            return False
         try:
             with self._tx() as db:
                 cur = db.execute("DELETE FROM tasks WHERE id = ?", (task_id,))
@@ -248,6 +260,9 @@ class TaskStore:
 
     def cleanup(self, older_than_seconds: float) -> list[int]:
         """Delete finished (SUCCESSFUL or FAILED) tasks last changed more than ``older_than_seconds`` ago."""
+        if not isinstance(older_than_seconds, (int, float)) or not math.isfinite(older_than_seconds) \
+                or older_than_seconds < 0:
+            raise T2IError(f"an age of {older_than_seconds!r} seconds is not allowed; give a finite number, 0 or more")
         cutoff = time.time() - older_than_seconds
         rows = self._query("SELECT id FROM tasks WHERE status IN (?, ?) AND updated_at < ?",
                            (int(TaskStatus.SUCCESSFUL), int(TaskStatus.FAILED), cutoff))
@@ -267,11 +282,13 @@ class TaskStore:
     # -- reading ---------------------------------------------------------------------------------------------------
     def get(self, task_id: int, user_id: Any = ANY_USER) -> Task | None:
         """The task with this id (and owner, unless ``user_id`` is ANY_USER); None when there is none."""
+        if not _is_task_id(task_id):
+            return None
         if user_id is ANY_USER:
             rows = self._query("SELECT * FROM tasks WHERE id = ?", (task_id,))
         else:
             rows = self._query("SELECT * FROM tasks WHERE id = ? AND user_id IS ?", (task_id, user_id))
-        return _task(rows[0]) if rows else None
+        return task_of_row(rows[0]) if rows else None
 
     def find(self, user_id: Any = ANY_USER, app_id: str | None = None, identifier: str | None = None,
              status: TaskStatus | None = None) -> list[Task]:
@@ -286,18 +303,22 @@ class TaskStore:
                 where.append(f"{column} = ?")
                 args.append(value)
         sql = "SELECT * FROM tasks" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id"
-        return [_task(r) for r in self._query(sql, tuple(args))]
+        return [task_of_row(r) for r in self._query(sql, tuple(args))]
 
     def backlog_seconds(self) -> float:
-        """Expected seconds of the work queued or running."""
-        rows = self._query("SELECT COALESCE(SUM(expected_seconds), 0) AS s FROM tasks WHERE status IN (?, ?)",
-                           (int(TaskStatus.SCHEDULED), int(TaskStatus.RUNNING)))
+        """Expected seconds of the work queued or running (estimates that are not plausible numbers left out)."""
+        rows = self._query("SELECT TOTAL(expected_seconds) AS s FROM tasks WHERE status IN (?, ?) AND "
+                           "typeof(expected_seconds) IN ('integer', 'real') AND expected_seconds BETWEEN 0 AND ?",
+                           (int(TaskStatus.SCHEDULED), int(TaskStatus.RUNNING), MAX_EXPECTED_SECONDS))
         return float(rows[0]["s"])
 
     def details(self, task_id: int) -> dict[str, Any] | None:
-        """Everything stored about a task, including the debug message and attempts (for ``tasks show``)."""
+        """Everything stored about a task, including the debug message and attempts (for ``tasks show``); a
+        value that is not UTF-8 text or is bytes shows as damaged."""
+        if not _is_task_id(task_id):
+            return None
         rows = self._query("SELECT * FROM tasks WHERE id = ?", (task_id,))
-        return dict(rows[0]) if rows else None
+        return {k: shown_value(v) for k, v in dict(rows[0]).items()} if rows else None
 
     def check(self) -> list[str]:
         """Problems found: SQLite's integrity check, and images that disagree with task statuses. Empty = fine."""
@@ -319,6 +340,11 @@ class TaskStore:
 
     def image_path(self, task_id: int, index: int) -> Path:
         return self.image_dir(task_id) / f"{int(index)}.png"
+
+    def image_files(self, task_id: int) -> list[Path]:
+        """The images stored for a task, in image order; other files in its folder are not images."""
+        found = [p for p in self.image_dir(task_id).glob("*.png") if p.stem.isdigit() and p.stem.isascii()]
+        return sorted(found, key=lambda p: int(p.stem))
 
     def save_images(self, task_id: int, pngs: list[bytes]) -> list[Path]:
         """Write a task's PNG files; each appears whole or not at all (write, then rename)."""
@@ -350,27 +376,29 @@ class TaskStore:
         return len(orphans)
 
 
+def _rows_as_input(conn: sqlite3.Connection) -> None:
+    conn.row_factory = sqlite3.Row
+    conn.text_factory = decode_text  # one value that is not UTF-8 must not fail a whole query
+
+
+def _is_task_id(task_id: object) -> bool:
+    return isinstance(task_id, int) and 0 <= task_id <= MAX_TASK_ID
+
+
+def _has_tasks_table(conn: sqlite3.Connection) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'tasks'").fetchone() is not None
+
+
 def _check_is_store(conn: sqlite3.Connection, db: Path) -> None:
-    """Refuse a database without the tasks table (an empty file, another program's database), writing nothing."""
-    if conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'tasks'").fetchone() is None:
-        conn.close()
-        raise StoreError(f"{db} is not a task store (it has no tasks table); pass the --data-dir of the service")
-
-
-def _task(row: sqlite3.Row) -> Task:
-    """The task of a row. A row damaged by hand (options or seeds not JSON, an unknown status …) reads as a FAILED
-    task with ``damaged`` set, so one bad row fails that task, never a listing or the service."""
-    try:
-        options, seeds = json.loads(row["options"]), json.loads(row["seeds"])
-        if not isinstance(options, dict) or not isinstance(seeds, list):
-            raise TypeError("options must be a JSON object and seeds a JSON list")
-        return Task(input=str(row["input"]), app_id=str(row["app_id"]), number_of_images=int(row["number_of_images"]),
-                    user_id=row["user_id"], identifier=str(row["identifier"]), options=options, id=row["id"],
-                    status=TaskStatus(row["status"]), completion_expected_at=row["completion_expected_at"],
-                    error_message=row["error_message"], seeds=seeds, created_at=row["created_at"],
-                    updated_at=row["updated_at"])
-    except (ValueError, TypeError, KeyError) as exc:
-        return Task(input=str(row["input"]), app_id=str(row["app_id"]), number_of_images=0, user_id=row["user_id"],
-                    identifier=str(row["identifier"]), id=row["id"], status=TaskStatus.FAILED,
-                    error_message=DAMAGED, created_at=row["created_at"], updated_at=row["updated_at"],
-                    damaged=f"{type(exc).__name__}: {exc}")
+    """Refuse a database without the tasks table of this service (an empty file, another program's database),
+    writing nothing."""
+    missing = missing_columns(conn) if _has_tasks_table(conn) else None
+    if missing is None:
+        what = "it has no tasks table"
+    elif missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        what = f"its tasks table has no column {', '.join(missing[:3])}{more}"
+    else:
+        return
+    conn.close()
+    raise StoreError(f"{db} is not a task store ({what}); pass the --data-dir of the service")

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import click
 
 _STATUS_NAMES = ["scheduled", "running", "successful", "failed"]
+#: Task ids are SQLite rowids (64-bit); click names the value and this range when an id is outside it.
+_TASK_ID = click.IntRange(1, 2**63 - 1)
 
 
 def _store(data_dir: Path | None) -> Any:
@@ -29,15 +32,27 @@ def _store(data_dir: Path | None) -> Any:
 
 
 def _json(text: Any) -> Any:
-    """A stored JSON column, or its raw text when it is damaged."""
+    """A stored JSON column, or its raw text when it is damaged (not JSON, nested too deeply)."""
+    if isinstance(text, str) and text.startswith("(damaged"):
+        return text
     try:
         return json.loads(text)
-    except (TypeError, ValueError):
-        return f"(damaged) {text!r}"
+    except (TypeError, ValueError, RecursionError):
+        return f"(damaged) {_cut(text)}"
 
 
-def _when(seconds: float | None) -> str:
-    return "-" if seconds is None else dt.datetime.fromtimestamp(seconds).isoformat(sep=" ", timespec="seconds")
+def _cut(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def _when(seconds: Any) -> str:
+    if seconds is None:
+        return "-"
+    try:
+        return dt.datetime.fromtimestamp(seconds).isoformat(sep=" ", timespec="seconds")
+    except (TypeError, ValueError, OverflowError, OSError):
+        return f"(damaged) {_cut(seconds)}"
 
 
 _data_dir_option = click.option(
@@ -92,7 +107,7 @@ def list_tasks(data_dir: Path | None, user: str | None, app_id: str | None, stat
 
 @tasks.command()
 @_data_dir_option
-@click.argument("task_id", type=int)
+@click.argument("task_id", type=_TASK_ID)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def show(data_dir: Path | None, task_id: int, as_json: bool) -> None:
     """Show everything stored about task TASK_ID, with the paths of its images."""
@@ -101,7 +116,7 @@ def show(data_dir: Path | None, task_id: int, as_json: bool) -> None:
     store = _store(data_dir)
     try:
         row = store.details(task_id)
-        images = sorted(store.image_dir(task_id).glob("*.png"), key=lambda p: int(p.stem)) if row else []
+        images = store.image_files(task_id) if row else []
     finally:
         store.close()
     if row is None:
@@ -119,7 +134,7 @@ def show(data_dir: Path | None, task_id: int, as_json: bool) -> None:
 
 @tasks.command()
 @_data_dir_option
-@click.argument("task_ids", type=int, nargs=-1, required=True)
+@click.argument("task_ids", type=_TASK_ID, nargs=-1, required=True)
 def delete(data_dir: Path | None, task_ids: tuple[int, ...]) -> None:
     """Delete tasks and their images (a task being made stops)."""
     store = _store(data_dir)
@@ -142,9 +157,9 @@ def cleanup(data_dir: Path | None, older_than_days: float | None) -> None:
     from backend.config import Settings
 
     days = Settings.from_env().standalone.task_max_age_days if older_than_days is None else older_than_days
-    if days < 0:
-        raise click.BadParameter(f"{days:g} is negative; give an age in days, 0 or more",
-                                 param_hint="--older-than-days")
+    if not math.isfinite(days) or days < 0:
+        why = "is negative" if days < 0 and math.isfinite(days) else "is not a finite number"
+        raise click.BadParameter(f"{days:g} {why}; give an age in days, 0 or more", param_hint="--older-than-days")
     store = _store(data_dir)
     try:
         removed = store.cleanup(days * 86400)
