@@ -14,6 +14,8 @@ from typing import Any
 
 import click
 
+from runtime.validation import shown
+
 _STATUS_NAMES = ["scheduled", "running", "successful", "failed"]
 #: Task ids are SQLite rowids (64-bit); click names the value and this range when an id is outside it.
 _TASK_ID = click.IntRange(1, 2**63 - 1)
@@ -38,12 +40,7 @@ def _json(text: Any) -> Any:
     try:
         return json.loads(text)
     except (TypeError, ValueError, RecursionError):
-        return f"(damaged) {_cut(text)}"
-
-
-def _cut(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 100 else text[:97] + "..."
+        return f"(damaged) {shown(text)}"
 
 
 def _when(seconds: Any) -> str:
@@ -52,7 +49,7 @@ def _when(seconds: Any) -> str:
     try:
         return dt.datetime.fromtimestamp(seconds).isoformat(sep=" ", timespec="seconds")
     except (TypeError, ValueError, OverflowError, OSError):
-        return f"(damaged) {_cut(seconds)}"
+        return f"(damaged) {shown(seconds)}"
 
 
 _data_dir_option = click.option(
