@@ -126,9 +126,9 @@ def serve(host: str | None = None, port: int | None = None, workers: int | None 
     server = StandaloneServer(settings, sync_budget=sync_budget)
     st, http = settings.standalone, settings.http
     log.info("listening on %s (tasks in %s; web page at %s/); at most %d connections (%s per address), %g s per "
-             "request head and body; forwarded headers believed from %s", server.url, st.data_dir,
-             server.url.split(BASE)[0], http.max_connections, st.max_connections_per_address or "any",
-             http.request_timeout, st.trusted_proxies or "no proxy")
+             "request head and body; trusted proxies: %s", server.url, st.data_dir, server.url.split(BASE)[0],
+             http.max_connections, st.max_connections_per_address or "any", http.request_timeout,
+             st.trusted_proxies or "none")
     if server.credentials_file:
         log.info("no users configured (T2I_USERS): user '%s' with the token in %s", LOCAL_USER,
                  server.credentials_file)
