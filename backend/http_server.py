@@ -62,6 +62,17 @@ class Limits:
         return any(ip in net for net in self.trusted_proxies)
 
 
+def address_key(host: str) -> str:
+    """What counts as one client address: an IPv4 address, or an IPv6 /64 (one host's usual share, which it could
+    otherwise spread its connections and guesses over)."""
+    if ":" not in host:
+        return host
+    try:
+        return str(ipaddress.ip_network(f"{host}/64", strict=False))
+    except ValueError:
+        return host
+
+
 def parse_proxies(text: str, setting: str = "T2I_TRUSTED_PROXIES") -> tuple[Any, ...]:
     """``"10.0.0.1, 192.168.0.0/24"`` as networks; an entry that is no address or network raises :class:`T2IError`."""
     nets = []
@@ -141,7 +152,7 @@ def protocol_class(limits: Limits) -> type:
             self._idle_since = self.loop.time()
             self._deadline = self.loop.call_later(limits.request_timeout, self._expire)
             host = self.client[0] if self.client else ""  # no address on a unix socket
-            self._address = host if host and limits.per_address and not limits.trusts(host) else ""
+            self._address = address_key(host) if host and limits.per_address and not limits.trusts(host) else ""
             refusal = ""
             if self._address:
                 peers = self.by_address.setdefault(self._address, set())

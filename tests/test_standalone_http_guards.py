@@ -19,7 +19,7 @@ import pytest
 from standalone_helpers import ALICE, USERS, Client, basic, load_service, wait_until
 
 from backend.config import Settings
-from backend.http_server import RETRY_AFTER
+from backend.http_server import RETRY_AFTER, address_key
 from backend.standalone import asgi
 from backend.standalone.http_api import BASE
 from backend.standalone.server import StandaloneServer
@@ -264,3 +264,10 @@ def test_bad_http_settings_are_named(tmp_path: Path, setting: dict[str, Any], wo
     with pytest.raises(T2IError) as raised:
         StandaloneServer(Settings().updated(data_dir=tmp_path / "data", users=USERS, port=0, **setting))
     assert words in str(raised.value)
+
+
+def test_an_ipv6_client_is_counted_by_its_64() -> None:
+    # One IPv6 host usually has a /64 to spread its connections and guesses over.
+    assert address_key("2001:db8::1") == address_key("2001:db8::ffff:2") == "2001:db8::/64"
+    assert address_key("2001:db8:0:1::1") != address_key("2001:db8::1")
+    assert address_key("192.0.2.7") == "192.0.2.7"

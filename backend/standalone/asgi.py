@@ -21,7 +21,7 @@ from starlette.requests import ClientDisconnect
 from starlette.requests import Request as StarletteRequest
 from starlette.responses import Response as StarletteResponse
 
-from backend.http_server import SECURITY_HEADERS, host_allowed
+from backend.http_server import SECURITY_HEADERS, address_key, host_allowed
 from backend.standalone.http_api import MAX_BODY_BYTES, Api, HttpError, Request, Response, error
 
 log = logging.getLogger("text2image.standalone")
@@ -98,7 +98,7 @@ class AsgiApp:
         if scope["type"] != "http":  # uvicorn runs without lifespan events; there are no websockets
             return
         request = StarletteRequest(scope, receive)
-        address = str((scope.get("client") or ("?", 0))[0])
+        address = address_key(str((scope.get("client") or ("?", 0))[0]))
         auth = request.headers.get("Authorization")
         delay = 0.0
         host = request.headers.get("Host", "")
