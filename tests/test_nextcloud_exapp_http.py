@@ -40,6 +40,10 @@ def test_idle_connections_and_half_sent_heads_are_closed(tmp_path: Path) -> None
         for _ in range(10):
             conns.append(socket.create_connection(address))
             conns[-1].sendall(b"GET /heartbeat HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        for path in ("/heartbeat", "/init"):  # clients that leave mid-body
+            with socket.create_connection(address) as gone:
+                gone.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n".encode()
+                             + b"x" * 10)
         # Over the connection limit the idle ones make room: AppAPI is still answered.
         assert fake.call_exapp("GET", "/heartbeat", auth=False, timeout=5) == (200, {"status": "ok"})
         time.sleep(TIMEOUT + 1.0)
