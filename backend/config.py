@@ -128,15 +128,30 @@ class StandaloneSettings:
     rate_window: int = 120
     #: Finished tasks older than this many days are deleted with their images.
     task_max_age_days: int = 30
+    #: Connections one client address may hold open; its idle ones make room for a new one, and when all are busy
+    #: the new one is answered 503. Trusted proxies are exempt.
+    max_connections_per_address: int = 128
+    #: Reverse proxies (addresses or networks, comma-separated) whose X-Forwarded-For names the client; none by
+    #: default, so the client is always the connecting address.
+    trusted_proxies: str = ""
+    #: Host names the service answers to, comma-separated ("*": any). IP addresses, localhost and this machine's
+    #: name are always accepted; any other Host is answered 400 (a guard against DNS rebinding).
+    allowed_hosts: str = ""
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """The HTTP server of both services (the standalone service and the ExApp)."""
+
     #: Seconds a client has to send a request's head (from connecting, or from its last answer) and, again, its
     #: body; slower connections are closed (408 for a body).
     request_timeout: float = 30.0
-    #: Open connections served at once; more are answered 503 at once.
+    #: Open connections at once; near the limit idle ones are closed, and when all are busy more are answered 503.
     max_connections: int = 2000
 
 
 PARTS = {"store": StoreSettings, "runtime": RuntimeSettings, "images": ImageSettings, "exapp": ExAppSettings,
-         "standalone": StandaloneSettings}
+         "standalone": StandaloneSettings, "http": HttpSettings}
 
 
 @dataclass(frozen=True)
@@ -148,6 +163,7 @@ class Settings:
     images: ImageSettings = field(default_factory=ImageSettings)
     exapp: ExAppSettings = field(default_factory=ExAppSettings)
     standalone: StandaloneSettings = field(default_factory=StandaloneSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
     #: The field names set by the environment or by an override (not defaults), e.g. to tell whether an admin chose
     #: the model store.
     explicit: frozenset[str] = field(default=frozenset(), compare=False)

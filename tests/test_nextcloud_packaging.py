@@ -28,7 +28,7 @@ from backend.config import Settings
 REPO = Path(__file__).resolve().parents[1]
 #: Settings that only the standalone service or the CLI use; everything else must be declared for AppAPI.
 NOT_FOR_THE_EXAPP = {"model_store", "data_dir", "host", "port", "users", "rate_limit", "rate_window",
-                     "task_max_age_days", "request_timeout", "max_connections"}
+                     "task_max_age_days", "max_connections_per_address", "trusted_proxies", "allowed_hosts"}
 
 
 def _info() -> ET.Element:

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from backend.config import Settings
+from backend.http_server import Limits, server_options
 from runtime.errors import T2IError
 
 log = logging.getLogger(__name__)
@@ -92,4 +93,8 @@ def serve(host: str | None = None, port: int | None = None, workers: int | None 
             raise T2IError("no port to listen on: set APP_PORT (AppAPI does) or pass --port")
     log.info("text2image_sd2 ExApp %s for %s on %s", appapi.app_version, appapi.nextcloud_url,
              where.get("uds") or f"{where['host']}:{where['port']}")
-    uvicorn.run(create_app(settings), log_level="warning", timeout_graceful_shutdown=5, **where)
+    # The standalone service's bounds on head and idle time and on connections; no cap per address, as the one
+    # client, Nextcloud (or HaRP), comes from one address.
+    limits = Limits(settings.http.request_timeout, settings.http.max_connections)
+    uvicorn.run(create_app(settings), log_level="warning", timeout_graceful_shutdown=5, **where,
+                **server_options(limits))

@@ -1,5 +1,5 @@
 """``text2image serve --standalone``: the task service on uvicorn (HTTP parsed by h11) with bounded connections,
-threads and time per request.
+threads and time per request (see :mod:`backend.http_server`).
 
 Listens at once and loads the model in the background (``is_available`` says false until it is ready; schedules
 meanwhile answer 412 with the reason). SIGTERM or Ctrl-C stop it cleanly: a task being made goes back to the queue
@@ -8,18 +8,15 @@ and runs after the next start.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import signal
 import socket
-import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from backend.config import Settings
+from backend.http_server import Limits, host_names, parse_proxies, server_class, server_options
 from backend.standalone.auth import LOCAL_USER, Credentials, RateLimiter
 from backend.standalone.http_api import BASE, Api
 from backend.standalone.manager import TaskManager
@@ -29,73 +26,6 @@ if TYPE_CHECKING:
     from backend.tasks.service import ImageService
 
 log = logging.getLogger("text2image.standalone")
-
-#: Seconds an idle keep-alive connection stays open after its last answer.
-KEEP_ALIVE_SECONDS = 5
-#: The longest request line (with the query) and header block accepted; longer ones answer 414 / 431.
-MAX_HEAD_BYTES = 16 * 1024
-
-
-def _protocol_class(request_timeout: float) -> type:
-    """uvicorn's h11 protocol, with two additions: a connection that has not sent a whole request head within
-    ``request_timeout`` seconds (of opening, or of its last answer) is closed, so idle and slow clients cannot
-    pile up; and a request that is not valid HTTP gets an OCS error that says what is wrong."""
-    import h11
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
-    class BoundedH11(H11Protocol):
-        def connection_made(self, transport: Any) -> None:
-            super().connection_made(transport)
-            self._deadline = self.loop.call_later(request_timeout, self._expire)
-
-        def _expire(self) -> None:
-            if self.cycle is None or self.cycle.response_complete:
-                self.transport.close()  # no request under way: an idle or a slow-dripping client
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            self._deadline.cancel()
-            self._deadline = self.loop.call_later(request_timeout, self._expire)
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._deadline.cancel()
-            super().connection_lost(exc)
-
-        def send_400_response(self, msg: str) -> None:
-            problem = sys.exc_info()[1]  # called from uvicorn's handler of h11's RemoteProtocolError
-            status = getattr(problem, "error_status_hint", 400)
-            head = self.conn.trailing_data[0][:MAX_HEAD_BYTES + 2]
-            if status == 431 and b"\r\n" not in head:
-                status, text = 414, f"the request line is longer than {MAX_HEAD_BYTES} bytes"
-            elif status == 431:
-                text = f"the request headers are longer than {MAX_HEAD_BYTES} bytes"
-            else:
-                text = f"the request is not valid HTTP/1.1: {problem or msg}"
-            meta = {"status": "failure", "statuscode": status, "message": text}
-            body = json.dumps({"ocs": {"meta": meta, "data": {"message": text}}}).encode()
-            headers = [(b"content-type", b"application/json; charset=utf-8"), (b"connection", b"close")]
-            try:
-                for event in (h11.Response(status_code=status, headers=headers), h11.Data(data=body),
-                              h11.EndOfMessage()):
-                    self.transport.write(self.conn.send(event))
-            except h11.LocalProtocolError:  # the connection broke mid-answer: nothing more to say
-                pass
-            self.transport.close()
-
-    return BoundedH11
-
-
-def _server_class() -> type:
-    """uvicorn's server without its signal handling: :func:`serve` handles SIGTERM and Ctrl-C itself, so that a
-    clean stop exits 0 (uvicorn raises the signal again once stopped)."""
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            yield
-
-    return Server
 
 
 class StandaloneServer:
@@ -117,8 +47,16 @@ class StandaloneServer:
 
         if settings.runtime.workers < 1:
             raise T2IError(f"workers {settings.runtime.workers} is not allowed; use 1 or more")
+        st, http = settings.standalone, settings.http
+        if http.max_connections < 1:
+            raise T2IError(f"T2I_MAX_CONNECTIONS {http.max_connections} is not allowed; use 1 or more")
+        if st.max_connections_per_address < 0:
+            raise T2IError(f"T2I_MAX_CONNECTIONS_PER_ADDRESS {st.max_connections_per_address} is not allowed; use "
+                           "0 (no cap) or more")
+        limits = Limits(http.request_timeout, http.max_connections, st.max_connections_per_address,
+                        parse_proxies(st.trusted_proxies))
+        hosts = host_names(st.allowed_hosts, st.host)
         self.settings = settings
-        st = settings.standalone
         self.credentials_file: Path | None = None
         if st.users.strip():
             self.credentials = Credentials.parse(st.users)
@@ -132,12 +70,9 @@ class StandaloneServer:
             self.manager.close()
             raise T2IError(f"cannot listen on {st.host}:{st.port}: {exc.strerror}; choose another --port or stop "
                            "what uses it") from None
-        config = uvicorn.Config(
-            AsgiApp(self.api, st.request_timeout), http=_protocol_class(st.request_timeout), lifespan="off",
-            limit_concurrency=st.max_connections, timeout_keep_alive=KEEP_ALIVE_SECONDS,
-            h11_max_incomplete_event_size=MAX_HEAD_BYTES, log_level="warning", access_log=False,
-            server_header=False, date_header=True, timeout_graceful_shutdown=5)
-        self.uvicorn = _server_class()(config)
+        config = uvicorn.Config(AsgiApp(self.api, http.request_timeout, hosts), lifespan="off",
+                                log_level="warning", timeout_graceful_shutdown=5, **server_options(limits))
+        self.uvicorn = server_class()(config)
         self._thread: threading.Thread | None = None
 
     @property
@@ -189,9 +124,11 @@ def serve(host: str | None = None, port: int | None = None, workers: int | None 
     """Run the standalone service until SIGTERM or Ctrl-C. Unset arguments come from ``T2I_*`` settings."""
     settings = Settings.from_env(host=host, port=port, workers=workers, data_dir=data_dir)
     server = StandaloneServer(settings, sync_budget=sync_budget)
-    st = settings.standalone
-    log.info("listening on %s (tasks in %s; web page at %s/); at most %d connections, %g s per request head "
-             "and body", server.url, st.data_dir, server.url.split(BASE)[0], st.max_connections, st.request_timeout)
+    st, http = settings.standalone, settings.http
+    log.info("listening on %s (tasks in %s; web page at %s/); at most %d connections (%s per address), %g s per "
+             "request head and body; trusted proxies: %s", server.url, st.data_dir, server.url.split(BASE)[0],
+             http.max_connections, st.max_connections_per_address or "any", http.request_timeout,
+             st.trusted_proxies or "none")
     if server.credentials_file:
         log.info("no users configured (T2I_USERS): user '%s' with the token in %s", LOCAL_USER,
                  server.credentials_file)
