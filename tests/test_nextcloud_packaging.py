@@ -173,13 +173,13 @@ def test_healthcheck_and_start_scripts(listening: bool) -> None:
     else:
         server.server_close()
     env = {"PATH": os.environ["PATH"], "APP_HOST": "0.0.0.0", "APP_PORT": str(port)}
-    rc = subprocess.run(["sh", str(REPO / "scripts" / "healthcheck.sh")], env=env, timeout=10).returncode
+    rc = subprocess.run(["sh", str(REPO / "scripts" / "image" / "healthcheck.sh")], env=env, timeout=10).returncode
     assert rc == (0 if listening else 1)
     if listening:
         server.shutdown()
         server.server_close()
     # Without HaRP the entrypoint only runs its arguments.
-    out = subprocess.run(["sh", str(REPO / "scripts" / "start.sh"), "echo", "started"],
+    out = subprocess.run(["sh", str(REPO / "scripts" / "image" / "start.sh"), "echo", "started"],
                          env={"PATH": os.environ["PATH"]}, capture_output=True, text=True, check=True)
     assert out.stdout == "started\n" and not Path("/frpc.toml").exists()
 
@@ -194,7 +194,7 @@ def test_harp_mode_listens_on_the_unix_socket_and_the_healthcheck_sees_frpc(tmp_
     frpc = tmp_path / "frpc"  # a process named frpc, as start.sh would run it
     shutil.copy(shutil.which("sleep") or "/bin/sleep", frpc)
     env = {"PATH": os.environ["PATH"], "HP_SHARED_KEY": "k", "HP_EXAPP_SOCK": str(sock)}
-    health = ["sh", str(REPO / "scripts" / "healthcheck.sh")]
+    health = ["sh", str(REPO / "scripts" / "image" / "healthcheck.sh")]
     runner = subprocess.Popen([str(frpc), "60"])
     try:
         for _ in range(100):
