@@ -319,10 +319,17 @@ def bench(cache: Path, threads: int | None, latents: str, batches: str, steps: i
     """Time our engines against diffusers and optimum on the full-size SD2.1-base architecture (random weights).
 
     Text encoder, one UNet step, VAE decode and a whole image, at each latent size and batch, each configuration in
-    its own process (warm-up, then medians, peak memory). Needs the export extra; peers need diffusers and
-    optimum-intel (pip install 'text2image-sd2[bench]'). Takes tens of minutes on 2 cores.
+    its own process (warm-up, then medians, peak memory). A development command, run from a source checkout
+    (pip install -e '.[cpu,export,bench]': the export extra, and optimum-intel for the peers). Takes tens of minutes
+    on 2 cores.
     """
-    from backend.bench.report import run
+    try:
+        from backend.bench.report import run
+    except ModuleNotFoundError as exc:
+        if exc.name != "backend.bench":
+            raise
+        raise T2IError("text2image bench is a development command and not part of the installed package; run it "
+                       "from a source checkout: pip install -e '.[cpu,export,bench]' && text2image bench") from None
     from runtime.engines import default_threads
 
     def ints(text: str) -> list[int]:

@@ -10,7 +10,7 @@ A template is two files per component under ``exporters/templates/<architecture>
   older checkpoint leaves out), and one binding per weight: graph tensor name, state-dict key, whether the tensor is
   the transposed weight (optimum's MatMul weights), and its shape.
 
-Templates are built by ``exporters.template_build`` (which needs torch) and checked there against a second torch
+Templates are built by ``exporters.dev.template_build`` (which needs torch) and checked there against a second torch
 export; this module only reads them, so the torch-free images can use them.
 """
 

@@ -6,7 +6,7 @@
 
 Needs the export extra. Each build exports two random redraws of the architecture with torch and proves that the
 second one, bound into the templates of the first, gives the very graphs torch exported (see
-exporters/template_build.py). ``--check`` builds into a scratch folder and fails when the shipped templates differ;
+exporters/dev/template_build.py). ``--check`` builds into a scratch folder and fails when the shipped templates differ;
 the test suite runs the tiny check on every run. Run the sd2 build again after changing the pinned export stack.
 """
 
@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from exporters.dev.template_build import build_templates, stale_files
 from exporters.graph_template import TEMPLATES
-from exporters.template_build import build_templates, stale_files
 
 
 def source(architecture: str, work: Path) -> Path:
@@ -28,7 +28,7 @@ def source(architecture: str, work: Path) -> Path:
         from exporters.tiny import build_tiny_model
 
         return build_tiny_model(work / "tiny")
-    from exporters.fullsize import build_full_model
+    from exporters.dev.fullsize import build_full_model
 
     return build_full_model(work / "sd2")
 

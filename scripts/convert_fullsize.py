@@ -70,7 +70,7 @@ def main() -> None:
         if not (source / "model_index.json").is_file():
             print(f"building the full-size random {variant} checkpoint …", file=sys.stderr)
             run(f"import sys; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path; "
-                f"from exporters.fullsize import build_full_model; "
+                f"from exporters.dev.fullsize import build_full_model; "
                 f"build_full_model(Path({str(source)!r}), variant={variant!r}); print('ok')")
         bundles = []
         for converter in args.converters.split(","):

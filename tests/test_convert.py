@@ -30,7 +30,7 @@ def _images(bundle: Path, fmt: str) -> list:
 def test_tiny_templates_are_current(tiny_source: Path, tmp_path: Path) -> None:
     # The shipped templates are what the build makes from the tiny model today, proved against a second torch
     # export inside the build; `python scripts/build_templates.py tiny` rewrites them.
-    from exporters.template_build import build_templates, stale_files
+    from exporters.dev.template_build import build_templates, stale_files
 
     built = build_templates(tiny_source, "tiny", root=tmp_path, say=lambda _: None)
     assert not stale_files(built, TEMPLATES / "tiny"), "stale: run scripts/build_templates.py tiny"

@@ -30,8 +30,8 @@ def prepare(cache: Path, int8: bool, say: Any, device: str = "cpu") -> dict[str,
     """Build the random full-size model once and export it (ONNX, OpenVINO, optionally int8; on a GPU the fp16
     ONNX bundle with onnxruntime's CUDA fusions); cached in ``cache``."""
     from backend.model_store import STORE_EXPORT
+    from exporters.dev.fullsize import build_full_model
     from exporters.export import export_model
-    from exporters.fullsize import build_full_model
 
     src = cache / "sd21-random"
     if not (src / "model_index.json").is_file():
