@@ -230,7 +230,7 @@ class ExApp:
             return ""
         except T2IError as exc:
             return f"text2image_sd2 cannot start: {exc}"
-        self.admin.apply_light()
+        await self.admin.apply_light()
         try:
             await self.register(models)
         except (Unreachable, Gone) as exc:  # expected while Nextcloud is down: the reason is enough
