@@ -163,9 +163,11 @@ class AdminSettings:
                 await app.nc.unregister(pid)
             except Exception as exc:
                 log.warning("could not unregister %s: %s", pid, exc)
-        if not ok:
-            await app.register(app.models)
         app.resume_workers()
+        if not ok:
+            self._unregistered = True  # the next poll registers them if Nextcloud is away now
+            await app.register(app.models)
+            self._unregistered = False
         return ok
 
 
