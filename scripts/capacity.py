@@ -42,7 +42,8 @@ class Client:
     def call(self, method: str, path: str, body: dict | None = None) -> dict:
         data = None if body is None else json.dumps(body)
         self.conn.request(method, f"{self.base}/{path}", body=data,
-                          headers={"Authorization": self.auth, "Content-Type": "application/json"})
+                          headers={"Authorization": self.auth, "Content-Type": "application/json",
+                                   "OCS-APIRequest": "true"})
         reply = self.conn.getresponse()
         payload = json.loads(reply.read())
         if reply.status != 200:

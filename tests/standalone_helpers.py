@@ -49,17 +49,21 @@ class Reply:
 
 
 class Client:
-    """A keep-alive HTTP client for one server; ``auth`` is an Authorization header value or None."""
+    """A keep-alive HTTP client for one server; ``auth`` is an Authorization header value or None. Like Nextcloud's
+    clients it sends ``OCS-APIRequest: true`` (the service refuses changes by basic auth without it), unless
+    ``ocs_header`` is False."""
 
-    def __init__(self, url: str, auth: str | None = None, timeout: float = 30) -> None:
+    def __init__(self, url: str, auth: str | None = None, timeout: float = 30, ocs_header: bool = True) -> None:
         parts = urlsplit(url)
         self.host, self.port, self.auth, self.timeout = parts.hostname or "", parts.port or 80, auth, timeout
+        self.ocs_header = ocs_header
         self._conn: http.client.HTTPConnection | None = None
 
     def request(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
                 auth: Any = ...) -> Reply:
         """``path`` is below BASE unless it starts with '/'. A dict/list body is sent as JSON, bytes as they are."""
-        heads = dict(headers or {})
+        heads = {"OCS-APIRequest": "true"} if self.ocs_header else {}
+        heads.update(headers or {})
         token = self.auth if auth is ... else auth
         if token:
             heads["Authorization"] = token

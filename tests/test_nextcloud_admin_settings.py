@@ -134,3 +134,60 @@ def test_the_form_passes_nextclouds_schema_check(onnx_bundle: Path) -> None:
         service.pipeline.set_defaults(steps=1000)
     service.pipeline.set_defaults()
     assert service.defaults["size"] == "256x256"
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("threads", "inf", "not a finite number"), ("threads", "nan", "not a finite number"),
+    ("threads", "-5", "use 0 (every core)"), ("threads", "99999", "up to 1024"),
+    ("model", " , ", "no model named"), ("decoder", "nan", "vae, taesd"), ("ai_marking", "inf", "yes/no"),
+    ("sd_turbo_steps", "inf", "not a finite number"), ("sd_turbo_steps", "nan", "not a finite number"),
+    ("sd_turbo_steps", "0", "use 1 to 100"), ("sd_turbo_steps", "1e300", "use 1 to 100"),
+    ("sd_turbo_guidance", "nan", "not a finite number"), ("sd_turbo_guidance", "-5", "use 0 to 30"),
+    ("sd_turbo_guidance", "inf", "not a finite number"), ("sd_turbo_size", "99999x1", "multiple of 64"),
+    ("sd_turbo_size", "0x0 (square)", "multiple of 64"),
+])
+def test_every_field_ignores_a_value_out_of_range_and_names_it(field: str, value: str, words: str) -> None:
+    # 'inf' and 'nan' in CPU threads or a model's default steps raised OverflowError/ValueError out of choose:
+    # the models failed to load at every start, or the settings loop died.
+    base = Settings.from_env({"T2I_MODEL": "sd-turbo", "T2I_THREADS": "4"})
+    choice = choose(base, {field: value})
+    assert choice.settings == base and choice.defaults["sd-turbo"].__dict__ == dict.fromkeys(
+        ("width", "height", "steps", "guidance"))
+    assert len(choice.problems) == 1 and f"{field}={value!r} ignored" in choice.problems[0], choice.problems
+    assert words in choice.problems[0], choice.problems
+
+
+def test_bad_values_neither_stop_the_start_nor_the_settings_loop(onnx_bundle: Path, tmp_path: Path) -> None:
+    fake = FakeNextcloud(version=32).start()
+    key = model_key("tiny-onnx")
+    (tmp_path / "tiny-onnx").symlink_to(onnx_bundle)
+    proc = ExAppProcess(fake, tmp_path / "storage", {"T2I_MODEL": str(tmp_path / "tiny-onnx"), "T2I_THREADS": "1",
+                                                     "T2I_POLL_INTERVAL": "0.2", "T2I_SETTINGS_POLL": "0.3"})
+    provider = f"{APP_ID}:tiny-onnx"
+
+    def logged(*words: str) -> bool:
+        return any(all(w in (e["message"] or "") for w in words) for e in fake.logged)
+
+    try:
+        # Saved before the app starts: it starts anyway, on the deploy-time values, and says what it ignored.
+        for field, value in (("threads", "inf"), (f"{key}_steps", "inf"), (f"{key}_guidance", "nan")):
+            fake.admin_set(field, value)
+        assert fake.install(proc)["error"] == "", proc.output()
+        assert fake.enable_answers[-1]["status"] == 200, fake.enable_answers
+        for field, value in (("threads", "inf"), (f"{key}_steps", "inf"), (f"{key}_guidance", "nan")):
+            assert logged(f"{field}='{value}' ignored"), (field, fake.logged)
+        defaults = fake.providers[provider]["optional_input_shape_defaults"]
+        # Saved while it runs: each is named, and a valid change after them is still applied.
+        for field, value in (("threads", "nan"), (f"{key}_guidance", "-5"), (f"{key}_size", "99999x1"),
+                             (f"{key}_steps", "nan")):
+            fake.admin_set(field, value)
+            _wait(lambda f=field, v=value: logged(f"{f}='{v}' ignored"), proc=proc)  # type: ignore[misc]
+        assert fake.providers[provider]["optional_input_shape_defaults"] == defaults
+        fake.admin_set(f"{key}_steps", "3")
+        _wait(lambda: fake.providers[provider]["optional_input_shape_defaults"]["steps"] == 3, proc=proc)
+        done = fake.wait([fake.schedule({"input": "a fox", "numberOfImages": 1})])[0]
+        assert done["status"] == "STATUS_SUCCESSFUL", proc.output()
+        assert "Traceback" not in proc.output(), proc.output()
+    finally:
+        proc.stop()
+        fake.stop()

@@ -187,13 +187,14 @@ def test_a_wrong_secret_is_never_written_anywhere(nc32) -> None:
     proc.start()
     fake.heartbeat()
     sent = "guess-42\n2026-01-01 00:00:00,000 INFO forged: all fine"
-    for value in (f"admin:{sent}", sent, f":{SECRET[:-1]}"):
+    # The last one has user and secret swapped: the user part of a failed login is the secret itself.
+    for value in (f"admin:{sent}", sent, f":{SECRET[:-1]}", f"{SECRET}:admin"):
         header = {"AUTHORIZATION-APP-API": base64.b64encode(value.encode()).decode()}
         assert fake.call_exapp("POST", "/init", headers=header)[0] == 401
     assert fake.call_exapp("PUT", "/enabled?enabled=1")[0] == 200  # the right secret still works
     proc.signal()
     log = proc.output()
-    assert "wrong app secret (for user 'admin')" in log, log[-2000:]
+    assert log.count("wrong app secret") == 4, log[-2000:]
     for secret in (SECRET, "guess-42", SECRET[:-1]):
         assert secret not in log, f"{secret!r} was written to the log"
     assert not any(line.startswith("2026-01-01") for line in log.splitlines()), "a forged log line"

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from standalone_helpers import ALICE, USERS, Client, basic, load_service
 
@@ -167,9 +167,15 @@ def test_1000_bad_requests_each_get_a_clear_4xx(server: StandaloneServer) -> Non
     client = Client(server.url, basic(*ALICE))
     seen: dict[int, int] = {}
 
-    @settings(max_examples=1000, deadline=None, database=None,
+    # Derandomized: the same 1,000 cases on every run, so CI cannot turn red by chance; a case found by another
+    # seed joins the explicit examples.
+    @settings(max_examples=1000, deadline=None, database=None, derandomize=True,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
     @given(st.one_of(one_bad_field(), st.tuples(st.just("body"), raw_bodies)))
+    # A control character after the digits: stripped for the digit check, it made int() fail with a 500.
+    @example(("numberOfImages", {"input": "a fox", "appId": "app", "numberOfImages": "0\x1f"}))
+    @example(("steps", {"input": "a fox", "appId": "app", "numberOfImages": 1, "steps": "5\x1c"}))
+    @example(("seed", {"input": "a fox", "appId": "app", "numberOfImages": 1, "seed": "\x1d7"}))
     def check(case: tuple[str, Any]) -> None:
         field, payload = case
         if field == "body":

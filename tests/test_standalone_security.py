@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from standalone_helpers import ALICE, BOB, USERS, Client, Reply, basic, load_service, wait_until
@@ -198,3 +199,51 @@ def test_without_users_a_local_token_is_made_once_and_kept_private(tmp_path: Pat
     token = creds.users["local"]
     assert again.authenticate(f"Bearer {token}") == "local" and again.authenticate(basic("local", token)) == "local"
     assert again.authenticate(basic("local", token + "x")) is None
+
+
+FORM = "input=a+fox&appId=evil&numberOfImages=1&steps=1"
+FORM_TYPE = {"Content-Type": "application/x-www-form-urlencoded"}
+
+
+@pytest.mark.parametrize("headers, why", [
+    ({"Origin": "http://evil.example"}, "Origin 'http://evil.example'"),
+    ({"Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site"}, "Sec-Fetch-Site: 'cross-site'"),
+    ({"Origin": "null"}, "Origin 'null'"),
+    ({"Sec-Fetch-Site": "same-site"}, "Sec-Fetch-Site: 'same-site'"),
+    ({}, "saved basic-auth credentials"),  # a browser old enough to send neither header
+])
+def test_a_cross_site_form_post_with_saved_basic_credentials_is_403(server: StandaloneServer, headers: dict[str, str],
+                                                                    why: str) -> None:
+    # Every 401 invites the browser's own basic-auth dialog; once a user filled it in, the browser sent those
+    # credentials with a plain form POST from any other site, which scheduled tasks as that user.
+    browser = Client(server.url, basic(*ALICE), ocs_header=False)
+    reply = browser.post("schedule", FORM, headers={**FORM_TYPE, **headers})
+    assert reply.status == 403 and reply.json["ocs"]["meta"]["statuscode"] == 403, reply
+    assert reply.data == {"message": reply.message} and "www-authenticate" not in reply.headers
+    assert reply.message.startswith("cross-site request refused: ") and why in reply.message, reply.message
+    assert "OCS-APIRequest: true" in reply.message
+    assert server.manager.store.find() == []
+
+
+def test_a_cross_site_delete_is_403_and_the_task_stays(server: StandaloneServer, task_id: int) -> None:
+    browser = Client(server.url, basic(*ALICE), ocs_header=False)
+    evil = {"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"}
+    reply = browser.delete(f"task/{task_id}", headers=evil)
+    assert reply.status == 403 and "cross-site request refused" in reply.message, reply
+    assert server.manager.get_task(task_id).status == TaskStatus.SUCCESSFUL
+
+
+def test_same_origin_pages_and_scripts_still_change_tasks(server: StandaloneServer) -> None:
+    own = f"http://{urlsplit(server.url).netloc}"
+    cases = [
+        (basic(*ALICE), {"Origin": own, "Sec-Fetch-Site": "same-origin"}),  # the service's own page
+        (basic(*ALICE), {"Origin": own}),  # a browser without Sec-Fetch-Site
+        (basic(*ALICE), {"OCS-APIRequest": "true"}),  # curl -u alice:… -H 'OCS-APIRequest: true'
+        (f"Bearer {ALICE[1]}", {}),  # curl -H 'Authorization: Bearer …': no browser sends that by itself
+    ]
+    for i, (auth, headers) in enumerate(cases):
+        client = Client(server.url, auth, ocs_header=False)
+        reply = client.post("schedule", f"{FORM}&identifier={i}", headers={**FORM_TYPE, **headers})
+        assert reply.status == 200 and reply.data["task"]["identifier"] == str(i), (headers, reply)
+        client.close()
+    assert len(server.manager.store.find()) == len(cases)

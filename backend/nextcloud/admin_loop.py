@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from backend.config import Settings
 from backend.nextcloud.admin_settings import AdminChoice, ModelDefaults, choose, field_ids
@@ -17,6 +17,7 @@ from runtime.errors import T2IError
 
 if TYPE_CHECKING:
     from backend.nextcloud.exapp import ExApp
+    from runtime.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -31,30 +32,46 @@ class AdminSettings:
         self._values: dict[str, str] | None = None
         self._lock = asyncio.Lock()
         self._watching = False
+        self._unregistered = False
+        self._fault: str | None = None
 
     async def read(self) -> AdminChoice | None:
-        """What the form's stored values ask for; None when Nextcloud cannot say (the settings in use stay)."""
+        """What the form's stored values ask for; None when Nextcloud cannot say or the values cannot be read (the
+        settings in use stay)."""
         app = self.app
-        asked: list[str] = []
-        values: dict[str, str] = {}
         try:
-            for _ in range(2):  # the second read adds the fields of a newly chosen model list
-                models = model_names((choose(app.base_settings, values).settings if values
-                                      else app.settings).store.model)
-                if models == asked:
-                    break
-                asked = models
-                values = await app.nc.admin_values(field_ids(models))
+            values = await self._stored_values()
+            choice = choose(app.base_settings, values)
         except (Unreachable, Gone) as exc:
             log.warning("cannot read the admin settings (%s); keeping the settings in use", exc)
             return None
-        choice = choose(app.base_settings, values)
+        except Exception as exc:  # choose names bad values itself: this is a bug, and must not stop the app
+            problem = f"the admin settings could not be read ({type(exc).__name__}: {exc}); keeping the settings in use"
+            log.error(problem)
+            log.debug("reading the admin settings failed", exc_info=True)
+            if problem != self._fault:  # once, not at every poll
+                self._fault = problem
+                await app.nc.admin_log(f"text2image_sd2: {problem}", level=3)
+            return None
+        self._fault = None
         if values != self._values:
             self._values = values
             for problem in choice.problems:
                 log.warning(problem)
                 await app.nc.admin_log(f"text2image_sd2: {problem}")
         return choice
+
+    async def _stored_values(self) -> dict[str, str]:
+        app = self.app
+        asked: list[str] = []
+        values: dict[str, str] = {}
+        for _ in range(2):  # the second read adds the fields of a newly chosen model list
+            models = model_names((choose(app.base_settings, values).settings if values else app.settings).store.model)
+            if models == asked:
+                break
+            asked = models
+            values = await app.nc.admin_values(field_ids(models))
+        return values
 
     async def before_first_load(self) -> None:
         """An admin's choice of models counts from the first load on."""
@@ -75,12 +92,16 @@ class AdminSettings:
             await sleep_or(app.stopping, app.settings.exapp.settings_poll)
             if app.stopping.is_set() or not app.enabled.is_set():
                 continue
-            choice = await self.read()
-            if choice is not None and choice != self.applied:
-                try:
+            # Whatever one poll meets (Nextcloud gone while registering, a bug), the next poll still comes: a
+            # dead loop would ignore every later change without a word.
+            try:
+                choice = await self.read()
+                if choice is not None and (choice != self.applied or self._unregistered):
                     await self.apply(choice)
-                except Exception:
-                    log.exception("applying the admin settings failed")
+            except Exception as exc:
+                log.error("applying the admin settings failed (%s: %s); trying again in %g s", type(exc).__name__,
+                          exc, app.settings.exapp.settings_poll)
+                log.debug("the failed poll of the admin settings", exc_info=True)
 
     async def apply(self, choice: AdminChoice) -> None:
         """Use ``choice``: marking and per-model defaults at once (the providers show the new defaults); a new
@@ -92,29 +113,32 @@ class AdminSettings:
             if heavy and not await self._reload(choice.settings):
                 return
             app.settings, self.applied = choice.settings, choice
-            self.apply_light()
+            await self.apply_light()
+            # Until Nextcloud has the providers with these defaults, each poll tries again.
+            self._unregistered = True
             await app.register(app.models)
+            self._unregistered = False
             log.info("admin settings applied: models %s, thread cap %s, %s decoder, AI marking %s, watermark %s",
                      ", ".join(app.models), app.settings.runtime.threads or "all cores",
                      app.settings.runtime.decoder, app.settings.images.ai_marking, app.settings.images.watermark)
 
-    def apply_light(self) -> None:
-        """The changes loaded models take as they are: the PNG marking and the per-model defaults."""
+    async def apply_light(self) -> None:
+        """The changes loaded models take as they are: the PNG marking and the per-model defaults. A default the
+        model cannot take (a size its bundle was not exported for) is left out, and named in Nextcloud's log."""
         if self.applied is None:
             return
         choice = self.applied
+        problems: list[str] = []
         for model in self.app.models.values():
             wanted = choice.defaults.get(model.name, ModelDefaults())
-            for service in model.services:
+            for i, service in enumerate(model.services):
                 service.settings = replace(service.settings, images=choice.settings.images)
-                pipe = service.pipeline
-                if pipe is None:
-                    continue
-                try:
-                    pipe.set_defaults(wanted.width, wanted.height, wanted.steps, wanted.guidance)
-                except T2IError as exc:
-                    log.warning("admin default for %s ignored: %s", model.name, exc)
-                    pipe.set_defaults()
+                if service.pipeline is not None:
+                    refused = _set_defaults(service.pipeline, wanted)
+                    problems += [f"admin default for {model.name} ignored: {why}" for why in refused if i == 0]
+        for problem in problems:
+            log.warning(problem)
+            await self.app.nc.admin_log(f"text2image_sd2: {problem}")
 
     async def _reload(self, settings: Settings) -> bool:
         """Swap the loaded models for those ``settings`` ask for, between tasks. On failure the previous models
@@ -139,7 +163,31 @@ class AdminSettings:
                 await app.nc.unregister(pid)
             except Exception as exc:
                 log.warning("could not unregister %s: %s", pid, exc)
-        if not ok:
-            await app.register(app.models)
         app.resume_workers()
+        if not ok:
+            self._unregistered = True  # the next poll registers them if Nextcloud is away now
+            await app.register(app.models)
+            self._unregistered = False
         return ok
+
+
+def _set_defaults(pipe: Pipeline, wanted: ModelDefaults) -> list[str]:
+    """Give ``pipe`` the admin's defaults, each one it takes; return why the others were left out."""
+    try:
+        pipe.set_defaults(wanted.width, wanted.height, wanted.steps, wanted.guidance)
+        return []
+    except T2IError:
+        pass
+    kept: dict[str, Any] = {}
+    refused = []
+    for part in ({"width": wanted.width, "height": wanted.height}, {"steps": wanted.steps},
+                 {"guidance": wanted.guidance}):
+        if all(value is None for value in part.values()):
+            continue
+        try:
+            pipe.set_defaults(**kept, **part)
+            kept.update(part)
+        except T2IError as exc:
+            refused.append(str(exc))
+    pipe.set_defaults(**kept)
+    return refused

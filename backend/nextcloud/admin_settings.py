@@ -9,14 +9,16 @@ shows as its default. A stored value that is not allowed is ignored with a warni
 
 from __future__ import annotations
 
-import re
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from backend.config import Settings
 from backend.nextcloud.provider import model_names, provider_id
+from runtime import validation as v
 from runtime.errors import T2IError
+from runtime.validation import shown
 
 FORM_ID = "text2image_sd2_admin"
 #: Nextcloud's admin section "Artificial intelligence".
@@ -24,6 +26,8 @@ SECTION_ID = "ai"
 #: The fields every deployment has; each model adds its own size, steps and guidance.
 GLOBAL_FIELDS = ("model", "threads", "decoder", "ai_marking", "watermark")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+#: The most CPU threads the form accepts (far beyond any machine: a larger number is a typo).
+MAX_THREADS = 1024
 
 
 @dataclass(frozen=True)
@@ -119,7 +123,7 @@ def choose(base: Settings, values: Mapping[str, str]) -> AdminChoice:
             value = _parse(fid, raw)
             base.updated(**{fid: value})  # checked like the environment's value
         except T2IError as exc:
-            problems.append(f"admin setting {fid}={raw!r} ignored: {exc}")
+            problems.append(f"admin setting {fid}={shown(raw)} ignored: {exc}")
             continue
         changes[fid] = value
     settings = base.updated(**changes) if changes else base
@@ -132,14 +136,10 @@ def choose(base: Settings, values: Mapping[str, str]) -> AdminChoice:
                 continue
             try:
                 parsed.update(_parse_default(part, raw))
-            except ValueError:
-                problems.append(f"admin setting {key}_{part}={raw!r} ignored: {_EXPECTED[part]}")
+            except T2IError as exc:
+                problems.append(f"admin setting {key}_{part}={shown(raw)} ignored: {exc}")
         defaults[name] = ModelDefaults(**parsed)
     return AdminChoice(settings, defaults, problems)
-
-
-_EXPECTED = {"size": "use WIDTHxHEIGHT, e.g. 512x768", "steps": "use a whole number of steps",
-             "guidance": "use a number such as 7.5"}
 
 
 def _parse(fid: str, raw: str) -> Any:
@@ -149,29 +149,36 @@ def _parse(fid: str, raw: str) -> Any:
             return True
         if text.lower() in _FALSE:
             return False
-        raise T2IError("not a yes/no value")
+        raise T2IError("not a yes/no value; use 1/0, true/false, yes/no")
     if fid == "threads":
-        try:
-            number = float(text)
-        except ValueError:
-            raise T2IError("not a number") from None
-        if number != int(number) or number < 0:
-            raise T2IError("use 0 (every core) or a whole number of threads")
+        allowed = f"use 0 (every core) or a whole number of threads up to {MAX_THREADS}"
+        number = _finite(text, allowed)
+        if not number.is_integer() or not 0 <= number <= MAX_THREADS:
+            raise T2IError(f"{shown(text)} is not allowed; {allowed}")
         return int(number)
     if fid == "model" and not model_names(text):
-        raise T2IError("no model named")
+        raise T2IError("no model named; use one or more model names, hub ids or folders, separated by commas")
     return text
 
 
 def _parse_default(part: str, raw: str) -> dict[str, Any]:
+    """A per-model default, checked as a request's value is (sizes, 1–100 steps, guidance 0–30); the size may
+    carry the form's label (``256x384 (portrait 2:3)``). Raises T2IError naming the value and what is allowed."""
     if part == "size":
-        found = re.match(r"^\s*(\d+)\s*[x×]\s*(\d+)", raw)
-        if not found:
-            raise ValueError(raw)
-        return {"width": int(found.group(1)), "height": int(found.group(2))}
-    number = float(raw)
+        width, height = v.parse_size(raw.split("(", 1)[0])
+        return {"width": width, "height": height}
     if part == "steps":
-        if number != int(number):
-            raise ValueError(raw)
-        return {"steps": int(number)}
-    return {"guidance": number}
+        number = _finite(raw, f"use a whole number of steps from 1 to {v.MAX_STEPS}")
+        return {"steps": v.check_steps(int(number) if number.is_integer() else number)}
+    return {"guidance": v.check_guidance(_finite(raw, f"use a number from 0 to {v.MAX_GUIDANCE:g}, such as 7.5"))}
+
+
+def _finite(text: str, allowed: str) -> float:
+    """``text`` as a finite number; 'inf', 'nan' and words are refused with ``allowed``."""
+    try:
+        number = float(text)
+    except ValueError:
+        raise T2IError(f"{shown(text.strip())} is not a number; {allowed}") from None
+    if not math.isfinite(number):
+        raise T2IError(f"{shown(text.strip())} is not a finite number; {allowed}")
+    return number

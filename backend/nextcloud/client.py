@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Awaitable
 from typing import Any
 
 from nc_py_api import AsyncNextcloudApp, NextcloudException, NextcloudExceptionNotFound
@@ -60,15 +61,7 @@ class Nextcloud:
         self._major: int | None = None
 
     async def _ocs(self, method: str, path: str, **kwargs: Any) -> Any:
-        try:
-            return await self.nc.ocs(method, path, **kwargs)
-        except NextcloudExceptionNotFound as exc:
-            raise Gone(str(exc)) from None
-        except NextcloudException as exc:
-            # 5xx, 408 (timeout), 412/401 (AppAPI refuses a disabled app): all pass; nothing we sent was wrong.
-            raise Unreachable(str(exc)) from None
-        except OSError as exc:  # niquests' connection errors are OSErrors
-            raise Unreachable(f"{type(exc).__name__}: {exc}") from None
+        return await _sorted(self.nc.ocs(method, path, **kwargs))
 
     async def server_major(self) -> int:
         """Nextcloud's major version (33+ shows userFacingErrorMessage to users)."""
@@ -87,7 +80,7 @@ class Nextcloud:
                 return None
             raise Unreachable(str(exc)) from None
         except OSError as exc:
-            raise Unreachable(f"{type(exc).__name__}: {exc}") from None
+            raise Unreachable(reason(exc)) from None
 
     async def set_init_status(self, progress: int, error: str = "") -> None:
         try:
@@ -96,10 +89,10 @@ class Nextcloud:
             log.warning("could not report init progress %d%%: %s", progress, exc)
 
     async def register(self, provider: TaskProcessingProvider) -> None:
-        await self.nc.providers.task_processing.register(provider)
+        await _sorted(self.nc.providers.task_processing.register(provider))
 
     async def unregister(self, provider_id: str) -> None:
-        await self.nc.providers.task_processing.unregister(provider_id)
+        await _sorted(self.nc.providers.task_processing.unregister(provider_id))
 
     async def register_settings_form(self, form: dict[str, Any]) -> None:
         """Declare (or replace) an admin settings form; Nextcloud shows it in its admin settings."""
@@ -162,6 +155,32 @@ class Nextcloud:
         adapter = getattr(self.nc._session, "adapter", None)  # no public close in nc_py_api 0.30
         if adapter is not None:
             await adapter.close()
+
+
+async def _sorted(call: Awaitable[Any]) -> Any:
+    """``call``'s result, with its failure turned into :class:`Gone` or :class:`Unreachable`."""
+    try:
+        return await call
+    except NextcloudExceptionNotFound as exc:
+        raise Gone(str(exc)) from None
+    except NextcloudException as exc:
+        # 5xx, 408 (timeout), 412/401 (AppAPI refuses a disabled app): all pass; nothing we sent was wrong.
+        raise Unreachable(str(exc)) from None
+    except OSError as exc:  # niquests' connection errors are OSErrors
+        raise Unreachable(reason(exc)) from None
+
+
+def reason(exc: BaseException) -> str:
+    """Why a request did not get through, in one short line: the first cause in the chain of wrapped errors
+    (``ConnectionRefusedError: [Errno 111] Connect call failed ('127.0.0.1', 8080)``), not the wrappers' repeats."""
+    inner, seen = exc, {id(exc)}
+    while (nxt := inner.__cause__ or inner.__context__) is not None and id(nxt) not in seen:
+        inner = nxt
+        seen.add(id(nxt))
+    if not str(inner).strip():  # a bare TimeoutError says nothing more than its wrapper
+        inner = exc
+    text = " ".join(f"{type(inner).__name__}: {inner}".split())
+    return cut(text, 300)
 
 
 async def sleep_or(event: asyncio.Event, seconds: float) -> None:

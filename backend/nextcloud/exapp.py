@@ -230,9 +230,13 @@ class ExApp:
             return ""
         except T2IError as exc:
             return f"text2image_sd2 cannot start: {exc}"
-        self.admin.apply_light()
+        await self.admin.apply_light()
         try:
             await self.register(models)
+        except (Unreachable, Gone) as exc:  # expected while Nextcloud is down: the reason is enough
+            log.error("could not register the providers with Nextcloud at %s: %s", self.settings.exapp.nextcloud_url,
+                      exc)
+            return f"text2image_sd2 could not register its provider with Nextcloud: {exc}"
         except Exception as exc:
             log.exception("provider registration failed")
             return f"text2image_sd2 could not register its provider with Nextcloud: {exc}"

@@ -88,6 +88,8 @@ ROUTES: list[tuple[tuple[str, ...], dict[str, str]]] = [
 ]
 #: Answer without credentials (Nextcloud's is_available is a public page); wrong credentials are still refused.
 PUBLIC = {"is_available", "openapi"}
+#: Methods that change nothing; any other must pass :func:`_refuse_cross_site`.
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
 
 class Api:
@@ -109,6 +111,8 @@ class Api:
         except UnicodeDecodeError:
             raise HttpError(400, "the path is not valid UTF-8 after percent-decoding") from None
         name, args = _route(request.method, parts)
+        if request.method not in SAFE_METHODS:
+            _refuse_cross_site(request.headers)
         user = self.credentials.authenticate(request.headers.get("Authorization"))
         if user is None and (request.headers.get("Authorization") or name not in PUBLIC):
             raise HttpError(401, "authentication required: send 'Authorization: Bearer <token>' or basic auth "
@@ -224,6 +228,39 @@ def _challenge(headers: Mapping[str, str] | Message) -> dict[str, str]:
     if headers.get("X-Requested-With", "").lower() == "xmlhttprequest":
         return {}
     return {"WWW-Authenticate": 'Basic realm="text2image", charset="UTF-8"'}
+
+
+def _refuse_cross_site(headers: Mapping[str, str] | Message) -> None:
+    """403 for a state-changing request that another site's page may have sent with this browser's credentials.
+
+    A browser that once signed in with basic auth sends those credentials with any request to this service, also
+    with a plain form POST from another site. Allowed are: Nextcloud's ``OCS-APIRequest: true`` header (another
+    site's page cannot send it without a CORS preflight, which this service never grants); a browser's word that
+    the request comes from this service's own pages (``Sec-Fetch-Site: same-origin``, or an ``Origin`` that is this
+    host); and, with no browser's headers at all, credentials no browser sends by itself (a bearer token)."""
+    if headers.get("OCS-APIRequest", "").strip().lower() == "true":
+        return
+    site = headers.get("Sec-Fetch-Site", "").strip().lower()
+    origin = headers.get("Origin")
+    host = headers.get("Host", "").strip().lower()
+    if site:
+        if site in ("same-origin", "none"):
+            return
+        why = f"the browser says it comes from another site (Sec-Fetch-Site: {site[:40]!r})"
+    elif origin is not None:
+        try:
+            origin_host = urlsplit(origin.strip()).netloc.lower()
+        except ValueError:  # "http://[::1" and the like
+            origin_host = ""
+        if origin != "null" and origin_host and origin_host == host:
+            return
+        why = f"it comes from the page of another site (Origin {origin[:100]!r}, this is {host[:100]!r})"
+    elif headers.get("Authorization", "").strip().lower().startswith("basic"):
+        why = "a browser may have sent it with its saved basic-auth credentials"
+    else:
+        return
+    raise HttpError(403, f"cross-site request refused: {why}; a script must send the header 'OCS-APIRequest: "
+                         "true' (as Nextcloud's OCS API asks) to change tasks")
 
 
 def _shorten(message: str) -> str:

@@ -32,6 +32,10 @@ OPTIONAL_INPUTS = {
 }
 
 
+#: The whitespace int() and float() skip around ASCII digits.
+_ASCII_SPACE = " \t\n\r\v\f"
+
+
 class TaskInputError(InvalidRequest):
     """A task's input is not acceptable; the message is meant for the user who sent it."""
 
@@ -53,9 +57,12 @@ def _number(value: Any, kind: type) -> Any:
     if kind is int:
         if isinstance(value, float) and math.isfinite(value) and value.is_integer():
             return int(value)
-        # ASCII digits only: str.isdigit() also admits '²' and '①', which int() then rejects.
-        if isinstance(value, str) and re.fullmatch(r"-?[0-9]{1,19}", value.strip()):
-            return int(value)
+        # ASCII digits only: str.isdigit() also admits '²' and '①', which int() then rejects. The spaces around
+        # them are only those int() skips too: str.strip() also removes control characters such as '\x1f'.
+        if isinstance(value, str):
+            text = value.strip(_ASCII_SPACE)
+            if re.fullmatch(r"-?[0-9]{1,19}", text):
+                return int(text)
     elif isinstance(value, str):
         try:
             return float(value)
