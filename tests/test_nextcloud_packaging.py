@@ -70,7 +70,7 @@ def _dockerfile(name: str) -> tuple[list[tuple[str, str]], list[str], str]:
         m = re.match(r"RUN\s+(?:pip3?|python3? -m pip)\s+install\s+(.+)$", line)
         if m:
             assert pip is None, f"{name}: one pip install line expected"
-            pip = shlex.split(m.group(1))
+            pip = shlex.split(m.group(1).split("&&")[0])
     assert pip is not None, f"{name} has no pip install line"
     return copies, pip, text
 
