@@ -95,6 +95,9 @@ def test_the_form_is_registered_and_its_changes_apply_between_tasks(bundles: tup
         _wait(lambda: new in fake.providers, proc=proc)
         again = fake.wait([fake.schedule(job)])[0]
         assert again["status"] == "STATUS_SUCCESSFUL", proc.output()
+        # The same refused value is not loaded again at every poll (each try would stop the workers).
+        time.sleep(1.5)
+        assert sum("could not be applied" in (e["message"] or "") for e in fake.logged) == 1, proc.output()
     finally:
         proc.stop()
         fake.stop()

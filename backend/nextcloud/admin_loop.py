@@ -34,6 +34,8 @@ class AdminSettings:
         self._watching = False
         self._unregistered = False
         self._fault: str | None = None
+        #: A choice whose models could not be loaded: not tried again until the admin changes a value.
+        self._refused: AdminChoice | None = None
 
     async def read(self) -> AdminChoice | None:
         """What the form's stored values ask for; None when Nextcloud cannot say or the values cannot be read (the
@@ -96,7 +98,7 @@ class AdminSettings:
             # dead loop would ignore every later change without a word.
             try:
                 choice = await self.read()
-                if choice is not None and (choice != self.applied or self._unregistered):
+                if choice is not None and choice != self._refused and (choice != self.applied or self._unregistered):
                     await self.apply(choice)
             except Exception as exc:
                 log.error("applying the admin settings failed (%s: %s); trying again in %g s", type(exc).__name__,
@@ -111,7 +113,10 @@ class AdminSettings:
             old = self.applied.settings if self.applied else app.settings
             heavy = (choice.settings.store, choice.settings.runtime) != (old.store, old.runtime)
             if heavy and not await self._reload(choice.settings):
+                # Loading it again at every poll would stop the workers each time for the same failure.
+                self._refused = choice
                 return
+            self._refused = None
             app.settings, self.applied = choice.settings, choice
             await self.apply_light()
             # Until Nextcloud has the providers with these defaults, each poll tries again.
