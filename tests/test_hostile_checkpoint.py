@@ -1,5 +1,6 @@
 """A damaged or hostile diffusers checkpoint (safetensors headers, configs, tensor shapes, NaN weights) is refused
-with one line naming the file and what is wrong, before or instead of a traceback."""
+with one line naming the file and what is wrong, before or instead of a traceback; a bundle may not hold a link
+that leads out of it."""
 
 from __future__ import annotations
 
@@ -144,3 +145,22 @@ def test_the_safetensors_checks_accept_the_real_files(tiny_source: Path) -> None
     assert read_json(tiny_source / "unet" / "config.json")["_class_name"] == "UNet2DConditionModel"
     with pytest.raises(CheckpointError, match="is missing"):
         read_json(tiny_source / "nothing.json")
+
+
+def test_verify_refuses_an_unlisted_link_out_of_the_bundle(bundle_copy: Path, tmp_path: Path) -> None:
+    # An optional graph the manifest does not list (taesd_decoder/) was loaded and verified through a link.
+    secret = tmp_path / "secret"
+    secret.write_text("root:x:0:0\n")
+    (bundle_copy / "taesd_decoder").mkdir()
+    (bundle_copy / "taesd_decoder" / "model.onnx").symlink_to(secret)
+    result = CliRunner().invoke(cli, ["verify", str(bundle_copy)])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip() == (f"Error: bundle '{bundle_copy}' holds 'taesd_decoder/model.onnx', a link to "
+                                     "outside the bundle; a bundle's files must be its own")
+    assert "root:x" not in result.output
+
+
+def test_a_link_inside_the_bundle_is_allowed(bundle_copy: Path) -> None:
+    (bundle_copy / "tokenizer" / "alias.json").symlink_to(bundle_copy / "tokenizer" / "vocab.json")
+    result = CliRunner().invoke(cli, ["verify", str(bundle_copy)])
+    assert result.exit_code == 0, result.output
