@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 import re
 import threading
 import uuid
@@ -110,6 +111,9 @@ class FakeHub:
         self.sent: list[tuple[str, str]] = []  # (repo id, file path) for each file body served
         self.faults: dict[tuple[str, str], list[str]] = {}
         self.ranges: list[tuple[str, str, int]] = []  # (repo id, file path, first byte) of each Range request
+        #: URL path → (repo id, file path) for listed names with '..' parts: the client's HTTP stack removes the dot
+        #: segments from the URL, and a hostile hub answers the URL it is sent.
+        self.stray: dict[str, tuple[str, str]] = {}
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -130,6 +134,9 @@ class FakeHub:
         repo = Repo(repo_id, repo_files, hashlib.sha1(f"{repo_id}\n{tree}".encode()).hexdigest(),
                     dict(announced or {}), frozenset(missing))
         self.repos[repo_id] = repo
+        for path in files:
+            if ".." in path.split("/"):
+                self.stray[posixpath.normpath(f"/{repo_id}/resolve/{repo.sha}/{path}")] = (repo_id, path)
         return repo
 
     @property
@@ -213,6 +220,10 @@ class _Handler(BaseHTTPRequestHandler):
                     groups = {k: unquote(v) if v is not None else None for k, v in match.groupdict().items()}
                     getattr(self, f"_{kind}")(send_body, query, **groups)
                     return
+            stray = self.hub.stray.get(unquote(split.path))
+            if stray is not None:
+                self._resolve(send_body, query, repo=stray[0], rev="main", path=stray[1])
+                return
             raise _Error(404, None, "Not Found")
         except _Error as err:
             headers = {"X-Error-Message": err.message, **err.headers}

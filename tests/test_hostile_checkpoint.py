@@ -13,7 +13,6 @@ import pytest
 from click.testing import CliRunner
 
 from backend.cli import cli
-from exporters.checkpoint_files import CheckpointError, read_header, read_json
 
 UNET = "unet/diffusion_pytorch_model.safetensors"
 
@@ -140,6 +139,8 @@ def test_a_tensor_of_another_shape_is_refused(tiny_source: Path, tmp_path: Path,
 
 def test_the_safetensors_checks_accept_the_real_files(tiny_source: Path) -> None:
     # The checks are not so strict that the files the libraries write fail them.
+    from exporters.checkpoint_files import CheckpointError, read_header, read_json
+
     for path in sorted(tiny_source.glob("*/*.safetensors")):
         assert read_header(path)
     assert read_json(tiny_source / "unet" / "config.json")["_class_name"] == "UNet2DConditionModel"

@@ -15,8 +15,6 @@ from pathlib import Path
 import pytest
 from fake_hub import FakeHub, sd2_layout
 
-from exporters.hub import HubError, check_name
-
 ROOT = Path(__file__).resolve().parents[1]
 REPO = "org/hostile"
 UNET_FP16 = "unet/diffusion_pytorch_model.fp16.safetensors"
@@ -98,6 +96,8 @@ def test_a_listed_name_that_climbs_out_is_refused_before_any_download(
     ("./x.json", "has an empty or '.' part"), ("", "is empty"),
 ])
 def test_names_that_are_not_plain_relative_paths_are_refused(name: str, why: str) -> None:
+    from exporters.hub import HubError, check_name
+
     with pytest.raises(HubError) as caught:
         check_name(REPO, name)
     assert f"'{REPO}' lists the file {name!r}, which {why}" in str(caught.value)
