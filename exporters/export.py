@@ -62,7 +62,9 @@ def resolve_source(source: str, workdir: Path) -> tuple[Path, dict[str, Any]]:
     except HubError as exc:
         raise ExportError(str(exc)) from None
     except Exception as exc:  # network, auth and missing-repo errors all mean: cannot get the weights
-        raise ExportError(f"could not download '{repo}' from the model hub: {exc}") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ExportError(f"could not download '{repo}' from the model hub: {type(exc).__name__} "
+                          f"{quoted(first, 200)}") from None
     return path, {"id": repo, "revision": revision, "kind": "hub"}
 
 

@@ -17,7 +17,8 @@ A hostile repo, for tests: :meth:`FakeHub.add_files` publishes any file names (`
 listing sizes that differ from the bytes served (``announced``) and listed files that answer 404 (``missing``).
 
 Faults a real network gives, for tests: ``faults[(repo, path)]`` lists what the next bodies of that file suffer,
-one entry per body sent: ``"cut"`` closes the connection halfway through, ``"corrupt"`` flips a byte.
+one entry per body sent: ``"cut"`` closes the connection halfway through, ``"corrupt"`` flips a byte, ``"grow"``
+sends 1 MB more than the listing and the HEAD answer announced (a hostile hub).
 """
 
 from __future__ import annotations
@@ -309,6 +310,8 @@ class _Handler(BaseHTTPRequestHandler):
             with self.hub._lock:
                 queued = self.hub.faults.get((repo.repo_id, file.path))
                 fault = queued.pop(0) if queued else None
+        if fault == "grow":
+            data += b"\0" * (1 << 20)
         if fault == "corrupt":
             data = bytes([data[0] ^ 0xFF]) + data[1:]
         if fault == "cut":

@@ -148,13 +148,31 @@ def test_a_listed_file_that_answers_404_is_named(hub: FakeHub, tiny_source: Path
     _assert_store_clean(tmp_path)
 
 
-def test_a_model_index_that_is_a_list_is_refused_before_the_weights(hub: FakeHub, tiny_source: Path,
-                                                                    tmp_path: Path) -> None:
-    # It used to fail only after the weights were fetched and converted.
+def test_weights_that_grow_past_the_announced_size_are_refused(hub: FakeHub, tiny_source: Path,
+                                                               tmp_path: Path) -> None:
+    # The listing and the HEAD answer agree, then the body runs on: the download stops being trusted at its end.
     files = _files(sd2_layout(tiny_source, tmp_path / "layout"))
-    hub.add_files(REPO, {**files, "model_index.json": b"[]"})
+    hub.add_files(REPO, files)
+    hub.faults[(REPO, UNET_FP16)] = ["grow"]
     got = _resolve(hub, tmp_path)
-    assert got.get("error", "").endswith("/model_index.json must hold a JSON object, found a list ('[]')"), got
+    error = got.get("error", "")
+    assert error.startswith(f"'{UNET_FP16}' from '{REPO}' cannot be downloaded: "), got
+    assert f"file should be of size {len(files[UNET_FP16])} but has size {len(files[UNET_FP16]) + (1 << 20)}" in error
+    _assert_store_clean(tmp_path)
+
+
+@pytest.mark.parametrize(("rel", "text", "why"), [
+    ("model_index.json", b"[]", "must hold a JSON object, found a list ('[]')"),
+    ("unet/config.json", b"[" * 100_000, "is not JSON: 'maximum recursion depth exceeded"),
+])
+def test_a_config_that_is_no_object_is_refused_before_the_weights(hub: FakeHub, tiny_source: Path, tmp_path: Path,
+                                                                  rel: str, text: bytes, why: str) -> None:
+    # A model_index.json that is a list used to fail only after the weights were fetched and converted.
+    files = _files(sd2_layout(tiny_source, tmp_path / "layout"))
+    hub.add_files(REPO, {**files, rel: text})
+    got = _resolve(hub, tmp_path)
+    assert f"/{rel} {why}" in got.get("error", ""), got
+    assert len(got["error"]) < 1000
     assert not [p for p in hub.files_sent(REPO) if p.endswith(".safetensors")]
     _assert_store_clean(tmp_path)
 
