@@ -201,3 +201,19 @@ def test_nan_weights_from_the_hub_fail_the_check_and_leave_no_bundle(hub: FakeHu
     assert "NaN or infinite values" in got.get("error", ""), got
     assert "\n" not in got["error"] and len(got["error"]) < 1000
     _assert_store_clean(tmp_path)
+
+
+def test_the_cli_says_one_line_for_a_hostile_repo(hub: FakeHub, onnx_bundle: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    hub.add_files(REPO, {**_files(onnx_bundle), f"unet/{'../' * 16}{outside.as_posix().lstrip('/')}/x.json": b"{}"})
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "T2I_"))}
+    env.update(HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1", HF_HOME=str(tmp_path / "hf"),
+               T2I_MODEL_STORE=str(tmp_path / "store"))
+    done = subprocess.run([sys.executable, "-c", "from backend.cli import main; main()", "generate", "a fox",
+                           "--model", REPO, "--out", str(tmp_path / "out")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and "lists the file 'unet/../../" in errors[0] and len(errors[0]) < 1000, done.stderr
+    assert not outside.exists() and not (tmp_path / "out").exists()
+    _assert_store_clean(tmp_path)
