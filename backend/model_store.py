@@ -104,6 +104,8 @@ def _fetch(repo: str, dest: Path, model: str, fmt: str, target: Path, say: Calla
     log.info("looking up %s on the model hub", repo)
     try:
         listing = list_repo(repo)
+    except HubError as exc:  # the repository answered, with a listing that is refused
+        raise T2IError(str(exc)) from None
     except Exception as exc:  # offline, unknown repo, auth: all mean the weights cannot be had this way
         raise T2IError(_how_to_get(model, target, f"download of '{repo}' failed ({_reason(exc)})")) from None
     try:
@@ -155,10 +157,12 @@ def conversion_bytes(weights: list, fmt: str) -> int:
 def _converter_for(checkpoint: Path, model: str) -> str:
     """The converter this environment would use on the checkpoint whose configs are in ``checkpoint``; raises
     HubError naming the reason when none can convert it (before any weight is downloaded)."""
+    from exporters.checkpoint_files import check_checkpoint
     from exporters.export import ExportError, choose_converter
     from exporters.graph_template import TemplateError
     from exporters.hub import HubError
 
+    check_checkpoint(checkpoint, weights=False)  # before minutes of download and conversion, not after
     try:
         converter = choose_converter("auto")
         if converter == "template":
@@ -203,7 +207,7 @@ STORE_EXPORT: dict[str, dict[str, Any]] = {"openvino": {"precision": "fp16", "in
 def _export(source: str, fmt: str, target: Path, say: Callable[[str], None], origin: dict | None = None,
             progress: Callable[[float], None] | None = None) -> Path:
     try:
-        from exporters.export import ExportError, export_model
+        from exporters.export import export_model
     except ImportError as exc:
         raise T2IError(f"model '{source}' cannot be converted here: {exc.name} is missing (pip install "
                        f"'text2image-sd2[cpu]' brings the converter); or export it elsewhere with "
@@ -215,9 +219,11 @@ def _export(source: str, fmt: str, target: Path, say: Callable[[str], None], ori
     try:
         return export_model(source, fmt, target, say=say, origin=origin, progress=progress, defaults=defaults,
                             **STORE_EXPORT[fmt])
-    except ExportError as exc:
+    except Exception as exc:  # whatever failed, no half-written bundle stays in the store
         shutil.rmtree(target, ignore_errors=True)
-        raise T2IError(str(exc)) from None
+        if isinstance(exc, T2IError):  # the exporter's errors are T2IErrors: one line, no traceback
+            raise T2IError(str(exc)) from None
+        raise
 
 
 def _how_to_get(model: str, target: Path, why: str) -> str:

@@ -9,8 +9,10 @@ from typing import Any
 
 import numpy as np
 
+from runtime.errors import T2IError
 
-class ExportCheckError(RuntimeError):
+
+class ExportCheckError(T2IError, RuntimeError):
     """The exported graph does not reproduce the torch model within tolerance."""
 
 
@@ -80,6 +82,10 @@ def compare(name: str, got: np.ndarray, ref: np.ndarray, tolerance: float, refer
     """The relative error max|got - ref| / max|ref|; raise when it exceeds ``tolerance``."""
     if got.shape != ref.shape:
         raise ExportCheckError(f"{name}: exported output shape {got.shape} differs from {reference}'s {ref.shape}")
+    for what, values in (("exported graph", got), (reference, ref)):
+        if not np.isfinite(values).all():
+            raise ExportCheckError(f"{name}: the {what}'s output holds NaN or infinite values; the checkpoint's "
+                                   "weights are damaged")
     err = float(np.max(np.abs(got - ref)) / max(float(np.max(np.abs(ref))), 1e-6))
     if not np.isfinite(err) or err > tolerance:
         raise ExportCheckError(

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from exporters.check import compare, exported_output, sample_inputs
+from exporters.checkpoint_files import read_json
 from exporters.contract import COMPONENTS
 from exporters.graph_template import CHECKPOINT_FOLDERS, Template, TemplateError, read_checkpoint_configs, select
 
@@ -30,7 +31,7 @@ def checkpoint_configs(src: Path) -> dict[str, dict[str, Any]]:
         path = src / rel
         if not path.is_file():
             raise TemplateError(f"checkpoint folder '{src}' has no {rel}; it is not an SD2-family diffusers folder")
-        return dict(json.loads(path.read_text(encoding="utf-8")))
+        return read_json(path)
 
     return read_checkpoint_configs(read)
 
@@ -101,8 +102,7 @@ def copy_pipeline_files(src: Path, out: Path) -> None:
     """Scheduler, tokenizer and model_index.json from a diffusers folder, as the torch export writes them."""
     shutil.copytree(src / "scheduler", out / "scheduler", dirs_exist_ok=True)
     shutil.copytree(src / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
-    index = json.loads((src / "model_index.json").read_text(encoding="utf-8"))
-    write_model_index(index, out)
+    write_model_index(read_json(src / "model_index.json"), out)
 
 
 def write_model_index(index: dict[str, Any], out: Path) -> None:

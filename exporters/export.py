@@ -11,10 +11,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from exporters.check import check_component
+from exporters.check import ExportCheckError, check_component
+from exporters.checkpoint_files import check_checkpoint
 from exporters.contract import COMPONENTS, CONVERTERS, FORMATS, PRECISIONS
 from exporters.convert import finish_graph, write_model_index
 from runtime.bundle import MANIFEST, MANIFEST_VERSION, file_digest
+from runtime.errors import T2IError, quoted
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +25,7 @@ EXPORTER_VERSION = "0.1.0"
 TINY = ("tiny", "tiny-v")
 
 
-class ExportError(RuntimeError):
+class ExportError(T2IError, RuntimeError):
     """Export cannot proceed; the message says why and what to do."""
 
 
@@ -60,7 +62,9 @@ def resolve_source(source: str, workdir: Path) -> tuple[Path, dict[str, Any]]:
     except HubError as exc:
         raise ExportError(str(exc)) from None
     except Exception as exc:  # network, auth and missing-repo errors all mean: cannot get the weights
-        raise ExportError(f"could not download '{repo}' from the model hub: {exc}") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ExportError(f"could not download '{repo}' from the model hub: {type(exc).__name__} "
+                          f"{quoted(first, 200)}") from None
     return path, {"id": repo, "revision": revision, "kind": "hub"}
 
 
@@ -164,6 +168,9 @@ def export_model(source: str, fmt: str, out: Path, precision: str = "fp32",
     with tempfile.TemporaryDirectory(prefix="t2i-export-") as tmp:
         src, found = resolve_source(source, Path(tmp))
         origin = origin or found
+        # Every config and safetensors header is checked before a converter (or diffusers) reads the checkpoint:
+        # a damaged or hostile file is refused naming it, not deep in a conversion.
+        check_checkpoint(src)
         if converter == "torch":
             _export_with_torch(src, fmt, graph_precision, out, Path(tmp), state["done"], finished, say, taesd,
                                fusions)
@@ -215,8 +222,12 @@ def _export_with_torch(src: Path, fmt: str, precision: str, out: Path, tmp: Path
     warnings.filterwarnings("ignore", message="Exporting aten::index operator", category=UserWarning)
     # A download keeps only the fp16 weights where a repository has them; diffusers loads them by variant name.
     variant = None if (src / "unet" / "diffusion_pytorch_model.safetensors").is_file() else "fp16"
-    pipe = StableDiffusionPipeline.from_pretrained(src, torch_dtype=torch.float32, safety_checker=None,
-                                                   requires_safety_checker=False, variant=variant)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(src, torch_dtype=torch.float32, safety_checker=None,
+                                                       requires_safety_checker=False, variant=variant)
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError) as exc:  # diffusers' own texts run to pages
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"diffusers cannot load the checkpoint {src}: {quoted(first, 300)}") from None
     upcast = bool(pipe.unet.config.get("upcast_attention", False))
     pairs = export_configs(pipe)
     onnx_dir = out if fmt == "onnx" else tmp / "onnx"
@@ -227,9 +238,12 @@ def _export_with_torch(src: Path, fmt: str, precision: str, out: Path, tmp: Path
             say(f"{comp.name}: already exported and checked (error {done[comp.name]:.2g}), skipping")
             continue
         graph = export_component(comp.name, pairs[comp.name], onnx_dir)
-        finished(comp.name, _finish_component(
-            comp.name, graph, pairs[comp.name][0], fmt, precision, out,
-            comp.tolerance, keep_attention_fp32=upcast and comp.name == "unet", fusions=fusions))
+        try:
+            finished(comp.name, _finish_component(
+                comp.name, graph, pairs[comp.name][0], fmt, precision, out,
+                comp.tolerance, keep_attention_fp32=upcast and comp.name == "unet", fusions=fusions))
+        except ExportCheckError as exc:
+            raise ExportError(f"{exc} (checkpoint {src})") from None
     if taesd:
         finished("taesd_decoder", _export_taesd(taesd, fmt, precision, onnx_dir, out, tmp, done.get("taesd_decoder"),
                                                 say, fusions))

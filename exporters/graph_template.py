@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from runtime.errors import T2IError, quoted
+
 TEMPLATES = Path(__file__).with_name("templates")
 TEMPLATE_FORMAT = 1
 
@@ -51,7 +53,7 @@ NEUTRAL_KEYS: dict[str, frozenset[str]] = {
 }
 
 
-class TemplateError(RuntimeError):
+class TemplateError(T2IError, RuntimeError):
     """A checkpoint cannot be bound into a template; the message says why and what to do."""
 
 
@@ -113,28 +115,45 @@ class Template:
         follows the progress."""
         import onnx
         from onnx import TensorProto
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
+        from exporters.checkpoint_files import CheckpointError, read_header
+
+        stored = read_header(weights)
+        missing = [b.key for b in self.bindings if b.key not in stored]
+        if missing:
+            raise TemplateError(f"{weights} lacks {len(missing)} tensor(s) the {self.component} needs, e.g. "
+                                f"{', '.join(quoted(k) for k in missing[:3])}; the file is not a {self.architecture} "
+                                "checkpoint")
+        for b in self.bindings:
+            info = stored[b.key]
+            if info.dtype not in ("F32", "F16"):
+                raise TemplateError(f"{weights}: tensor {b.key} is {info.dtype}; only F32 and F16 checkpoints convert")
+            # The shape the graph was exported with, where the graph may add trailing unit axes (a GroupNorm's [C]
+            # scale is [C, 1, 1] there): the same element count in another shape (a transposed matrix, a flattened
+            # kernel) would run with scrambled weights.
+            expected = tuple(reversed(b.shape)) if b.transpose else b.shape
+            kept = len(info.shape)
+            if info.shape != expected[:kept] or any(d != 1 for d in expected[kept:]):
+                raise TemplateError(f"{weights}: tensor {b.key} has the shape {list(info.shape)}, the "
+                                    f"{self.architecture} {self.component} expects {list(expected)}")
         model = onnx.load(str(self.graph))
         out.mkdir(parents=True, exist_ok=True)
         data_name = "model.onnx_data"
         offset = 0
-        with safe_open(str(weights), framework="np") as f, (out / data_name).open("wb") as data:
-            keys = set(f.keys())
-            missing = [b.key for b in self.bindings if b.key not in keys]
-            if missing:
-                raise TemplateError(f"{weights} lacks {len(missing)} tensor(s) the {self.component} needs, e.g. "
-                                    f"{', '.join(missing[:3])}; the file is not a {self.architecture} checkpoint")
+        try:
+            f_cm = safe_open(str(weights), framework="np")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{weights} cannot be read as safetensors: "
+                                  f"{quoted(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)}") from None
+        with f_cm as f, (out / data_name).open("wb") as data:
             for i, b in enumerate(self.bindings):
-                dtype = f.get_slice(b.key).get_dtype()
-                if dtype not in ("F32", "F16"):
-                    raise TemplateError(f"{weights}: tensor {b.key} is {dtype}; only F32 and F16 checkpoints convert")
                 array = f.get_tensor(b.key).astype(np.float32, copy=False)
+                if not np.isfinite(array).all():
+                    raise TemplateError(f"{weights}: tensor {b.key} holds NaN or infinite values; the checkpoint is "
+                                        "damaged")
                 if b.transpose:
                     array = array.T
-                if array.size != int(np.prod(b.shape)):
-                    raise TemplateError(f"{weights}: tensor {b.key} has shape {list(array.shape)}, the template "
-                                        f"expects {list(b.shape)}")
                 raw = np.ascontiguousarray(array).reshape(b.shape).tobytes()
                 proto = TensorProto(name=b.name, data_type=TensorProto.FLOAT, dims=list(b.shape))
                 proto.data_location = TensorProto.EXTERNAL
@@ -162,8 +181,10 @@ def _normal(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def _show(value: Any) -> str:
-    return value if value == _MISSING else json.dumps(value)
+def _show(value: Any, limit: int = 100) -> str:
+    """A config value as JSON, cut to about ``limit`` characters: the value comes from outside."""
+    text = value if value == _MISSING else json.dumps(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters)"
 
 
 def architectures() -> list[str]:

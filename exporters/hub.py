@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from exporters.graph_template import CHECKPOINT_FOLDERS
-from runtime.bundle import file_digest
+from runtime.bundle import MAX_JSON_BYTES, file_digest
+from runtime.errors import T2IError, quoted
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +29,24 @@ CHECKPOINT_FOLDERS_COPIED = ("tokenizer/",)
 BUNDLE_SUFFIXES = (".json", ".txt", ".onnx", ".onnx_data", ".xml")
 
 
-class HubError(RuntimeError):
+class HubError(T2IError, RuntimeError):
     """The repository cannot be fetched as asked; the message says why."""
+
+
+def check_name(repo: str, name: str) -> None:
+    """Refuse a listed file name that could write outside the download folder or is not a plain relative path:
+    a ``..`` part, a leading ``/``, a backslash, NUL or another control character, an empty part."""
+    parts = name.split("/")
+    bad = ("is empty" if not name
+           else "starts with '/'" if name.startswith("/")
+           else "has a '..' part" if ".." in parts
+           else "holds a backslash" if "\\" in name
+           else "holds a control character" if any(ord(c) < 32 or ord(c) == 127 for c in name)
+           else "has an empty or '.' part" if any(p in ("", ".") for p in parts)
+           else None)
+    if bad:
+        raise HubError(f"'{repo}' lists the file {quoted(name, 200)}, which {bad}; a repository file name must be a "
+                       "plain relative path, so this repository is not downloaded")
 
 
 @dataclass(frozen=True)
@@ -55,9 +72,17 @@ class Listing:
 
     def bundle_files(self) -> list[RemoteFile]:
         """Every file of a ready bundle: graphs, their weights, configs and tokenizer."""
-        return [f for p, f in sorted(self.files.items())
-                if "/" in p or p in ("model_index.json", "manifest.json")
-                if p.endswith(BUNDLE_SUFFIXES) or p.endswith("/openvino_model.bin")]
+        return self._capped([f for p, f in sorted(self.files.items())
+                             if "/" in p or p in ("model_index.json", "manifest.json")
+                             if p.endswith(BUNDLE_SUFFIXES) or p.endswith("/openvino_model.bin")])
+
+    def _capped(self, files: list[RemoteFile]) -> list[RemoteFile]:
+        """``files``, refused when a JSON file among them is announced larger than any config is."""
+        for f in files:
+            if f.path.endswith(".json") and f.size > MAX_JSON_BYTES:
+                raise HubError(f"'{self.repo}' lists {quoted(f.path)} at {f.size:,} bytes; a config file is at most "
+                               f"{MAX_JSON_BYTES:,} bytes, so it is not downloaded")
+        return files
 
     def checkpoint_small_files(self) -> list[RemoteFile]:
         """A checkpoint's configs and tokenizer files: all the converter needs to decide, and a few kB."""
@@ -68,7 +93,7 @@ class Listing:
         if missing:
             raise HubError(f"'{self.repo}' is neither a bundle nor an SD2-family diffusers checkpoint: it has no "
                            f"{', '.join(missing)}")
-        return found
+        return self._capped(found)
 
     def checkpoint_weights(self) -> list[RemoteFile]:
         """One safetensors file per component, the fp16 variant where there is one."""
@@ -80,21 +105,28 @@ class Listing:
                     break
             else:
                 others = [p for p in self.files if p.startswith(f"{folder}/") and not p.endswith(".json")]
+                shown = quoted(", ".join(sorted(others)), 300) if others else "no weights"
                 raise HubError(f"'{self.repo}' has no {folder}/{stem}.safetensors (nor its fp16 variant); found "
-                               f"{', '.join(sorted(others)) or 'no weights'}. Pickled .bin/.ckpt weights are not read")
+                               f"{shown}. Pickled .bin/.ckpt weights are not read")
         return chosen
 
 
 def list_repo(repo: str) -> Listing:
-    """The repository's newest commit and its files with sizes and sha256 (one API call)."""
+    """The repository's newest commit and its files with sizes and sha256 (one API call). A repository that lists
+    a file name which is not a plain relative path (see :func:`check_name`) is refused before anything is
+    downloaded."""
     from huggingface_hub import HfApi
 
     info = HfApi().model_info(repo, files_metadata=True)
     files = {}
     for s in info.siblings or []:
+        check_name(repo, s.rfilename)
         lfs = getattr(s, "lfs", None)
         sha = lfs.get("sha256") if isinstance(lfs, dict) else getattr(lfs, "sha256", None)
-        files[s.rfilename] = RemoteFile(s.rfilename, int(s.size or 0), sha)
+        size = s.size or 0
+        if not isinstance(size, int) or size < 0:
+            raise HubError(f"'{repo}' lists {quoted(s.rfilename)} with the size {quoted(size)}; not a byte count")
+        files[s.rfilename] = RemoteFile(s.rfilename, size, sha)
     if info.sha is None:
         raise HubError(f"the hub gave no commit for '{repo}'")
     return Listing(repo, info.sha, files)
@@ -124,21 +156,34 @@ def _disk_bytes(folder: Path) -> int:
 TRIES = 4
 
 
-def _download(listing: Listing, path: str, dest: Path, fresh: bool) -> Path:
+def _download(listing: Listing, file: RemoteFile, dest: Path, fresh: bool) -> Path:
     """One file into ``dest``; a broken connection is tried again from the bytes already here (huggingface_hub
-    keeps them in an ``.incomplete`` file and asks for the rest with a Range request)."""
-    import requests
-    from huggingface_hub import hf_hub_download
+    keeps them in an ``.incomplete`` file and asks for the rest with a Range request).
 
+    The hub's answer to a HEAD request must announce the size the listing gave before any byte is fetched, and
+    huggingface_hub stops and refuses a body longer than that announcement; so a file is never larger than the
+    room check and the progress counted on."""
+    import requests
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+
+    where = f"{quoted(file.path)} from '{listing.repo}'"
     for attempt in range(1, TRIES + 1):
         try:
-            return Path(hf_hub_download(listing.repo, path, revision=listing.revision, local_dir=dest,
+            served = get_hf_file_metadata(hf_hub_url(listing.repo, file.path, revision=listing.revision)).size
+            if served != file.size:
+                raise HubError(f"{where} is listed at {file.size:,} bytes but the hub serves {served:,} bytes; "
+                               "it is not downloaded")
+            return Path(hf_hub_download(listing.repo, file.path, revision=listing.revision, local_dir=dest,
                                         force_download=fresh and attempt == 1))
         except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError, requests.Timeout) as exc:
             if attempt == TRIES:
-                raise HubError(f"downloading {path} from '{listing.repo}' broke off {TRIES} times "
-                               f"({type(exc).__name__}); run again to resume it") from None
-            log.warning("download of %s broke off (%s); resuming", path, type(exc).__name__)
+                raise HubError(f"downloading {where} broke off {TRIES} times ({type(exc).__name__}); run again to "
+                               "resume it") from None
+            log.warning("download of %s broke off (%s); resuming", file.path, type(exc).__name__)
+        except (OSError, ValueError) as exc:  # 404 for a listed file, a body that is not the announced size …
+            status = getattr(getattr(exc, "response", None), "status_code", None)
+            why = f"the hub answers {status}" if status else quoted(str(exc).splitlines()[0] if str(exc) else "", 200)
+            raise HubError(f"{where} cannot be downloaded: {why} ({type(exc).__name__})") from None
     raise AssertionError("unreachable")
 
 
@@ -166,9 +211,18 @@ def fetch(listing: Listing, files: Iterable[RemoteFile], dest: Path,
     watcher = threading.Thread(target=watch, name="download-progress", daemon=True)
     watcher.start()
     try:
+        inside = dest.resolve()
         for file in files:
+            check_name(listing.repo, file.path)
+            if not (dest / file.path).resolve().is_relative_to(inside):  # a link planted in the download folder
+                raise HubError(f"{quoted(file.path)} from '{listing.repo}' would be written outside {dest}")
             for attempt in (1, 2):
-                path = _download(listing, file.path, dest, fresh=attempt > 1)
+                path = _download(listing, file, dest, fresh=attempt > 1)
+                size = path.stat().st_size
+                if size != file.size:
+                    path.unlink()
+                    raise HubError(f"{quoted(file.path)} from '{listing.repo}' has {size:,} bytes, the hub "
+                                   f"announced {file.size:,}; it is not used")
                 if file.sha256 is None or file_digest(path) == file.sha256:
                     break
                 path.unlink()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +78,7 @@ class Bundle:
                 f"'{root}' is not a model bundle: model_index.json is missing "
                 "(export one with `text2image export SOURCE --out DIR`)"
             )
+        cls._check_links(root)  # before any file of the bundle is read
         fmt = cls._detect_format(root)
         manifest = _read_json(root / MANIFEST) if (root / MANIFEST).is_file() else None
         files: dict[str, dict[str, Any]] = {}
@@ -117,6 +119,18 @@ class Bundle:
         if len(found) > 1:
             raise BundleError(f"bundle '{root}' holds both ONNX and OpenVINO graphs; keep one format per folder")
         return found[0]  # type: ignore[return-value]
+
+    @staticmethod
+    def _check_links(root: Path) -> None:
+        """Refuse a link anywhere in the bundle, listed in the manifest or not, that leads out of it: the loader
+        and `verify` must read the bundle's own files only."""
+        inside = root.resolve()
+        for folder, dirs, names in os.walk(root):  # os.walk does not descend into linked folders
+            for name in (*dirs, *names):
+                path = Path(folder) / name
+                if path.is_symlink() and not path.resolve().is_relative_to(inside):
+                    raise BundleError(f"bundle '{root}' holds {path.relative_to(root).as_posix()[:200]!r}, a link to "
+                                      "outside the bundle; a bundle's files must be its own")
 
     @staticmethod
     def _listed_files(root: Path, files: object) -> dict[str, dict[str, Any]]:

@@ -8,9 +8,23 @@ traceback.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class T2IError(Exception):
     """A problem the user or admin can act on; the message names the bad value and what is allowed."""
+
+
+def quoted(value: Any, limit: int = 100) -> str:
+    """``value`` for an error message, cut to about ``limit`` characters so that an outside value of any size or
+    content stays one short line: a string repr-quoted (control characters escaped), anything else as ``repr``."""
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) <= limit:
+        return repr(text) if isinstance(value, str) else text
+    if not isinstance(value, str):
+        return f"{text[:limit]}… ({len(text):,} characters)"
+    cut = repr(text[:limit])
+    return f"{cut[:-1]}…{cut[-1]} ({len(text):,} characters)"
 
 
 class InvalidRequest(T2IError):

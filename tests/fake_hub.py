@@ -13,18 +13,24 @@ fetched. What it mimics:
 * Errors carry the hub's ``X-Error-Code``: an unknown repo is ``RepoNotFound`` (401 without a token, 404 with one,
   since the hub will not confirm that a private repo exists), then ``RevisionNotFound`` and ``EntryNotFound``.
 
+A hostile repo, for tests: :meth:`FakeHub.add_files` publishes any file names (``..`` parts, absolute paths …),
+listing sizes that differ from the bytes served (``announced``) and listed files that answer 404 (``missing``).
+
 Faults a real network gives, for tests: ``faults[(repo, path)]`` lists what the next bodies of that file suffer,
-one entry per body sent: ``"cut"`` closes the connection halfway through, ``"corrupt"`` flips a byte.
+one entry per body sent: ``"cut"`` closes the connection halfway through, ``"corrupt"`` flips a byte, ``"grow"``
+sends 1 MB more than the listing and the HEAD answer announced (a hostile hub).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 import re
 import threading
 import uuid
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlsplit
@@ -74,6 +80,8 @@ class Repo:
     repo_id: str
     files: dict[str, RepoFile]
     sha: str
+    announced: dict[str, int] = field(default_factory=dict)  # path → the size the listing gives instead
+    missing: frozenset[str] = frozenset()  # listed paths whose download answers 404
 
     def info(self, blobs: bool = False) -> dict:
         """The model info JSON; ``blobs`` (``?blobs=true``, files_metadata) adds each file's size, blob id, LFS."""
@@ -81,9 +89,10 @@ class Repo:
         if blobs:
             for sibling in siblings:
                 file = self.files[sibling["rfilename"]]
-                sibling.update(size=len(file.data), blobId=file.blob_id)
+                size = self.announced.get(file.path, len(file.data))
+                sibling.update(size=size, blobId=file.blob_id)
                 if file.sha256:  # named "sha256" here, "oid" in the tree listing, as on the hub
-                    sibling["lfs"] = {"sha256": file.sha256, "size": len(file.data), "pointerSize": len(file.pointer)}
+                    sibling["lfs"] = {"sha256": file.sha256, "size": size, "pointerSize": len(file.pointer)}
         return {
             "_id": hashlib.sha1(self.repo_id.encode()).hexdigest()[:24], "id": self.repo_id, "modelId": self.repo_id,
             "author": self.repo_id.split("/")[0], "sha": self.sha, "lastModified": DATE, "createdAt": DATE,
@@ -103,6 +112,9 @@ class FakeHub:
         self.sent: list[tuple[str, str]] = []  # (repo id, file path) for each file body served
         self.faults: dict[tuple[str, str], list[str]] = {}
         self.ranges: list[tuple[str, str, int]] = []  # (repo id, file path, first byte) of each Range request
+        #: URL path → (repo id, file path) for listed names with '..' parts: the client's HTTP stack removes the dot
+        #: segments from the URL, and a hostile hub answers the URL it is sent.
+        self.stray: dict[str, tuple[str, str]] = {}
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -110,11 +122,22 @@ class FakeHub:
     def add_repo(self, repo_id: str, folder: Path) -> Repo:
         """Publish every file under ``folder`` (plus the ``.gitattributes`` every hub repo has) as ``repo_id``."""
         files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+        return self.add_files(repo_id, files)
+
+    def add_files(self, repo_id: str, files: dict[str, bytes], announced: dict[str, int] | None = None,
+                  missing: Iterable[str] = ()) -> Repo:
+        """Publish ``files`` (path → bytes, any path the test likes) as ``repo_id``; the listing gives the sizes in
+        ``announced`` instead of the real ones, and the paths in ``missing`` are listed but answer 404."""
+        files = {**files}
         files.setdefault(".gitattributes", GITATTRIBUTES)
         repo_files = {path: RepoFile(path, data) for path, data in files.items()}
         tree = "".join(f"{f.blob_id} {p}\n" for p, f in sorted(repo_files.items()))
-        repo = Repo(repo_id, repo_files, hashlib.sha1(f"{repo_id}\n{tree}".encode()).hexdigest())
+        repo = Repo(repo_id, repo_files, hashlib.sha1(f"{repo_id}\n{tree}".encode()).hexdigest(),
+                    dict(announced or {}), frozenset(missing))
         self.repos[repo_id] = repo
+        for path in files:
+            if ".." in path.split("/"):
+                self.stray[posixpath.normpath(f"/{repo_id}/resolve/{repo.sha}/{path}")] = (repo_id, path)
         return repo
 
     @property
@@ -198,6 +221,10 @@ class _Handler(BaseHTTPRequestHandler):
                     groups = {k: unquote(v) if v is not None else None for k, v in match.groupdict().items()}
                     getattr(self, f"_{kind}")(send_body, query, **groups)
                     return
+            stray = self.hub.stray.get(unquote(split.path))
+            if stray is not None:
+                self._resolve(send_body, query, repo=stray[0], rev="main", path=stray[1])
+                return
             raise _Error(404, None, "Not Found")
         except _Error as err:
             headers = {"X-Error-Message": err.message, **err.headers}
@@ -246,7 +273,7 @@ class _Handler(BaseHTTPRequestHandler):
         found = self._repo(repo, rev)
         commit = {"X-Repo-Commit": found.sha}
         file = found.files.get(path)
-        if file is None:
+        if file is None or path in found.missing:
             raise _Error(404, "EntryNotFound", "Entry not found", commit)
         if file.sha256:  # LFS: the hub redirects to its CDN and names the real blob in X-Linked-* headers
             location = f"http://{self.headers.get('Host')}/cdn-lfs/{found.repo_id}/{file.sha256}?path={quote(path)}"
@@ -283,6 +310,8 @@ class _Handler(BaseHTTPRequestHandler):
             with self.hub._lock:
                 queued = self.hub.faults.get((repo.repo_id, file.path))
                 fault = queued.pop(0) if queued else None
+        if fault == "grow":
+            data += b"\0" * (1 << 20)
         if fault == "corrupt":
             data = bytes([data[0] ^ 0xFF]) + data[1:]
         if fault == "cut":
