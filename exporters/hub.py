@@ -156,35 +156,77 @@ def _disk_bytes(folder: Path) -> int:
 TRIES = 4
 
 
-def _download(listing: Listing, file: RemoteFile, dest: Path, fresh: bool) -> Path:
-    """One file into ``dest``; a broken connection is tried again from the bytes already here (huggingface_hub
-    keeps them in an ``.incomplete`` file and asks for the rest with a Range request).
+#: Where a file being downloaded grows, inside the download folder, until it is whole.
+PARTIAL = ".partial"
 
-    The hub's answer to a HEAD request must announce the size the listing gave before any byte is fetched, and
-    huggingface_hub stops and refuses a body longer than that announcement; so a file is never larger than the
-    room check and the progress counted on."""
+
+def _download(listing: Listing, file: RemoteFile, dest: Path, fresh: bool) -> Path:
+    """One file into ``dest``; a broken connection is tried again from the bytes already here (a Range request
+    for the rest).
+
+    The hub's answer to a HEAD request must announce the size the listing gave before any byte is fetched, and the
+    body is read only up to that size: a hub that sends more is cut off there, so a file never takes more room
+    than the room check and the progress counted on."""
     import requests
-    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
     where = f"{quoted(file.path)} from '{listing.repo}'"
+    url = hf_hub_url(listing.repo, file.path, revision=listing.revision)
+    part = dest / PARTIAL / file.path
+    if fresh:
+        part.unlink(missing_ok=True)
     for attempt in range(1, TRIES + 1):
         try:
-            served = get_hf_file_metadata(hf_hub_url(listing.repo, file.path, revision=listing.revision)).size
+            served = get_hf_file_metadata(url).size
             if served != file.size:
                 raise HubError(f"{where} is listed at {file.size:,} bytes but the hub serves {served:,} bytes; "
                                "it is not downloaded")
-            return Path(hf_hub_download(listing.repo, file.path, revision=listing.revision, local_dir=dest,
-                                        force_download=fresh and attempt == 1))
+            _receive(url, part, file.size, where)
+            target = dest / file.path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            part.replace(target)
+            return target
         except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError, requests.Timeout) as exc:
             if attempt == TRIES:
                 raise HubError(f"downloading {where} broke off {TRIES} times ({type(exc).__name__}); run again to "
                                "resume it") from None
             log.warning("download of %s broke off (%s); resuming", file.path, type(exc).__name__)
+        except HubError:
+            raise
         except (OSError, ValueError) as exc:  # 404 for a listed file, a body that is not the announced size …
             status = getattr(getattr(exc, "response", None), "status_code", None)
             why = f"the hub answers {status}" if status else quoted(str(exc).splitlines()[0] if str(exc) else "", 200)
             raise HubError(f"{where} cannot be downloaded: {why} ({type(exc).__name__})") from None
     raise AssertionError("unreachable")
+
+
+def _receive(url: str, part: Path, size: int, where: str) -> None:
+    """Append the bytes of ``url`` that ``part`` lacks, never more than ``size`` in all."""
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    part.parent.mkdir(parents=True, exist_ok=True)
+    have = part.stat().st_size if part.exists() else 0
+    if have > size:
+        part.unlink()
+        have = 0
+    if have == size and size > 0:
+        return
+    headers = build_hf_headers()
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    with get_session().get(url, headers=headers, stream=True, timeout=(10, 60)) as answer:
+        hf_raise_for_status(answer)
+        if have and answer.status_code != 206:  # the server ignored the Range: start again
+            have = 0
+        with part.open("ab" if have else "wb") as out:
+            for chunk in answer.iter_content(1 << 20):
+                if have + len(chunk) > size:
+                    raise HubError(f"{where} sends more than the {size:,} bytes it announced; the download was "
+                                   "stopped there and the file is not used")
+                out.write(chunk)
+                have += len(chunk)
+    if have != size:
+        raise HubError(f"{where} has {have:,} bytes, the hub announced {size:,}; it is not used")
 
 
 def fetch(listing: Listing, files: Iterable[RemoteFile], dest: Path,
@@ -200,7 +242,7 @@ def fetch(listing: Listing, files: Iterable[RemoteFile], dest: Path,
 
     shown = 0.0
 
-    def watch() -> None:  # huggingface_hub reports no bytes per file; the growing files on disk tell
+    def watch() -> None:  # the growing files on disk tell
         nonlocal shown
         while not stop.wait(0.5):
             fraction = min(1.0, max(done, _disk_bytes(dest) - base) / total)
@@ -214,15 +256,11 @@ def fetch(listing: Listing, files: Iterable[RemoteFile], dest: Path,
         inside = dest.resolve()
         for file in files:
             check_name(listing.repo, file.path)
-            if not (dest / file.path).resolve().is_relative_to(inside):  # a link planted in the download folder
+            if not all((dest / folder / file.path).resolve().is_relative_to(inside) for folder in ("", PARTIAL)):
+                # a link planted in the download folder
                 raise HubError(f"{quoted(file.path)} from '{listing.repo}' would be written outside {dest}")
             for attempt in (1, 2):
                 path = _download(listing, file, dest, fresh=attempt > 1)
-                size = path.stat().st_size
-                if size != file.size:
-                    path.unlink()
-                    raise HubError(f"{quoted(file.path)} from '{listing.repo}' has {size:,} bytes, the hub "
-                                   f"announced {file.size:,}; it is not used")
                 if file.sha256 is None or file_digest(path) == file.sha256:
                     break
                 path.unlink()
@@ -233,5 +271,6 @@ def fetch(listing: Listing, files: Iterable[RemoteFile], dest: Path,
     finally:
         stop.set()
         watcher.join()
+    shutil.rmtree(dest / PARTIAL, ignore_errors=True)  # empty folders once every file is whole
     if progress is not None and shown < 1.0:
         progress(1.0)
