@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from fake_appapi import APP_ID, APP_VERSION, SECRET, AppAPI, ExAppProcess, free_port
-from fake_settings_form import SettingsForms
+from fake_settings_form import SettingsForms, config_api
 
 __all__ = ["APP_ID", "APP_VERSION", "SECRET", "ExAppProcess", "FakeNextcloud", "ScheduleError", "free_port"]
 
@@ -281,6 +281,9 @@ class FakeNextcloud(AppAPI):
             if not authed or not (self.enabled or SESSION_COOKIE in headers.get("Cookie", "")):
                 return 412, {"message": "ExApp required"}, False
             return self._provider_api(method, path[len(core):], query, body)
+        if path.startswith("/ocs/v2.php/settings/api/declarative/"):  # the admin's settings page
+            with self.lock:
+                return self.forms.page(method, path, headers, APP_ID, body, self.app_config)
         return 404, (998, {"message": "Not found"}), False
 
     def _app_api(self, method: str, path: str, query: dict, body: Any) -> tuple[int, Any, bool]:
@@ -301,6 +304,9 @@ class FakeNextcloud(AppAPI):
             return 200, (100, []), True
         if path == "api/v1/ui/settings":
             return self.forms.handle(method, query, body)
+        if path == "api/v1/ex-app/config":
+            with self.lock:
+                return config_api(method, body, APP_ID, self.app_config)
         if path == "api/v1/ex-app/config/get-values":
             keys = (body or {}).get("configKeys") or []
             with self.lock:
@@ -327,11 +333,12 @@ class FakeNextcloud(AppAPI):
                 return 200, (100, self.providers[query["name"]]), True
         return 200, (998, []), True
 
-    def admin_set(self, field_id: str, value: str) -> None:
-        """An admin saves one field of the app's admin form: AppAPI stores the value as a string in the app's
-        config under the field id (its DeclarativeSettings SetValueListener)."""
+    def admin_set(self, field_id: str, value: Any) -> tuple[int, Any, bool]:
+        """An admin changes one field on Nextcloud's settings page (see ``SettingsForms.page_save``)."""
+        body = {"app": APP_ID, "formId": self.forms.page_form_id(APP_ID, field_id), "fieldId": field_id,
+                "value": value}
         with self.lock:
-            self.app_config[field_id] = value
+            return self.forms.page_save(APP_ID, body, self.app_config)
 
     def _provider_api(self, method: str, path: str, query: dict, body: Any) -> tuple[int, Any, bool]:
         if path in ("next", "next_batch"):

@@ -54,7 +54,9 @@ def test_the_form_is_registered_and_its_changes_apply_between_tasks(bundles: tup
         ids = [f["id"] for f in form["fields"]]
         assert ids == [*GLOBAL_FIELDS, f"{key}_size", f"{key}_steps", f"{key}_guidance"]
         by_id = {f["id"]: f for f in form["fields"]}
-        assert by_id["model"]["default"] == str(first) and by_id["watermark"]["default"] is False
+        assert by_id["model"]["default"] == "" and by_id["model"]["placeholder"] == f"deploy default: {first}"
+        assert by_id["decoder"]["default"] == "deploy default (vae)" == by_id["decoder"]["options"][0]
+        assert by_id["watermark"]["default"] is False and "T2I_WATERMARK=off" in by_id["watermark"]["description"]
         assert by_id[f"{key}_size"]["default"].startswith("256x256")
         assert any(o.startswith("256x384 (portrait") for o in by_id[f"{key}_size"]["options"])
 
@@ -63,7 +65,8 @@ def test_the_form_is_registered_and_its_changes_apply_between_tasks(bundles: tup
         assert plain["status"] == "STATUS_SUCCESSFUL", proc.output()
 
         # Marking and defaults: the next task is stamped, the provider shows the new defaults.
-        fake.admin_set("watermark", "1")
+        fake.admin_set("watermark", 1)  # as the page sends a checkbox
+        assert fake.app_config.get("watermark") == "1", "the page's save reached the app's config"
         fake.admin_set(f"{key}_steps", "3")
         fake.admin_set(f"{key}_size", "256x384 (portrait 2:3)")
         provider = f"{APP_ID}:tiny-onnx"

@@ -12,7 +12,7 @@ from typing import Any
 
 from backend.config import Settings
 from backend.nextcloud.admin_loop import AdminSettings
-from backend.nextcloud.admin_settings import build_form
+from backend.nextcloud.admin_settings import OLD_FORM_IDS, build_form
 from backend.nextcloud.client import Backoff, Gone, Nextcloud, Unreachable, sleep_or
 from backend.nextcloud.delivery import Delivery
 from backend.nextcloud.journal import Journal
@@ -76,6 +76,7 @@ class ExApp:
         self._init_progress: asyncio.Queue | None = None
         self._recovered = False
         self._worker_tasks: list[asyncio.Task] = []
+        self._old_forms_gone = False
         self.admin = AdminSettings(self)
 
     # -- start and stop ----------------------------------------------------------------------------------------
@@ -251,6 +252,9 @@ class ExApp:
         try:
             await self.nc.register_settings_form(build_form(
                 self.base_settings, {m.name: m.services[0] for m in models.values()}))
+            for old in OLD_FORM_IDS if not self._old_forms_gone else ():  # forms the page could not save into
+                await self.nc.unregister_settings_form(old)
+            self._old_forms_gone = True
         except (Unreachable, Gone) as exc:
             log.warning("the admin settings form could not be registered (%s); the T2I_* variables apply", exc)
 
