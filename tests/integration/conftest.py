@@ -40,6 +40,21 @@ def tiny_onnx(tiny_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 
 @pytest.fixture(scope="session")
+def tiny_two(tiny_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same bundle under another name: another model, another provider."""
+    link = tmp_path_factory.mktemp("more") / "tiny-two"
+    link.symlink_to(tiny_onnx)
+    return link
+
+
+@pytest.fixture(scope="session")
+def tiny_three(tiny_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    link = tmp_path_factory.mktemp("more") / "tiny-three"
+    link.symlink_to(tiny_onnx)
+    return link
+
+
+@pytest.fixture(scope="session")
 def shared(nextcloud: RealNextcloud, tiny_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedApp]:
     app = SharedApp(nextcloud, tmp_path_factory.mktemp("shared-app"), tiny_onnx)
     yield app
