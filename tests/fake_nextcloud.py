@@ -9,7 +9,12 @@ types only (Number, Text, Enum), drops undeclared keys and merges defaults under
 is a 500 and a progress call answers with the task (showing CANCELLED); a cancelled task takes uploads (201) but
 ignores results; results need existing file ids and cut errorMessage to 1000 characters; Nextcloud 32 has no
 userFacingErrorMessage (alone it is a 500); only 33+ calls /trigger and has next_batch. AppAPI's side towards the
-ExApp and the ExApp process are in ``fake_appapi.py``.
+ExApp and the ExApp process are in ``fake_appapi.py``; the settings page's side in ``fake_settings_form.py``.
+
+tests/integration/test_contract.py sends the same requests to this fake and to a real Nextcloud 32.0.1 and
+compares the answers. Not imitated: the session cookie's effect is modelled only where measured (a disabled app's
+provider calls, see ``_route``); users have no passwords (any basic auth as "admin" is the admin); users' task
+endpoints are Python methods (``schedule``, ``cancel``, ``task``), not HTTP; timestamps, file ids and the log.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from fake_appapi import APP_ID, APP_VERSION, SECRET, AppAPI, ExAppProcess, free_port
+from fake_appapi import APP_ID, APP_VERSION, SECRET, AppAPI, ExAppProcess, free_port, provider_api
 from fake_settings_form import SettingsForms, config_api
 
 __all__ = ["APP_ID", "APP_VERSION", "SECRET", "ExAppProcess", "FakeNextcloud", "ScheduleError", "free_port"]
@@ -151,8 +156,8 @@ class FakeNextcloud(AppAPI):
             raise ScheduleError(500, "Internal Server Error")
         slots = dict(TEXT2IMAGE)
         slots.update({s["name"]: s["shape_type"] for s in provider["optional_input_shape"]})
-        enums = {k: [e["value"] for e in v] for k, v in provider["optional_input_shape_enum_values"].items()}
-        merged = {**provider["input_shape_defaults"], **provider["optional_input_shape_defaults"],
+        enums = {k: [e["value"] for e in v] for k, v in (provider["optional_input_shape_enum_values"] or {}).items()}
+        merged = {**(provider["input_shape_defaults"] or {}), **(provider["optional_input_shape_defaults"] or {}),
                   **{k: v for k, v in raw.items() if k in slots}}  # undeclared keys are dropped
         for key in TEXT2IMAGE:
             if merged.get(key) is None:
@@ -313,24 +318,8 @@ class FakeNextcloud(AppAPI):
                 found = [{"configkey": k, "configvalue": self.app_config[k]} for k in keys if k in self.app_config]
             return 200, (100, found), True
         if path == "api/v1/ai_provider/task_processing":
-            if method == "POST":
-                provider = (body or {}).get("provider") or {}
-                keys = ("id", "name", "task_type", "expected_runtime", "optional_input_shape",
-                        "optional_output_shape", "input_shape_enum_values", "input_shape_defaults",
-                        "optional_input_shape_enum_values", "optional_input_shape_defaults",
-                        "output_shape_enum_values", "optional_output_shape_enum_values")
-                if any(k not in provider for k in keys) or not isinstance(provider["expected_runtime"], int):
-                    return 200, (400, []), True
-                with self.lock:
-                    self.providers[provider["id"]] = provider
-                return 200, (100, []), True
             with self.lock:
-                if query.get("name") not in self.providers:
-                    return 200, (404, []), True
-                if method == "DELETE":
-                    del self.providers[query["name"]]
-                    return 200, (100, []), True
-                return 200, (100, self.providers[query["name"]]), True
+                return provider_api(method, query, body, self.providers)
         return 200, (998, []), True
 
     def admin_set(self, field_id: str, value: Any) -> tuple[int, Any, bool]:
