@@ -89,3 +89,20 @@ def test_unregister_register_with_stored_settings(nextcloud: RealNextcloud, shar
                 proc.stop()
         nc.unregister()
     assert PROVIDER not in nc.providers()
+
+
+def test_a_diffusers_checkpoint_folder_as_the_model(nextcloud: RealNextcloud, shared: SharedApp, tiny_source: Path,
+                                                    tmp_path: Path) -> None:
+    nc = nextcloud
+    shared.release()
+    proc = exapp_process(nc, tmp_path / "storage", tiny_source, T2I_FORMAT="onnx").start()
+    try:
+        heartbeat(proc)
+        nc.register(proc)  # --wait-finish: /init converts the checkpoint into the model store
+        assert nc.providers() == [f"{APP_ID}:tiny"]
+        [task] = nc.wait([nc.schedule({"input": "a fox", "numberOfImages": 1, "steps": 2})])
+        assert task["status"] == "STATUS_SUCCESSFUL", proc.output()[-3000:]
+        assert list((tmp_path / "storage" / "models").glob("tiny-*-onnx/manifest.json")), "converted into the store"
+    finally:
+        proc.stop()
+        nc.unregister()
