@@ -137,3 +137,30 @@ def test_the_form_passes_nextclouds_schema_check(onnx_bundle: Path) -> None:
         service.pipeline.set_defaults(steps=1000)
     service.pipeline.set_defaults()
     assert service.defaults["size"] == "256x256"
+
+
+def test_a_new_deploy_value_replaces_the_pages_override_and_the_old_form_goes(bundles: tuple[Path, Path],
+                                                                             tmp_path: Path) -> None:
+    # AppAPI keeps the page's values through an unregister: a model saved on the page against an earlier deploy
+    # beat the T2I_MODEL of the next one. And the form Nextcloud's page could not save into is removed.
+    import json
+
+    from backend.nextcloud.admin_defaults import DEPLOYED_KEY
+    from backend.nextcloud.admin_settings import OLD_FORM_IDS
+
+    first, second = bundles
+    fake = FakeNextcloud(version=32).start()
+    earlier = {"model": str(second), "threads": "1", "decoder": "vae", "ai_marking": "1", "watermark": "0"}
+    fake.app_config.update({"model": str(second), "watermark": "1", DEPLOYED_KEY: json.dumps(earlier)})
+    fake.settings_forms[OLD_FORM_IDS[0]] = {"id": OLD_FORM_IDS[0], "fields": []}
+    proc = ExAppProcess(fake, tmp_path / "storage", {"T2I_MODEL": str(first), "T2I_THREADS": "1"})
+    try:
+        assert fake.install(proc)["error"] == "", proc.output()
+        assert list(fake.providers) == [f"{APP_ID}:tiny-onnx"], "the new deploy's model"
+        assert "model" not in fake.app_config and fake.app_config["watermark"] == "1", fake.app_config
+        assert json.loads(fake.app_config[DEPLOYED_KEY])["model"] == str(first)
+        assert any("T2I_MODEL=" in (e["message"] or "") for e in fake.logged), fake.logged
+        _wait(lambda: OLD_FORM_IDS[0] not in fake.settings_forms and FORM_ID in fake.settings_forms, proc=proc)
+    finally:
+        proc.stop()
+        fake.stop()
