@@ -25,6 +25,25 @@ def _is_bundle(path: Path) -> bool:
     return (path / "model_index.json").is_file() and any((path / f).is_file() for f in _BUNDLE_FILES)
 
 
+def _is_checkpoint(path: Path) -> bool:
+    """A diffusers checkpoint folder: configs and weights, no exported graph."""
+    return (path / "model_index.json").is_file() and (path / "unet" / "config.json").is_file() and not _is_bundle(path)
+
+
+def _convert_folder(folder: Path, store: Path, fmt: str, say: Callable[[str], None],
+                    progress: Callable[[float], None] | None) -> Path:
+    """Convert a local diffusers checkpoint into the store once, as a hub checkpoint is: the bundle is
+    ``<folder name>-<hash of its path>-<format>``, and a later start uses it without converting again."""
+    import hashlib
+
+    source = folder.resolve()
+    target = store / f"{_slug(source.name)}-{hashlib.sha256(str(source).encode()).hexdigest()[:8]}-{fmt}"
+    if _is_bundle(target) and (target / "manifest.json").is_file():
+        return target
+    say(f"converting the diffusers checkpoint in {folder} into the model store ({target})")
+    return _export(str(source), fmt, target, say, progress=progress)
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "--", text).strip("-")
 
@@ -49,9 +68,10 @@ def resolve_model(model: str, store: Path, fmt: str, offline: bool = False,
                   progress: Callable[[float], None] | None = None) -> Path:
     """Return a bundle folder for ``model``.
 
-    A folder is used as it is. Otherwise the store is searched for ``<name>-<format>``; if it is not there, the
-    model is fetched with huggingface_hub (an exported bundle is used directly, a diffusers checkpoint is converted:
-    with torch where the export extra is installed, else through the graph templates). ``tiny`` is built locally.
+    A bundle folder is used as it is; a diffusers checkpoint folder is converted into the store. Otherwise the
+    store is searched for ``<name>-<format>``; if it is not there, the model is fetched with huggingface_hub (an
+    exported bundle is used directly, a diffusers checkpoint is converted: with torch where the export extra is
+    installed, else through the graph templates). ``tiny`` is built locally.
     ``progress`` receives the fraction of the download and conversion done (0..1).
     """
     from backend.catalog import CATALOG
@@ -62,6 +82,8 @@ def resolve_model(model: str, store: Path, fmt: str, offline: bool = False,
     if (local.is_dir() and not named) or model.startswith((".", "/", "~")):
         if not local.is_dir():
             raise T2IError(f"model folder '{model}' does not exist")
+        if _is_checkpoint(local):
+            return _convert_folder(local, store, fmt, say, progress)
         return local
     target = store / f"{_slug(model)}-{fmt}"
     if _is_bundle(target) and (target / "manifest.json").is_file():

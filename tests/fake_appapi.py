@@ -27,6 +27,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_PROVIDER_KEYS = ("id", "name", "task_type", "expected_runtime", "optional_input_shape", "optional_output_shape",
+                  "input_shape_enum_values", "input_shape_defaults", "optional_input_shape_enum_values",
+                  "optional_input_shape_defaults", "output_shape_enum_values", "optional_output_shape_enum_values")
+
+
+def provider_api(method: str, query: dict, body: Any, providers: dict[str, dict]) -> tuple[int, Any, bool]:
+    """AppAPI's ``api/v1/ai_provider/task_processing``: POST registers (every key needed), GET answers with its
+    table's row (the provider as a JSON string in it), DELETE removes; an unknown name is OCS 404."""
+    if method == "POST":
+        provider = (body or {}).get("provider") or {}
+        if any(k not in provider for k in _PROVIDER_KEYS) or not isinstance(provider["expected_runtime"], int):
+            return 200, (400, []), True
+        providers[provider["id"]] = provider
+        return 200, (100, []), True
+    p = providers.get(query.get("name", ""))
+    if p is None:
+        return 200, (404, []), True
+    if method == "DELETE":
+        del providers[p["id"]]
+        return 200, (100, []), True
+    return 200, (100, {"id": list(providers).index(p["id"]) + 1, "app_id": APP_ID, "name": p["id"],
+                       "display_name": p["name"], "task_type": p["task_type"], "custom_task_type": "null",
+                       "provider": json.dumps(p)}), True
+
+
 class AppAPI:
     """Mixed into the fake Nextcloud, whose state it uses: the ExApp's address, the enabled flag, the init
     statuses the ExApp reported; it records the answers to /enabled."""

@@ -9,7 +9,12 @@ types only (Number, Text, Enum), drops undeclared keys and merges defaults under
 is a 500 and a progress call answers with the task (showing CANCELLED); a cancelled task takes uploads (201) but
 ignores results; results need existing file ids and cut errorMessage to 1000 characters; Nextcloud 32 has no
 userFacingErrorMessage (alone it is a 500); only 33+ calls /trigger and has next_batch. AppAPI's side towards the
-ExApp and the ExApp process are in ``fake_appapi.py``.
+ExApp and the ExApp process are in ``fake_appapi.py``; the settings page's side in ``fake_settings_form.py``.
+
+tests/integration/test_contract.py sends the same requests to this fake and to a real Nextcloud 32.0.1 and
+compares the answers. Not imitated: the session cookie's effect is modelled only where measured (a disabled app's
+provider calls, see ``_route``); users have no passwords (any basic auth as "admin" is the admin); users' task
+endpoints are Python methods (``schedule``, ``cancel``, ``task``), not HTTP; timestamps, file ids and the log.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from fake_appapi import APP_ID, APP_VERSION, SECRET, AppAPI, ExAppProcess, free_port
-from fake_settings_form import SettingsForms
+from fake_appapi import APP_ID, APP_VERSION, SECRET, AppAPI, ExAppProcess, free_port, provider_api
+from fake_settings_form import SettingsForms, config_api
 
 __all__ = ["APP_ID", "APP_VERSION", "SECRET", "ExAppProcess", "FakeNextcloud", "ScheduleError", "free_port"]
 
@@ -151,8 +156,8 @@ class FakeNextcloud(AppAPI):
             raise ScheduleError(500, "Internal Server Error")
         slots = dict(TEXT2IMAGE)
         slots.update({s["name"]: s["shape_type"] for s in provider["optional_input_shape"]})
-        enums = {k: [e["value"] for e in v] for k, v in provider["optional_input_shape_enum_values"].items()}
-        merged = {**provider["input_shape_defaults"], **provider["optional_input_shape_defaults"],
+        enums = {k: [e["value"] for e in v] for k, v in (provider["optional_input_shape_enum_values"] or {}).items()}
+        merged = {**(provider["input_shape_defaults"] or {}), **(provider["optional_input_shape_defaults"] or {}),
                   **{k: v for k, v in raw.items() if k in slots}}  # undeclared keys are dropped
         for key in TEXT2IMAGE:
             if merged.get(key) is None:
@@ -281,6 +286,9 @@ class FakeNextcloud(AppAPI):
             if not authed or not (self.enabled or SESSION_COOKIE in headers.get("Cookie", "")):
                 return 412, {"message": "ExApp required"}, False
             return self._provider_api(method, path[len(core):], query, body)
+        if path.startswith("/ocs/v2.php/settings/api/declarative/"):  # the admin's settings page
+            with self.lock:
+                return self.forms.page(method, path, headers, APP_ID, body, self.app_config)
         return 404, (998, {"message": "Not found"}), False
 
     def _app_api(self, method: str, path: str, query: dict, body: Any) -> tuple[int, Any, bool]:
@@ -301,37 +309,25 @@ class FakeNextcloud(AppAPI):
             return 200, (100, []), True
         if path == "api/v1/ui/settings":
             return self.forms.handle(method, query, body)
+        if path == "api/v1/ex-app/config":
+            with self.lock:
+                return config_api(method, body, APP_ID, self.app_config)
         if path == "api/v1/ex-app/config/get-values":
             keys = (body or {}).get("configKeys") or []
             with self.lock:
                 found = [{"configkey": k, "configvalue": self.app_config[k]} for k in keys if k in self.app_config]
             return 200, (100, found), True
         if path == "api/v1/ai_provider/task_processing":
-            if method == "POST":
-                provider = (body or {}).get("provider") or {}
-                keys = ("id", "name", "task_type", "expected_runtime", "optional_input_shape",
-                        "optional_output_shape", "input_shape_enum_values", "input_shape_defaults",
-                        "optional_input_shape_enum_values", "optional_input_shape_defaults",
-                        "output_shape_enum_values", "optional_output_shape_enum_values")
-                if any(k not in provider for k in keys) or not isinstance(provider["expected_runtime"], int):
-                    return 200, (400, []), True
-                with self.lock:
-                    self.providers[provider["id"]] = provider
-                return 200, (100, []), True
             with self.lock:
-                if query.get("name") not in self.providers:
-                    return 200, (404, []), True
-                if method == "DELETE":
-                    del self.providers[query["name"]]
-                    return 200, (100, []), True
-                return 200, (100, self.providers[query["name"]]), True
+                return provider_api(method, query, body, self.providers)
         return 200, (998, []), True
 
-    def admin_set(self, field_id: str, value: str) -> None:
-        """An admin saves one field of the app's admin form: AppAPI stores the value as a string in the app's
-        config under the field id (its DeclarativeSettings SetValueListener)."""
+    def admin_set(self, field_id: str, value: Any) -> tuple[int, Any, bool]:
+        """An admin changes one field on Nextcloud's settings page (see ``SettingsForms.page_save``)."""
+        body = {"app": APP_ID, "formId": self.forms.page_form_id(APP_ID, field_id), "fieldId": field_id,
+                "value": value}
         with self.lock:
-            self.app_config[field_id] = value
+            return self.forms.page_save(APP_ID, body, self.app_config)
 
     def _provider_api(self, method: str, path: str, query: dict, body: Any) -> tuple[int, Any, bool]:
         if path in ("next", "next_batch"):

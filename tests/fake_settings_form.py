@@ -1,8 +1,15 @@
 """AppAPI's declarative settings forms (``ui/settings``) in the fake Nextcloud, checked as Nextcloud 32 checks a
-declarative settings schema (``OC\\Settings\\DeclarativeManager``)."""
+declarative settings schema (``OC\\Settings\\DeclarativeManager``), and the settings page's side: its load
+(``GET …/declarative/forms``, each field with its value) and its save (``POST …/declarative/value``).
+
+As measured on Nextcloud 32.0.1 + AppAPI 32.0.0: the page sends ``formId`` as the form's id with the ``<appid>_``
+prefix removed, AppAPI looks the form up by exactly that id and, finding none, stores nothing (the answer is 200
+all the same); a stored value is a string (PHP's cast: true "1", false and null "", 30 "30", text verbatim)."""
 
 from __future__ import annotations
 
+import base64
+import json
 import threading
 from typing import Any
 
@@ -32,6 +39,77 @@ class SettingsForms:
                 del self.forms[form["id"]]
                 return 200, (100, []), True
             return 200, (100, form), True
+
+    def page(self, method: str, path: str, headers: Any, app_id: str, body: Any,
+             config: dict[str, str]) -> tuple[int, Any, bool]:
+        """The settings page's requests, as the admin (basic auth; the fake keeps no passwords)."""
+        try:
+            user = base64.b64decode(headers.get("Authorization", "")[6:]).decode().split(":", 1)[0]
+        except Exception:
+            user = ""
+        if headers.get("OCS-APIRequest") != "true" or user != "admin":
+            return 401, (997, {"message": "Current user is not logged in"}), False
+        if path.endswith("/value") and method == "POST":
+            return self.page_save(app_id, body, config)
+        if path.endswith("/forms") and method == "GET":
+            return self.page_load(app_id, config)
+        return 404, (998, {"message": "Not found"}), False
+
+    def page_form_id(self, app_id: str, field_id: str) -> str:
+        """The ``formId`` Nextcloud's page sends for a field: ``form.id.replace(app + '_', '')``."""
+        with self.lock:
+            form = next((f for f in self.forms.values() if any(x.get("id") == field_id for x in f["fields"])), None)
+        return "" if form is None else form["id"].replace(f"{app_id}_", "", 1)
+
+    def page_save(self, app_id: str, body: Any, config: dict[str, str]) -> tuple[int, Any, bool]:
+        """``POST /ocs/v2.php/settings/api/declarative/value``: AppAPI's SetValueListener finds the form by the
+        ``formId`` sent and stores the value under the field id; an unknown field is 400, an unknown form 200."""
+        body = body if isinstance(body, dict) else {}
+        with self.lock:
+            known = any(x.get("id") == body.get("fieldId") for f in self.forms.values() for x in f["fields"])
+            form = self.forms.get(str(body.get("formId")))
+        if body.get("app") != app_id or not known:
+            return 400, (400, {"message": "Unknown field"}), False
+        if form is not None:
+            config[str(body["fieldId"])] = php_string(body.get("value"))
+        return 200, (200, None), False
+
+    def page_load(self, app_id: str, config: dict[str, str]) -> tuple[int, Any, bool]:
+        """``GET /ocs/v2.php/settings/api/declarative/forms``: each form with its fields' values (the stored one,
+        else the default: numbers JSON-encoded, anything else as it is)."""
+        out = []
+        with self.lock:
+            for form in self.forms.values():
+                fields = [{**f, "value": config[f["id"]] if f["id"] in config else
+                           (json.dumps(f["default"]) if isinstance(f["default"], (int, float, list, dict))
+                            and not isinstance(f["default"], bool) else f["default"])} for f in form["fields"]]
+                out.append({**form, "fields": fields, "app": app_id})
+        return 200, (200, out), False
+
+
+def config_api(method: str, body: Any, app_id: str, config: dict[str, str]) -> tuple[int, Any, bool]:
+    """AppAPI's ``ex-app/config``: POST sets one key, DELETE removes keys (404 when none was there)."""
+    body = body if isinstance(body, dict) else {}
+    if method == "POST":
+        config[str(body["configKey"])] = php_string(body.get("configValue"))
+        return 200, (100, {"appid": app_id, "configkey": body["configKey"],
+                           "configvalue": config[str(body["configKey"])]}), True
+    keys = [k for k in body.get("configKeys") or [] if k in config]
+    for k in keys:
+        del config[k]
+    return 200, ((100, len(keys)) if keys else (404, [])), True
+
+
+def php_string(value: Any) -> str:
+    """A JSON value as AppAPI stores it in a string column (PHP's string cast)."""
+    if value is True:
+        return "1"
+    if value is None or value is False:
+        return ""
+    if isinstance(value, float) and value == int(value):
+        return str(int(value))
+    return str(value)
+
 
 #: Nextcloud's declarative settings field types (OCP\\Settings\\DeclarativeSettingsTypes).
 FIELD_TYPES = ("text", "password", "email", "tel", "url", "number", "checkbox", "multi-checkbox", "radio", "select",

@@ -118,6 +118,20 @@ def test_a_known_model_name_is_not_a_folder_of_the_working_directory(tmp_path: P
     assert os.path.isdir("sd-turbo")
 
 
+def test_a_diffusers_folder_is_converted_into_the_store_once(tiny_source: Path, tmp_path: Path) -> None:
+    # T2I_MODEL=<a diffusers checkpoint folder> failed with "bundle ... has no UNet graph", while the message for
+    # `tiny` in the lean image says to point at a diffusers folder or a bundle.
+    from backend.model_store import _is_bundle, resolve_model
+
+    said: list[str] = []
+    bundle = resolve_model(str(tiny_source), tmp_path / "store", "onnx", offline=True, say=said.append)
+    assert bundle.parent == tmp_path / "store" and _is_bundle(bundle) and (bundle / "manifest.json").is_file()
+    assert any("converting the diffusers checkpoint" in line for line in said)
+    said.clear()
+    assert resolve_model(str(tiny_source), tmp_path / "store", "onnx", offline=True, say=said.append) == bundle
+    assert said == [], "converted once"
+
+
 def test_the_watermark_marks_the_corner_and_leaves_the_metadata(onnx_bundle: Path) -> None:
     # Issue #12: the official app stamps "Generated using Artificial Intelligence" into every image.
     import io

@@ -54,7 +54,9 @@ def test_the_form_is_registered_and_its_changes_apply_between_tasks(bundles: tup
         ids = [f["id"] for f in form["fields"]]
         assert ids == [*GLOBAL_FIELDS, f"{key}_size", f"{key}_steps", f"{key}_guidance"]
         by_id = {f["id"]: f for f in form["fields"]}
-        assert by_id["model"]["default"] == str(first) and by_id["watermark"]["default"] is False
+        assert by_id["model"]["default"] == "" and by_id["model"]["placeholder"] == f"deploy default: {first}"
+        assert by_id["decoder"]["default"] == "deploy default (vae)" == by_id["decoder"]["options"][0]
+        assert by_id["watermark"]["default"] is False and "T2I_WATERMARK=off" in by_id["watermark"]["description"]
         assert by_id[f"{key}_size"]["default"].startswith("256x256")
         assert any(o.startswith("256x384 (portrait") for o in by_id[f"{key}_size"]["options"])
 
@@ -63,7 +65,8 @@ def test_the_form_is_registered_and_its_changes_apply_between_tasks(bundles: tup
         assert plain["status"] == "STATUS_SUCCESSFUL", proc.output()
 
         # Marking and defaults: the next task is stamped, the provider shows the new defaults.
-        fake.admin_set("watermark", "1")
+        fake.admin_set("watermark", 1)  # as the page sends a checkbox
+        assert fake.app_config.get("watermark") == "1", "the page's save reached the app's config"
         fake.admin_set(f"{key}_steps", "3")
         fake.admin_set(f"{key}_size", "256x384 (portrait 2:3)")
         provider = f"{APP_ID}:tiny-onnx"
@@ -191,6 +194,33 @@ def test_bad_values_neither_stop_the_start_nor_the_settings_loop(onnx_bundle: Pa
         done = fake.wait([fake.schedule({"input": "a fox", "numberOfImages": 1})])[0]
         assert done["status"] == "STATUS_SUCCESSFUL", proc.output()
         assert "Traceback" not in proc.output(), proc.output()
+    finally:
+        proc.stop()
+        fake.stop()
+
+
+def test_a_new_deploy_value_replaces_the_pages_override_and_the_old_form_goes(bundles: tuple[Path, Path],
+                                                                             tmp_path: Path) -> None:
+    # AppAPI keeps the page's values through an unregister: a model saved on the page against an earlier deploy
+    # beat the T2I_MODEL of the next one. And the form Nextcloud's page could not save into is removed.
+    import json
+
+    from backend.nextcloud.admin_defaults import DEPLOYED_KEY
+    from backend.nextcloud.admin_settings import OLD_FORM_IDS
+
+    first, second = bundles
+    fake = FakeNextcloud(version=32).start()
+    earlier = {"model": str(second), "threads": "1", "decoder": "vae", "ai_marking": "1", "watermark": "0"}
+    fake.app_config.update({"model": str(second), "watermark": "1", DEPLOYED_KEY: json.dumps(earlier)})
+    fake.settings_forms[OLD_FORM_IDS[0]] = {"id": OLD_FORM_IDS[0], "fields": []}
+    proc = ExAppProcess(fake, tmp_path / "storage", {"T2I_MODEL": str(first), "T2I_THREADS": "1"})
+    try:
+        assert fake.install(proc)["error"] == "", proc.output()
+        assert list(fake.providers) == [f"{APP_ID}:tiny-onnx"], "the new deploy's model"
+        assert "model" not in fake.app_config and fake.app_config["watermark"] == "1", fake.app_config
+        assert json.loads(fake.app_config[DEPLOYED_KEY])["model"] == str(first)
+        assert any("T2I_MODEL=" in (e["message"] or "") for e in fake.logged), fake.logged
+        _wait(lambda: OLD_FORM_IDS[0] not in fake.settings_forms and FORM_ID in fake.settings_forms, proc=proc)
     finally:
         proc.stop()
         fake.stop()

@@ -10,6 +10,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from backend.config import Settings
+from backend.nextcloud.admin_defaults import drop_outdated_overrides
 from backend.nextcloud.admin_settings import AdminChoice, ModelDefaults, choose, field_ids
 from backend.nextcloud.client import Gone, Unreachable, sleep_or
 from backend.nextcloud.provider import model_names
@@ -76,8 +77,9 @@ class AdminSettings:
         return values
 
     async def before_first_load(self) -> None:
-        """An admin's choice of models counts from the first load on."""
+        """An admin's choice of models counts from the first load on (unless a new deploy replaced it)."""
         if self.applied is None:
+            await drop_outdated_overrides(self.app.nc, self.app.base_settings)
             choice = await self.read()
             if choice is not None:
                 self.app.settings, self.applied = choice.settings, choice

@@ -2,9 +2,15 @@
 how its stored values become :class:`Settings` and per-model defaults.
 
 Nextcloud keeps an admin form's values in the app's config (``appconfig_ex``, one string per field id) and does not
-tell the app when one changes, so the ExApp reads them between tasks (:mod:`backend.nextcloud.exapp`). A field with
-no stored value means the deploy-time setting (the ``T2I_*`` environment variable), which is also what the form
-shows as its default. A stored value that is not allowed is ignored with a warning naming the field and the value.
+tell the app when one changes, so the ExApp reads them between tasks (:mod:`backend.nextcloud.exapp`). The deploy-time
+settings (the ``T2I_*`` environment variables) are the defaults and a saved value overrides them: an empty field
+(model, threads, a model's steps or guidance) or the decoder's "deploy default" option means the deploy-time value,
+and a new deploy with another ``T2I_*`` value drops the override saved against the old one
+(:mod:`backend.nextcloud.admin_defaults`). A stored value that is not allowed is ignored with a warning naming the
+field and the value.
+
+The form's id has no ``<appid>_`` prefix: Nextcloud's settings page saves a field with ``formId`` set to the form's
+id minus that prefix, and AppAPI 32 looks the form up by its full id, so a prefixed form would never be saved.
 """
 
 from __future__ import annotations
@@ -20,7 +26,11 @@ from runtime import validation as v
 from runtime.errors import T2IError
 from runtime.validation import shown
 
-FORM_ID = "text2image_sd2_admin"
+FORM_ID = "sd2_admin"
+#: Ids this form had before; the ExApp removes them, as Nextcloud's page could not save into them.
+OLD_FORM_IDS = ("text2image_sd2_admin",)
+#: The decoder option that means "the deploy-time T2I_DECODER" (followed by that value in brackets).
+DEPLOY_DEFAULT = "deploy default"
 #: Nextcloud's admin section "Artificial intelligence".
 SECTION_ID = "ai"
 #: The fields every deployment has; each model adds its own size, steps and guidance.
@@ -67,21 +77,30 @@ def build_form(base: Settings, models: Mapping[str, Any]) -> dict[str, Any]:
     (the deploy-time settings); ``models`` maps each configured model name to its loaded service (for its sizes
     and own defaults)."""
     r, i = base.runtime, base.images
+    onoff = {True: "on", False: "off"}
+    again = " A new deploy with another value replaces the choice made here."
     fields_: list[dict[str, Any]] = [
-        _field("model", "Models", "text", base.store.model,
+        _field("model", "Models", "text", "",
                "One or more models, separated by commas: sd-turbo (fastest), sd2.1-base, sd2.1, a hub id or a "
-               "bundle folder. Each becomes an image-generation provider. A new model is downloaded and loaded "
-               "between tasks; watch the app's log for its progress."),
+               "folder (a bundle or a diffusers checkpoint). Each becomes an image-generation provider. A new model "
+               "is downloaded and loaded between tasks; watch the app's log for its progress. Empty: the models "
+               f"the app was deployed with (T2I_MODEL={base.store.model}).{again}",
+               placeholder=f"{DEPLOY_DEFAULT}: {base.store.model}"),
         _field("threads", "CPU threads", "number", r.threads,
-               "Op threads for all models and workers together; 0 uses every core the container may use."),
-        _field("decoder", "Image decoder", "select", r.decoder,
+               "Op threads for all models and workers together; 0 uses every core the container may use. Empty: "
+               f"the deploy-time value (T2I_THREADS={r.threads}).{again}",
+               placeholder=f"{DEPLOY_DEFAULT}: {r.threads}"),
+        _field("decoder", "Image decoder", "select", f"{DEPLOY_DEFAULT} ({r.decoder})",
                "vae: the model's own decoder (best pixels); taesd: about 18× cheaper, coarser (the model bundle "
-               "must include it).", options=["vae", "taesd"]),
+               f"must include it); {DEPLOY_DEFAULT}: T2I_DECODER ({r.decoder}).{again}",
+               options=[f"{DEPLOY_DEFAULT} ({r.decoder})", "vae", "taesd"]),
         _field("ai_marking", "Mark images as AI-generated in their metadata", "checkbox", i.ai_marking,
-               "IPTC digital source type trainedAlgorithmicMedia, read by photo tools and platforms.",
+               "IPTC digital source type trainedAlgorithmicMedia, read by photo tools and platforms. Deployed "
+               f"with T2I_AI_MARKING={onoff[i.ai_marking]}.{again}",
                label="Mark in metadata"),
         _field("watermark", "Visible watermark", "checkbox", i.watermark,
-               'Stamp "Generated using Artificial Intelligence" into the bottom-left corner of every image.',
+               'Stamp "Generated using Artificial Intelligence" into the bottom-left corner of every image. '
+               f"Deployed with T2I_WATERMARK={onoff[i.watermark]}.{again}",
                label="Stamp a visible mark"),
     ]
     for name, service in models.items():
@@ -93,21 +112,24 @@ def build_form(base: Settings, models: Mapping[str, Any]) -> dict[str, Any]:
             _field(f"{key}_size", f"{name}: default size", "select", current,
                    "The size of an image when the user does not choose one.", options=sizes),
             _field(f"{key}_steps", f"{name}: default steps", "number", int(own["steps"]),
-                   "Denoising steps when the user does not choose (1–100); more is slower and finer."),
+                   "Denoising steps when the user does not choose (1–100); more is slower and finer. Empty: the "
+                   f"model's own ({int(own['steps'])})."),
             _field(f"{key}_guidance", f"{name}: default guidance", "number", float(own["guidance"]),
-                   "How closely images follow the prompt when the user does not choose (0–30; sd-turbo: 0)."),
+                   "How closely images follow the prompt when the user does not choose (0–30; sd-turbo: 0). "
+                   f"Empty: the model's own ({float(own['guidance'])})."),
         ]
     return {"id": FORM_ID, "priority": 10, "section_type": "admin", "section_id": SECTION_ID,
             "title": "Local image generation (Stable Diffusion 2)",
-            "description": "Settings of the text2image_sd2 app. They take effect between tasks; an empty field "
-                           "means the value the app was deployed with.",
+            "description": "Settings of the text2image_sd2 app; they take effect between tasks. The values the app "
+                           "was deployed with (T2I_* variables) are the defaults: an empty field, or 'deploy "
+                           "default', goes back to them.",
             "doc_url": "", "fields": fields_}
 
 
 def _field(fid: str, title: str, kind: str, default: Any, description: str, options: list[str] | None = None,
-           label: str = "") -> dict[str, Any]:
+           label: str = "", placeholder: str = "") -> dict[str, Any]:
     return {"id": fid, "title": title, "type": kind, "default": default, "description": description,
-            "options": options or [], "placeholder": "", "label": label, "notify": False, "sensitive": False}
+            "options": options or [], "placeholder": placeholder, "label": label, "notify": False, "sensitive": False}
 
 
 def choose(base: Settings, values: Mapping[str, str]) -> AdminChoice:
@@ -117,7 +139,8 @@ def choose(base: Settings, values: Mapping[str, str]) -> AdminChoice:
     changes: dict[str, Any] = {}
     for fid in GLOBAL_FIELDS:
         raw = values.get(fid)
-        if raw is None or (raw.strip() == "" and fid not in ("ai_marking", "watermark")):
+        if raw is None or (raw.strip() == "" and fid not in ("ai_marking", "watermark")) or raw.startswith(
+                DEPLOY_DEFAULT):
             continue
         try:
             value = _parse(fid, raw)

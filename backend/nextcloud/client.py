@@ -104,6 +104,25 @@ class Nextcloud:
                                 json={"configKeys": keys})
         return {str(r["configkey"]): str(r.get("configvalue") or "") for r in found or [] if "configkey" in r}
 
+    async def unregister_settings_form(self, form_id: str) -> None:
+        """Remove a declared settings form; one that is not there is fine."""
+        try:
+            await self._ocs("DELETE", "/ocs/v1.php/apps/app_api/api/v1/ui/settings", params={"formId": form_id})
+        except Gone:
+            pass
+
+    async def set_admin_value(self, key: str, value: str) -> None:
+        """Store one value in the app's config (where the admin form's values are)."""
+        await self._ocs("POST", "/ocs/v1.php/apps/app_api/api/v1/ex-app/config",
+                        json={"configKey": key, "configValue": value})
+
+    async def delete_admin_values(self, keys: list[str]) -> None:
+        """Remove these keys from the app's config: a form field without a value shows its default again."""
+        try:
+            await self._ocs("DELETE", "/ocs/v1.php/apps/app_api/api/v1/ex-app/config", json={"configKeys": keys})
+        except Gone:
+            pass
+
     async def admin_log(self, message: str, level: int = 2) -> None:
         """Write to nextcloud.log (level 2 = warning, 3 = error), where an admin looks first; never raises."""
         try:

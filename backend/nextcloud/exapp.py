@@ -12,7 +12,7 @@ from typing import Any
 
 from backend.config import Settings
 from backend.nextcloud.admin_loop import AdminSettings
-from backend.nextcloud.admin_settings import build_form
+from backend.nextcloud.admin_settings import OLD_FORM_IDS, build_form
 from backend.nextcloud.client import Backoff, Gone, Nextcloud, Unreachable, sleep_or
 from backend.nextcloud.delivery import Delivery
 from backend.nextcloud.journal import Journal
@@ -76,6 +76,7 @@ class ExApp:
         self._init_progress: asyncio.Queue | None = None
         self._recovered = False
         self._worker_tasks: list[asyncio.Task] = []
+        self._old_forms_gone = False
         self.admin = AdminSettings(self)
 
     # -- start and stop ----------------------------------------------------------------------------------------
@@ -86,20 +87,34 @@ class ExApp:
         self.spawn(self._resume(), "resume")
 
     async def _resume(self) -> None:
-        backoff = Backoff(cap=30.0)
-        while not self.stopping.is_set():
+        """Wait until Nextcloud has the app enabled, at whatever time that happens, then load and take tasks.
+
+        AppAPI calls /init and /enabled on the one process it registered; another process of the same app (started
+        before the registration, or beside the registered one) learns it only by asking. Until the app is enabled
+        the state is asked with a growing wait (1 s doubling up to 12 poll intervals, 60 s by default): each ask of
+        an app Nextcloud does not know yet makes it log "ExApp … not found", so they are kept few."""
+        unreachable, waiting = Backoff(cap=30.0), Backoff(first=1.0, cap=max(1.0, 12 * self.trigger.poll_interval))
+        told: object = ...  # the state last logged: each change is logged once, the asks themselves at debug level
+        while not self.stopping.is_set() and not self.enabled.is_set():
             try:
                 enabled = await self.nc.enabled_state()
-                break
             except Unreachable as exc:
-                delay = backoff.next()
+                delay = unreachable.next()
                 log.warning("cannot ask Nextcloud whether the app is enabled (%s); next try in %.1f s", exc, delay)
                 await sleep_or(self.stopping, delay)
+                continue
+            unreachable.reset()
+            if enabled:
+                break
+            if enabled is not told:
+                told = enabled
+                log.info("%s; asking again now and then (AppAPI's /init or /enabled also starts the work)",
+                         "Nextcloud does not know this app yet" if enabled is None else
+                         "the app is disabled in Nextcloud")
+            delay = waiting.next()
+            log.debug("app not enabled in Nextcloud yet; next look in %.1f s", delay)
+            await sleep_or(self.stopping, delay)
         else:
-            return
-        if enabled is None:
-            # Asking again would only make Nextcloud log "ExApp … not found" each time: AppAPI will call /init.
-            log.info("Nextcloud does not know this app yet; waiting for AppAPI to register and initialise it")
             return
         # A restarted container is not initialised again, so it loads its models itself, verifying a bundle no
         # earlier run has verified (AppAPI 32 marks a new app enabled before it posts /init, so this may be a
@@ -255,6 +270,9 @@ class ExApp:
         try:
             await self.nc.register_settings_form(build_form(
                 self.base_settings, {m.name: m.services[0] for m in models.values()}))
+            for old in OLD_FORM_IDS if not self._old_forms_gone else ():  # forms the page could not save into
+                await self.nc.unregister_settings_form(old)
+            self._old_forms_gone = True
         except (Unreachable, Gone) as exc:
             log.warning("the admin settings form could not be registered (%s); the T2I_* variables apply", exc)
 
