@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
+#: An inference engine.
+Engine = Literal["onnxruntime", "openvino"]
 #: An engine, or auto (chosen by :func:`runtime.engines.choose`).
-EngineChoice = Literal["auto", "onnxruntime", "openvino"]
-#: "auto", "cpu", "cuda" (GPU 0) or "cuda:N" (GPU N).
+EngineChoice = Literal["auto", Engine]
+#: "auto", "cpu", "cuda" (GPU 0) or "cuda:N" (GPU N, e.g. one worker per GPU).
 DeviceChoice = str
 #: Math precision: auto leaves each engine its own default; fp32 forces full precision; bf16 is OpenVINO's.
 PrecisionChoice = Literal["auto", "fp32", "bf16"]
@@ -15,4 +17,6 @@ PrecisionChoice = Literal["auto", "fp32", "bf16"]
 DecoderChoice = Literal["vae", "taesd"]
 
 ENGINES: tuple[str, ...] = get_args(EngineChoice)
+#: The devices by name; "cuda:N" names GPU N.
+DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS: tuple[str, ...] = get_args(PrecisionChoice)
