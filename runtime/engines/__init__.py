@@ -17,7 +17,8 @@ from runtime.engines.cuda import (
 )
 from runtime.engines.openvino import OvSession, compile_cache_dir, openvino_math_precision
 from runtime.engines.ort import OrtSession
-from runtime.options import ENGINES, PRECISIONS, DeviceChoice, Engine, EngineChoice, PrecisionChoice
+from runtime.errors import ConfigError
+from runtime.options import ENGINES, PRECISIONS, DeviceChoice, Engine, EngineChoice, LoadOptions, PrecisionChoice
 
 __all__ = [
     "ENGINES",
@@ -26,6 +27,7 @@ __all__ = [
     "Engine",
     "EngineChoice",
     "InputSpec",
+    "LoadOptions",
     "OrtSession",
     "OvSession",
     "PrecisionChoice",
@@ -46,12 +48,13 @@ __all__ = [
 ]
 
 
-def open_session(path: Path, engine: Engine, device: DeviceChoice, threads: int, precision: PrecisionChoice,
-                 cuda_graph: bool = False, compile_cache: Path | None = None, static_shapes: bool = False) -> Session:
-    """Load one graph on the chosen engine with the math ``precision`` (see :data:`PRECISIONS`); ``cuda_graph``
-    captures CUDA graphs per static shape (onnxruntime on CUDA only); ``compile_cache`` is a folder where OpenVINO
-    keeps the compiled shapes of this graph for the next start; ``static_shapes`` makes OpenVINO compile per input
-    shape rather than once."""
-    if engine == "onnxruntime":
-        return OrtSession(path, device, threads, cuda_graph=cuda_graph)
-    return OvSession(path, threads, precision, cache_dir=compile_cache, static_shapes=static_shapes)
+def open_session(path: Path, options: LoadOptions, cache: Path | None = None) -> Session:
+    """Load one graph as resolved ``options`` say (a chosen engine and device, a thread count: see
+    :meth:`runtime.Pipeline.load`). With ``compile_cache`` on, OpenVINO keeps the graph's compiled shapes in a
+    folder of its own under ``cache`` for the next start; onnxruntime keeps nothing."""
+    if options.engine == "onnxruntime":
+        return OrtSession(path, options.device, options.threads, cuda_graph=options.cuda_graph)
+    if options.engine != "openvino":
+        raise ConfigError(f"engine '{options.engine}' is not a chosen engine; use onnxruntime or openvino")
+    keep = compile_cache_dir(cache, path) if options.compile_cache and cache is not None else None
+    return OvSession(path, options.threads, options.precision, cache_dir=keep, static_shapes=options.static_shapes)
