@@ -48,3 +48,51 @@ def test_the_load_options_are_listed_once() -> None:
 def _line(text: str) -> int:
     lines = (ROOT / "runtime" / "options.py").read_text(encoding="utf-8").splitlines()
     return next(i for i, line in enumerate(lines, 1) if line.startswith(text))
+
+
+def import_graph(package: str = "backend.nextcloud", root: Path = ROOT) -> dict[str, set[str]]:
+    """``{module: the package's modules it imports}``, counting every import: at the top, inside functions and under
+    ``TYPE_CHECKING`` (a type-only cycle still ties the two modules together)."""
+    folder = root.joinpath(*package.split("."))
+    modules = {f"{package}.{p.stem}": p for p in folder.glob("*.py") if p.stem != "__init__"}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                found.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                found.add(node.module)
+                found.update(f"{node.module}.{a.name}" for a in node.names)  # from package import module
+        graph[name] = {m for m in found if m in modules and m != name}
+    return graph
+
+
+def cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle of ``graph`` (its modules in order, the first repeated at the end), or [] when none."""
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> list[str]:
+        if module in path:
+            return [*path[path.index(module):], module]
+        if module in done:
+            return []
+        for other in sorted(graph[module]):
+            found = visit(other, [*path, module])
+            if found:
+                return found
+        done.add(module)
+        return []
+
+    for module in sorted(graph):
+        found = visit(module, [])
+        if found:
+            return found
+    return []
+
+
+def test_the_nextcloud_connector_has_no_import_cycle() -> None:
+    graph = import_graph()
+    assert {"backend.nextcloud.exapp", "backend.nextcloud.admin_loop", "backend.nextcloud.models"} <= set(graph)
+    assert cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"], "the check finds a cycle"
+    assert cycle(graph) == []
