@@ -12,14 +12,16 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 import click
 
 from backend.config import Settings
 from backend.standalone.tasks_cli import tasks
 from runtime.errors import T2IError
+from runtime.options import PRECISIONS, DecoderChoice, EngineChoice, LoadOptions
 
 if TYPE_CHECKING:
     from runtime import Pipeline
@@ -116,16 +118,43 @@ def export(source: str, fmt: str, out: Path, precision: str, taesd: str | None, 
         raise T2IError(str(exc)) from None
 
 
-def _load(model: str | None, device: str | None, engine: str | None, threads: int | None, offline: bool,
-          decoder: str | None = None, precision: str | None = None, cuda_graph: bool | None = None) -> Pipeline:
+def _runtime_flags(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The runtime's load options as flags of ``command``, which gets them as one ``runtime`` dict by option name
+    (a :class:`runtime.options.LoadOptions` field, so the environment's ``T2I_*`` values apply under them)."""
+    flags = [
+        click.option("--device", help="auto, cpu, cuda or cuda:N (GPU N). Default: auto (CUDA when usable)."),
+        click.option("--engine", type=click.Choice(get_args(EngineChoice)), help="Default: auto."),
+        click.option("--threads", type=int, help="Op threads for the engine. Default: the cores this process may use."),
+        click.option("--decoder", type=click.Choice(get_args(DecoderChoice)),
+                     help="vae (default) or taesd: much faster decoding with coarser detail, if the bundle has it."),
+        click.option("--precision", type=click.Choice(PRECISIONS),
+                     help="Math precision. auto: OpenVINO uses bf16 on CPUs with AVX512-BF16/AMX (faster, tiny pixel "
+                          "changes); fp32: exact."),
+        click.option("--cuda-graph/--no-cuda-graph", default=None,
+                     help="On CUDA, capture a CUDA graph per image size and replay it (less launch overhead, more "
+                          "GPU memory). Default: T2I_CUDA_GRAPH or off."),
+    ]
+    names = {f.name for f in fields(LoadOptions)}
+
+    @functools.wraps(command)
+    def with_runtime(**kwargs: Any) -> Any:
+        runtime = {name: kwargs.pop(name) for name in list(kwargs) if name in names}
+        return command(runtime=runtime, **kwargs)
+
+    for flag in reversed(flags):
+        with_runtime = flag(with_runtime)
+    return with_runtime
+
+
+def _load(model: str | None, offline: bool, runtime: dict[str, Any]) -> Pipeline:
+    """The pipeline of ``model`` with the ``runtime`` flags given (None: not given) over the environment's."""
     from backend.loading import open_pipeline
     from backend.model_store import TINY_WARNING
     from runtime.engines import parse_threads
 
-    if threads is not None:
-        parse_threads(threads)
-    s = Settings.from_env(model=model, device=device, engine=engine, threads=threads, offline=offline or None,
-                          decoder=decoder, precision=precision, cuda_graph=cuda_graph)
+    if runtime.get("threads") is not None:  # 0 means every core in T2I_THREADS, but is no count of threads here
+        parse_threads(runtime["threads"])
+    s = Settings.from_env(model=model, offline=offline or None, **runtime)
     pipe = open_pipeline(s, say=_say)
     if pipe.bundle.source_id in ("tiny", "tiny-v") and s.store.model not in ("tiny", "tiny-v"):
         _say(TINY_WARNING)
@@ -161,25 +190,14 @@ def _check_out(out: Path) -> None:
 @click.option("--negative", default="", help="Negative prompt: what the image should not show.")
 @click.option("--seed", type=int, help="Seed of the first image; image i uses seed+i. Default: random.")
 @click.option("--scheduler", help="euler, dpm++2m, dpm++2m-karras or ddim. Default: the model's.")
-@click.option("--device", help="auto, cpu, cuda or cuda:N (GPU N). Default: auto (CUDA when usable).")
-@click.option("--engine", type=click.Choice(["auto", "onnxruntime", "openvino"]), help="Default: auto.")
-@click.option("--threads", type=int, help="Op threads for the engine. Default: the cores this process may use.")
-@click.option("--decoder", type=click.Choice(["vae", "taesd"]),
-              help="vae (default) or taesd: much faster decoding with coarser detail, if the bundle has it.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]),
-              help="Math precision. auto: OpenVINO uses bf16 on CPUs with AVX512-BF16/AMX (faster, tiny pixel "
-                   "changes); fp32: exact.")
-@click.option("--cuda-graph/--no-cuda-graph", default=None,
-              help="On CUDA, capture a CUDA graph per image size and replay it (less launch overhead, more GPU "
-                   "memory). Default: T2I_CUDA_GRAPH or off.")
+@_runtime_flags
 @click.option("--offline", is_flag=True, help="Do not download; use only bundles already on disk.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("."), show_default=True,
               help="Folder for the PNG files.")
 @_user_errors
 def generate(prompt: str, model: str | None, n: int, size: str | None, steps: int | None, guidance: float | None,
-             negative: str, seed: int | None, scheduler: str | None, device: str | None, engine: str | None,
-             threads: int | None, decoder: str | None, precision: str | None, cuda_graph: bool | None, offline: bool,
-             out: Path) -> None:
+             negative: str, seed: int | None, scheduler: str | None, offline: bool, out: Path,
+             runtime: dict[str, Any]) -> None:
     """Generate images for PROMPT and write them as PNG files with their settings in the metadata."""
     from backend.images import save_png
     from runtime import validation
@@ -190,7 +208,7 @@ def generate(prompt: str, model: str | None, n: int, size: str | None, steps: in
     request = GenerationRequest(prompt, negative, n, width, height, steps, guidance, seed, scheduler)
     # So is the output folder: a generation must not run only to find that its images cannot be written.
     _check_out(out)
-    pipe = _load(model, device, engine, threads, offline, decoder, precision, cuda_graph)
+    pipe = _load(model, offline, runtime)
     total = steps or pipe.default_steps
     with click.progressbar(length=total, label="denoising", file=sys.stderr) as bar:
         def on_step(done: int, all_steps: int) -> None:

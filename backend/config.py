@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_type_hints
 
 from runtime.errors import ConfigError
-from runtime.options import DecoderChoice, DeviceChoice, EngineChoice, PrecisionChoice
+from runtime.options import LoadOptions
 
 ENV_PREFIX = "T2I_"
 FormatChoice = Literal["auto", "onnx", "openvino"]
@@ -40,35 +40,15 @@ class StoreSettings:
     offline: bool = False
 
 
-@dataclass(frozen=True)
-class RuntimeSettings:
-    """How a loaded pipeline runs (passed to :meth:`runtime.Pipeline.load`) and how work is spread."""
+@dataclass(frozen=True, kw_only=True)
+class RuntimeSettings(LoadOptions):
+    """How a loaded pipeline runs (the runtime's :class:`LoadOptions`, passed to :meth:`runtime.Pipeline.load`) and
+    how work is spread."""
 
-    #: auto | cpu | cuda | cuda:N
-    device: DeviceChoice = "auto"
-    #: auto | onnxruntime | openvino
-    engine: EngineChoice = "auto"
-    #: Latent decoder: vae (the model's own) or taesd (much faster, coarser; the bundle must include it).
-    decoder: DecoderChoice = "vae"
-    #: Math precision: auto (OpenVINO picks bf16 on CPUs with AVX512-BF16/AMX), fp32 (exact), bf16 (OpenVINO).
-    precision: PrecisionChoice = "auto"
-    #: On CUDA, capture a CUDA graph per image size and replay it (less launch overhead, more GPU memory).
-    cuda_graph: bool = False
-    #: Op threads for both engines; 0 = the cores this process may use.
-    threads: int = 0
     #: Generation workers per process; the thread cap is split between them (e.g. one per GPU).
     workers: int = 1
     #: Most images run through the UNet at once; larger requests run in several batches.
     max_batch: int = 4
-    #: Keep OpenVINO's compiled models in the model store (``compiled/``), so a restart skips compiling. Off by
-    #: default: measured on the full-size SD2.1 (2-core AVX2 EPYC, fp16 weights, one compile for all shapes) the
-    #: first image after a restart came no sooner (18.7 s against 17.4 s) and the start peaked 2.2 GB higher (the
-    #: blob is read whole beside the graph).
-    compile_cache: bool = False
-    #: OpenVINO: compile a graph anew for each input shape (batch and size) instead of once for all shapes. Measured
-    #: on a 2-core AVX2 EPYC with OpenVINO 2026.4 the single shape-free compile ran the 512² UNet step as fast
-    #: (0.98-1.00x) and a second image size cost 8 MB instead of a second copy of the weights (+3.6 GB).
-    static_shapes: bool = False
 
 
 @dataclass(frozen=True)

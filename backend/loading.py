@@ -22,17 +22,14 @@ COMPILED = "compiled"
 def open_pipeline(settings: Settings, progress: Callable[[float], None] | None = None,
                   say: Callable[[str], None] = log.warning, bundle: Path | None = None) -> Pipeline:
     """Get the configured model into the store (download and convert it when needed) and load it with the
-    settings' device, engine, threads, decoder, precision and CUDA graphs. ``bundle`` skips the lookup (a worker
-    loading what another already resolved); ``progress`` gets the fraction of the download and conversion done
-    (0..1)."""
+    settings' runtime options (OpenVINO's compiled models, when kept, go to the store's ``compiled/``). ``bundle``
+    skips the lookup (a worker loading what another already resolved); ``progress`` gets the fraction of the
+    download and conversion done (0..1)."""
     from backend.model_store import resolve_model
     from runtime import Pipeline
 
-    store, run = settings.store, settings.runtime
+    store = settings.store
     if bundle is None:
         bundle = resolve_model(store.model, store.model_store, settings.bundle_format(), offline=store.offline,
                                say=say, progress=progress)
-    return Pipeline.load(bundle, device=run.device, engine=run.engine, threads=run.threads or None,
-                         decoder=run.decoder, precision=run.precision, cuda_graph=run.cuda_graph,
-                         compile_cache=store.model_store / COMPILED if run.compile_cache else None,
-                         static_shapes=run.static_shapes)
+    return Pipeline.load(bundle, settings.runtime, cache=store.model_store / COMPILED)

@@ -1,7 +1,7 @@
 """Torch-free SD2 inference: load an exported bundle and turn prompts into images.
 
->>> from runtime import Pipeline
->>> pipe = Pipeline.load("bundles/sd-turbo", device="auto", engine="auto", threads=None)
+>>> from runtime import LoadOptions, Pipeline
+>>> pipe = Pipeline.load("bundles/sd-turbo", LoadOptions(device="auto", engine="auto", threads=0))
 >>> images = pipe.generate("a red fox in the snow", n=2, seed=7)
 """
 
@@ -13,11 +13,12 @@ from runtime.errors import BundleError, ConfigError, EngineError, GenerationCanc
 
 if TYPE_CHECKING:
     from runtime.bundle import Bundle
+    from runtime.options import LoadOptions
     from runtime.pipeline import Generated, Pipeline
     from runtime.request import GenerationRequest
 
 __all__ = ["Bundle", "BundleError", "ConfigError", "EngineError", "Generated", "GenerationCancelled",
-           "GenerationRequest", "InvalidRequest", "Pipeline", "T2IError"]
+           "GenerationRequest", "InvalidRequest", "LoadOptions", "Pipeline", "T2IError"]
 
 
 def __getattr__(name: str) -> Any:
@@ -26,6 +27,10 @@ def __getattr__(name: str) -> Any:
         from runtime.bundle import Bundle
 
         return Bundle
+    if name == "LoadOptions":
+        from runtime.options import LoadOptions
+
+        return LoadOptions
     if name == "GenerationRequest":
         from runtime.request import GenerationRequest
 

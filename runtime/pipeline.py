@@ -6,8 +6,9 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -15,20 +16,16 @@ from PIL import Image
 from runtime import validation as v
 from runtime.bundle import Bundle
 from runtime.engines import (
-    DeviceChoice,
-    EngineChoice,
-    PrecisionChoice,
     Session,
     check_precision,
     choose,
-    compile_cache_dir,
     default_threads,
     open_session,
     openvino_math_precision,
     parse_threads,
 )
 from runtime.errors import BundleError, ConfigError, GenerationCancelled, InvalidRequest
-from runtime.options import DecoderChoice
+from runtime.options import LoadOptions
 from runtime.request import GenerationRequest
 from runtime.schedulers import Scheduler, default_scheduler_name, make_scheduler
 from runtime.tokenizer import ClipTokenizer
@@ -55,48 +52,24 @@ class Generated:
     model: str
 
 
+
+
 class Pipeline:
     """A loaded bundle that turns prompts into images. Create it with :meth:`Pipeline.load`."""
 
-    def __init__(self, bundle: Bundle, engine: str, device: str, threads: int, why: str,
-                 decoder: str = "vae", precision: str = "auto", cuda_graph: bool = False,
-                 compile_cache: Path | None = None, static_shapes: bool = False) -> None:
-        if cuda_graph and not device.startswith("cuda"):
-            raise ConfigError(f"CUDA graphs need --device cuda; this pipeline runs on {device}")
-        self.cuda_graph = cuda_graph
-        self.compile_cache = compile_cache
-        self.static_shapes = static_shapes
+    def __init__(self, bundle: Bundle, options: LoadOptions, tokenizer: ClipTokenizer, sessions: dict[str, Session],
+                 latent_scale: float) -> None:
+        """The pipeline of parts :meth:`load` opened: ``options`` as resolved there (the engine and device chosen,
+        the thread count), the ``text_encoder``, ``unet`` and ``decoder`` sessions, and the factor the latents are
+        divided by before the decoder."""
         self.bundle = bundle
-        self.engine = engine
-        self.device = device
-        self.threads = threads
-        self.precision = check_precision(precision, engine)
-        #: What the engine really computes in: OpenVINO picks by the CPU (see openvino_math_precision); onnxruntime
-        #: runs the graph's own types.
-        self.math_precision = openvino_math_precision(self.precision) if engine == "openvino" else bundle.precision
-        if self.precision == "bf16" and self.math_precision != "bf16":
-            log.warning("precision bf16 was asked for, but this CPU has no native bf16 (AMX or AVX512-BF16): "
-                        "OpenVINO computes in %s", self.math_precision)
-        if decoder not in DECODERS:
-            raise ConfigError(f"decoder '{decoder}' is not known; use one of {', '.join(DECODERS)}")
-        if not bundle.has(DECODERS[decoder]):
-            raise BundleError(f"bundle '{bundle.path}' has no {decoder} decoder ({DECODERS[decoder]}/); "
-                           "export it with `text2image export SOURCE --taesd madebyollin/taesd` or use --decoder vae")
-        self.decoder = decoder
-        self.tokenizer = ClipTokenizer.load(bundle.path / "tokenizer")
-        t0 = time.perf_counter()
-        self.text_encoder = self._open("text_encoder")
-        self.unet = self._open("unet")
-        self.vae_decoder = self._open(DECODERS[decoder])
-        # The factor the latents were scaled by for the UNet; TAESD was trained on the scaled latents (factor 1).
-        self._latent_scale = (bundle.vae_scaling_factor if decoder == "vae"
-                              else float(bundle.component_config(DECODERS[decoder]).get("scaling_factor", 1.0)))
-        log.info(
-            "loaded %s (%s, %s weights, %s math (asked: %s), %s decoder) on %s/%s with %d threads in %.1f s [%s]",
-            bundle.path, bundle.format, bundle.weights, self.math_precision, self.precision, decoder, engine, device,
-            threads,
-            time.perf_counter() - t0, why,
-        )
+        self.options = options
+        self.engine, self.device, self.threads = options.engine, options.device, options.threads
+        self.tokenizer = tokenizer
+        self.text_encoder = sessions["text_encoder"]
+        self.unet = sessions["unet"]
+        self.vae_decoder = sessions["decoder"]
+        self._latent_scale = latent_scale
         defaults = bundle.defaults
         self.default_steps = int(defaults.get("steps", DEFAULT_STEPS))
         self.default_guidance = float(defaults.get("guidance", DEFAULT_GUIDANCE))
@@ -112,49 +85,64 @@ class Pipeline:
         #: The bundle's own defaults, which :meth:`set_defaults` falls back to.
         self._own_defaults = (self.default_size, self.default_steps, self.default_guidance)
 
-    @classmethod
-    def load(
-        cls,
-        path: str | Path,
-        device: DeviceChoice = "auto",
-        engine: EngineChoice = "auto",
-        threads: int | None = None,
-        decoder: DecoderChoice = "vae",
-        precision: PrecisionChoice = "auto",
-        cuda_graph: bool = False,
-        compile_cache: str | Path | None = None,
-        static_shapes: bool = False,
-    ) -> Pipeline:
-        """Load a bundle folder.
+    @property
+    def math_precision(self) -> str:
+        """What the engine really computes in: OpenVINO picks by the CPU (see openvino_math_precision); onnxruntime
+        runs the graph's own types."""
+        if self.engine == "openvino":
+            return openvino_math_precision(self.options.precision)
+        return self.bundle.precision
 
-        ``device``: auto | cpu | cuda. ``engine``: auto | onnxruntime | openvino. ``threads``: the cap for both
-        engines' op threads; None means the cores this process may use. ``decoder``: vae
-        (the model's own) or taesd (about 18× cheaper, coarser pixels; the bundle must include it). ``precision``:
-        auto (each engine's own default: OpenVINO uses bf16 on CPUs with AVX512-BF16/AMX) | fp32 (full precision,
-        matches the reference) | bf16 (OpenVINO only). ``cuda_graph``: on CUDA, capture each static shape's kernel
-        launches once and replay them (cuts launch overhead; costs GPU memory per shape). ``compile_cache``: a
-        folder where OpenVINO keeps each compiled shape, so the next start (same bundle, same OpenVINO) loads it
-        instead of compiling again; None compiles every time. ``static_shapes``: OpenVINO compiles each graph
-        anew for every input shape it meets (each a copy of the weights) instead of once for all shapes.
+    @classmethod
+    def load(cls, path: str | Path, options: LoadOptions | None = None, *, cache: Path | None = None,
+             **changes: Any) -> Pipeline:
+        """Load a bundle folder as ``options`` say (see :class:`LoadOptions`: by default the device and engine are
+        chosen, every core this process may use runs ops, with the model's own VAE decoder and each engine's own
+        precision). Keyword arguments change single options: ``Pipeline.load(path, device="cpu", threads=2)``.
+        ``cache`` is the folder where OpenVINO keeps its compiled models when ``compile_cache`` is on.
+
+        Every option is checked before a graph is opened; :class:`ConfigError` (or :class:`BundleError`,
+        :class:`EngineError`) names what is not allowed.
         """
+        options = _changed(options or LoadOptions(), changes)
         bundle = Bundle.open(path)
-        chosen_engine, chosen_device, why = choose(bundle.format, engine, device)
-        if bundle.fusions == "cuda" and not chosen_device.startswith("cuda"):
+        engine, device, why = choose(bundle.format, options.engine, options.device)
+        if bundle.fusions == "cuda" and not device.startswith("cuda"):
             raise BundleError(
                 f"bundle '{bundle.path}' was exported with --fusions cuda: its fused GroupNorm/NHWC ops have no CPU "
-                f"kernels, so it runs on --device cuda only (here: {chosen_device}, {why}); for the CPU export it "
+                f"kernels, so it runs on --device cuda only (here: {device}, {why}); for the CPU export it "
                 "with --fusions none or cpu"
             )
-        n_threads = parse_threads(threads) if threads is not None else default_threads()
-        return cls(bundle, chosen_engine, chosen_device, n_threads, why, decoder, precision, cuda_graph,
-                   None if compile_cache is None else Path(compile_cache), static_shapes)
-
-    def _open(self, component: str) -> Session:
-        graph = self.bundle.graph(component)
-        cache = (compile_cache_dir(self.compile_cache, graph)
-                 if self.compile_cache is not None and self.engine == "openvino" else None)
-        return open_session(graph, self.engine, self.device, self.threads,  # type: ignore[arg-type]
-                            self.precision, self.cuda_graph, cache, self.static_shapes)
+        threads = parse_threads(options.threads) if options.threads else default_threads()
+        if options.cuda_graph and not device.startswith("cuda"):
+            raise ConfigError(f"CUDA graphs need --device cuda; this pipeline runs on {device}")
+        precision = check_precision(options.precision, engine)
+        decoder = options.decoder
+        if decoder not in DECODERS:
+            raise ConfigError(f"decoder '{decoder}' is not known; use one of {', '.join(DECODERS)}")
+        if not bundle.has(DECODERS[decoder]):
+            raise BundleError(f"bundle '{bundle.path}' has no {decoder} decoder ({DECODERS[decoder]}/); export it "
+                              "with `text2image export SOURCE --taesd madebyollin/taesd` or use --decoder vae")
+        if options.compile_cache and cache is None:
+            raise ConfigError("compile_cache needs a folder to keep the compiled models in (Pipeline.load's cache)")
+        options = replace(options, engine=engine, device=device, threads=threads)
+        t0 = time.perf_counter()
+        tokenizer = ClipTokenizer.load(bundle.path / "tokenizer")
+        parts = {"text_encoder": "text_encoder", "unet": "unet", "decoder": DECODERS[decoder]}
+        sessions = {key: open_session(bundle.graph(component), options, cache) for key, component in parts.items()}
+        # The factor the latents were scaled by for the UNet; TAESD was trained on the scaled latents (factor 1).
+        latent_scale = (bundle.vae_scaling_factor if decoder == "vae"
+                        else float(bundle.component_config(DECODERS[decoder]).get("scaling_factor", 1.0)))
+        pipe = cls(bundle, options, tokenizer, sessions, latent_scale)
+        if precision == "bf16" and pipe.math_precision != "bf16":
+            log.warning("precision bf16 was asked for, but this CPU has no native bf16 (AMX or AVX512-BF16): "
+                        "OpenVINO computes in %s", pipe.math_precision)
+        log.info(
+            "loaded %s (%s, %s weights, %s math (asked: %s), %s decoder) on %s/%s with %d threads in %.1f s [%s]",
+            bundle.path, bundle.format, bundle.weights, pipe.math_precision, precision, decoder, engine, device,
+            threads, time.perf_counter() - t0, why,
+        )
+        return pipe
 
     def generate(
         self,
@@ -293,3 +281,11 @@ class Pipeline:
             out.append((img.transpose(1, 2, 0) * 255).round().astype(np.uint8))
         return np.stack(out)
 
+
+def _changed(options: LoadOptions, changes: dict[str, Any]) -> LoadOptions:
+    """``options`` with the named fields changed; an unknown name is a :class:`ConfigError` listing the known."""
+    known = [f.name for f in fields(LoadOptions)]
+    unknown = sorted(set(changes) - set(known))
+    if unknown:
+        raise ConfigError(f"load option {', '.join(map(repr, unknown))} is not known; use {', '.join(known)}")
+    return replace(options, **changes) if changes else options

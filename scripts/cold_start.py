@@ -20,12 +20,13 @@ from pathlib import Path
 
 CHILD = """
 import json, sys, time
+from pathlib import Path
 t0 = time.perf_counter()
 from runtime import Pipeline
 from backend.bench.memory import peak_rss_mb, rss_mb
 a = json.loads(sys.argv[1])
 pipe = Pipeline.load(a["bundle"], engine="openvino", threads=a["threads"], decoder=a["decoder"],
-                     compile_cache=a["cache"])
+                     compile_cache=bool(a["cache"]), cache=a["cache"] and Path(a["cache"]))
 t1 = time.perf_counter()
 args = dict(prompt="a red fox in the snow", n=1, steps=a["steps"], guidance=a["guidance"], width=a["size"],
             height=a["size"], seed=1)

@@ -42,7 +42,7 @@ from runtime import Pipeline
 from backend.bench.metrics import psnr
 images = []
 for path in {bundles!r}:
-    pipe = Pipeline.load(path, device='cpu', threads=None, precision='fp32')
+    pipe = Pipeline.load(path, device='cpu', precision='fp32')
     images.append(pipe.generate('a lighthouse at dusk', steps=2, seed=3, width=512, height=512, guidance=7.5))
 print(psnr(images[0], images[1]))
 """

@@ -22,22 +22,23 @@ def test_a_second_start_reads_the_compiled_shapes(openvino_bundle: Path, tmp_pat
     shutil.copytree(openvino_bundle, bundle)
     cache = tmp_path / "compiled"
     plain = Pipeline.load(bundle, engine="openvino", threads=1).generate(**ARGS)
-    first = Pipeline.load(bundle, engine="openvino", threads=1, compile_cache=cache).generate(**ARGS)
+    first = Pipeline.load(bundle, engine="openvino", threads=1, compile_cache=True, cache=cache).generate(**ARGS)
     stored = _blobs(cache)
     assert {name.rsplit("-", 1)[0] for name in stored} == {"text_encoder", "unet", "vae_decoder"}
     assert all(files for files in stored.values()), stored
-    second = Pipeline.load(bundle, engine="openvino", threads=1, compile_cache=cache).generate(**ARGS)
+    second = Pipeline.load(bundle, engine="openvino", threads=1, compile_cache=True, cache=cache).generate(**ARGS)
     assert _blobs(cache) == stored, "the second start compiled again instead of reading the blobs"
     assert psnr(first, plain) == float("inf") and psnr(second, plain) == float("inf")
 
     # A re-exported UNet (here: its weights file touched) gets a folder of its own.
     weights = bundle / "unet" / "openvino_model.bin"
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
-    Pipeline.load(bundle, engine="openvino", threads=1, compile_cache=cache).generate(**ARGS)
+    Pipeline.load(bundle, engine="openvino", threads=1, compile_cache=True, cache=cache).generate(**ARGS)
     unets = [name for name in _blobs(cache) if name.startswith("unet-")]
     assert len(unets) == 2
 
 
 def test_onnxruntime_keeps_nothing(onnx_bundle: Path, tmp_path: Path) -> None:
-    Pipeline.load(onnx_bundle, engine="onnxruntime", threads=1, compile_cache=tmp_path / "c").generate(**ARGS)
+    Pipeline.load(onnx_bundle, engine="onnxruntime", threads=1, compile_cache=True,
+                  cache=tmp_path / "c").generate(**ARGS)
     assert not (tmp_path / "c").exists()

@@ -142,10 +142,10 @@ def test_info_says_when_the_driver_is_too_old(monkeypatch: pytest.MonkeyPatch, d
     # The CUDA probe's answers injected: what `text2image info` says on a host with that driver (issue #12).
     import json
 
-    import runtime.engines.select as select
+    import runtime.engines.cuda as cuda
 
-    monkeypatch.setattr(select, "cuda_driver_version", lambda: driver)
-    monkeypatch.setattr(select, "onnxruntime_cuda_major", lambda: built)
+    monkeypatch.setattr(cuda, "cuda_driver_version", lambda: driver)
+    monkeypatch.setattr(cuda, "onnxruntime_cuda_major", lambda: built)
     result = CliRunner().invoke(cli, ["info", "--json"])
     said = json.loads(result.output)["cuda_driver"]
     if problem is None:

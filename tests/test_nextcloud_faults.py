@@ -30,7 +30,7 @@ def test_registration_against_a_closed_port_logs_one_line(onnx_bundle: Path, tmp
                                                           monkeypatch: pytest.MonkeyPatch,
                                                           caplog: pytest.LogCaptureFixture) -> None:
     from backend.nextcloud.exapp import ExApp
-    from backend.nextcloud.loader import Model
+    from backend.nextcloud.models import Model
     from backend.nextcloud.provider import provider_id
 
     _appapi_env(monkeypatch, f"http://127.0.0.1:{free_port()}", tmp_path)  # nothing listens there

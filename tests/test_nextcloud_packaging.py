@@ -111,7 +111,7 @@ def test_cpu_image_install_has_no_torch_and_runs_the_exapp(tmp_path: Path, tiny_
     assert {"onnxruntime", "openvino", "nc-py-api", "uvicorn"} <= names
     assert not names & {"torch", "diffusers", "transformers", "optimum", "onnxruntime-gpu"}, names
     check = ("import sys; import backend.nextcloud.app as a; a.create_app(); "
-             "from backend.nextcloud import exapp, worker, loader, provider, delivery, journal; "
+             "from backend.nextcloud import exapp, worker, models, provider, delivery, journal; "
              "import runtime.pipeline; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([str(bin_ / "python"), "-c", check], cwd=tmp_path, check=True,
                    env={"PATH": os.environ["PATH"], "APP_ID": "x", "HOME": str(tmp_path)})

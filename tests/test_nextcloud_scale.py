@@ -45,7 +45,7 @@ def test_two_processes_with_two_workers_process_each_task_once(onnx_bundle: Path
 def test_the_thread_cap_is_for_the_container_not_per_model() -> None:
     # Issue #12, finding 5: with T2I_MODEL=tiny,tiny-v on a 2-thread cap each model got 2 threads, 4 in all.
     from backend.config import Settings
-    from backend.nextcloud.loader import worker_settings
+    from backend.nextcloud.models import worker_settings
 
     def per_worker(**env: str) -> int:
         return worker_settings(Settings.from_env({f"T2I_{k.upper()}": v for k, v in env.items()})).runtime.threads

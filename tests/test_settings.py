@@ -63,3 +63,18 @@ def test_overrides_are_checked_like_the_environment() -> None:
 def test_the_thread_cap_is_split_between_workers() -> None:
     s = Settings().updated(threads=8)
     assert [s.threads_per_worker(n) for n in (1, 3, 8, 20)] == [8, 2, 1, 1]
+
+
+def test_the_runtime_settings_are_the_pipelines_load_options(onnx_bundle: Path) -> None:
+    from runtime import LoadOptions, Pipeline
+    from runtime.engines import default_threads
+
+    s = Settings.from_env({"T2I_THREADS": "1", "T2I_ENGINE": "onnxruntime", "T2I_DEVICE": "cpu"})
+    assert isinstance(s.runtime, LoadOptions)
+    pipe = Pipeline.load(onnx_bundle, s.runtime)
+    assert (pipe.engine, pipe.device, pipe.threads) == ("onnxruntime", "cpu", 1)
+    assert Pipeline.load(onnx_bundle, s.runtime, threads=0).threads == default_threads(), "0: every core"
+    with pytest.raises(ConfigError, match="load option 'devise' is not known; use device, engine, threads, decoder"):
+        Pipeline.load(onnx_bundle, devise="cpu")
+    with pytest.raises(ConfigError, match="compile_cache needs a folder"):
+        Pipeline.load(onnx_bundle, s.runtime, compile_cache=True)

@@ -12,6 +12,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import fields
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -50,12 +51,12 @@ def ours(case: dict[str, Any]) -> dict[str, Any]:
     """Our runtime: components through the same sessions ``Pipeline.generate`` uses."""
     from backend.images import png_bytes
     from runtime import Pipeline
+    from runtime.options import LoadOptions
     from runtime.request import GenerationRequest
 
-    pipe = Pipeline.load(case["bundle"], device=case.get("device", "cpu"), engine=case["engine"],
-                         threads=case["threads"], precision=case.get("precision", "auto"),
-                         decoder=case.get("decoder", "vae"), cuda_graph=case.get("cuda_graph", False),
-                         static_shapes=case.get("static_shapes", False))
+    # A case names the load options it sets (engine, threads, precision …); the device defaults to the CPU.
+    options = {"device": "cpu", **{k: v for k, v in case.items() if k in {f.name for f in fields(LoadOptions)}}}
+    pipe = Pipeline.load(case["bundle"], **options)
     dim = int(pipe.unet.inputs["encoder_hidden_states"].shape[-1] or 1024)
     w, r = case["warmup"], case["repeats"]
     out: dict[str, Any] = {"text_encoder": timed(lambda: pipe._encode(PROMPT), w, r)}

@@ -6,27 +6,50 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from backend.config import Settings
 from backend.nextcloud.admin_defaults import drop_outdated_overrides
 from backend.nextcloud.admin_settings import AdminChoice, ModelDefaults, choose, field_ids
-from backend.nextcloud.client import Gone, Unreachable, sleep_or
+from backend.nextcloud.client import Gone, Nextcloud, Unreachable, sleep_or
+from backend.nextcloud.models import Model
 from backend.nextcloud.provider import model_names
 from runtime.errors import T2IError
 
 if TYPE_CHECKING:
-    from backend.nextcloud.exapp import ExApp
     from runtime.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
 
+class App(Protocol):
+    """What the admin loop uses of the ExApp (:class:`backend.nextcloud.exapp.ExApp`, which builds on this module):
+    its settings and models (:class:`backend.nextcloud.models.ModelLife`), Nextcloud, the workers and its tasks."""
+
+    base_settings: Settings
+    settings: Settings
+    models: dict[str, Model]
+    nc: Nextcloud
+    enabled: asyncio.Event
+    stopping: asyncio.Event
+
+    async def reload(self, settings: Settings) -> None: ...
+
+    async def register(self, models: dict[str, Model]) -> None: ...
+
+    async def retire_workers(self) -> None: ...
+
+    def resume_workers(self) -> None: ...
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task: ...
+
+
 class AdminSettings:
     """The admin form's side of one ExApp: what was last read and applied, and the loop that watches it."""
 
-    def __init__(self, app: ExApp) -> None:
+    def __init__(self, app: App) -> None:
         self.app = app
         #: The choice in use (None until the form was read once).
         self.applied: AdminChoice | None = None

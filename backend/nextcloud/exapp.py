@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 from backend.config import Settings
@@ -16,7 +15,7 @@ from backend.nextcloud.admin_settings import OLD_FORM_IDS, build_form
 from backend.nextcloud.client import Backoff, Gone, Nextcloud, Unreachable, sleep_or
 from backend.nextcloud.delivery import Delivery
 from backend.nextcloud.journal import Journal
-from backend.nextcloud.loader import Model, load_models, verify_bundle
+from backend.nextcloud.models import Model, ModelLife, storage_dir
 from backend.nextcloud.provider import build_provider
 from backend.nextcloud.worker import Trigger, Worker
 from runtime.errors import T2IError
@@ -35,15 +34,6 @@ STOP_GRACE = 8.0
 ENABLE_WAIT = 45.0
 #: On disable, a task in hand that can finish within this many seconds is finished and delivered, else stopped.
 DISABLE_GRACE = 20.0
-#: In the persistent storage: which bundle manifests a run has verified, so a restart does not hash GBs again.
-VERIFIED = "verified.json"
-
-
-def storage_dir() -> Path:
-    """AppAPI's persistent volume (``APP_PERSISTENT_STORAGE``), kept across container updates."""
-    from nc_py_api.ex_app import persistent_storage
-
-    return Path(persistent_storage())
 
 
 def exapp_settings(settings: Settings | None = None, **overrides: Any) -> Settings:
@@ -54,7 +44,7 @@ def exapp_settings(settings: Settings | None = None, **overrides: Any) -> Settin
     return settings
 
 
-class ExApp:
+class ExApp(ModelLife):
     """Everything one ExApp process holds. Create and use it inside the running event loop."""
 
     def __init__(self, settings: Settings) -> None:
@@ -77,7 +67,7 @@ class ExApp:
         self._recovered = False
         self._worker_tasks: list[asyncio.Task] = []
         self._old_forms_gone = False
-        self.admin = AdminSettings(self)
+        self.admin: AdminSettings = AdminSettings(self)
 
     # -- start and stop ----------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -162,40 +152,7 @@ class ExApp:
         self._tasks.append(task)
         return task
 
-    # -- loading -----------------------------------------------------------------------------------------------
-    async def load(self, verify: bool = False) -> dict[str, Model]:
-        """Ready the models once (later callers wait for the same load); raise T2IError when that fails.
-
-        ``verify`` (init) hashes every bundle file even when an earlier run did; a load without it still hashes a
-        bundle no run has verified. Whichever caller comes first, the one ordered load serves both: when /init asks
-        for verification of models a resume already loaded without it, they are verified before init reports."""
-        loop = asyncio.get_running_loop()
-        record = storage_dir() / VERIFIED
-        if not self.models:
-            if self._loading is None or (self._loading.done() and self._loading.exception() is not None):
-                # Claimed before the first await: a resume and /init arriving together must share one load, or
-                # two would download into the same folder and one would delete it under the other.
-                self._loading = loop.create_task(self._load_models(verify, record), name="load-models")
-                self._verified = verify
-            ready = await asyncio.shield(self._loading)
-            if not self.models:
-                self.models = {pid: Model(name, pid, services) for name, pid, services in ready}
-        if verify and not self._verified:
-            for model in self.models.values():
-                await loop.run_in_executor(None, verify_bundle, model.services[0], lambda _: None, True, record)
-            self._verified = True
-        return self.models
-
-    async def _load_models(self, verify: bool, record: Path) -> list:
-        await self.admin.before_first_load()
-        loop = asyncio.get_running_loop()
-
-        def report(p: int) -> None:
-            if self._init_progress is not None:
-                loop.call_soon_threadsafe(self._init_progress.put_nowait, p)
-
-        return await loop.run_in_executor(None, load_models, self.settings, report, verify, record)
-
+    # -- init (ModelLife.load loads the models) --------------------------------------------------------------
     async def init(self) -> None:
         """/init: download and verify the models, load them, and report progress to AppAPI (0..100, or an error)."""
         self._init_progress = queue = asyncio.Queue[int]()
@@ -333,11 +290,6 @@ class ExApp:
         self._start_workers()
         self.enabled.set()
         self.trigger.fire(from_nextcloud=False)
-
-    async def reload(self, settings: Settings) -> None:
-        """Drop the loaded models (the workers must be retired) and load those ``settings`` ask for."""
-        self.models, self._loading, self.settings = {}, None, settings
-        await self.load()
 
     def _recover(self) -> None:
         """Once per process, before any worker runs: queue the tasks that a dead process (normally this service

@@ -21,7 +21,7 @@ from typing import Any
 from backend.nextcloud.client import Backoff, Gone, Nextcloud, Unreachable, cut, sleep_or
 from backend.nextcloud.delivery import Delivery
 from backend.nextcloud.journal import Journal
-from backend.nextcloud.loader import Model
+from backend.nextcloud.models import Model
 from backend.tasks.request import TaskInputError, parse_task_input
 from backend.tasks.service import ImageService
 from runtime.errors import GenerationCancelled

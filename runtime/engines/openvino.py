@@ -11,11 +11,16 @@ from typing import Any
 
 import numpy as np
 
+from runtime.engines.base import InputSpec
 from runtime.engines.mapped import releasing, resident_bytes
-from runtime.engines.select import InputSpec
 from runtime.errors import BundleError, EngineError
+from runtime.options import PrecisionChoice
 
 log = logging.getLogger(__name__)
+
+#: OpenVINO's INFERENCE_PRECISION_HINT for each of our precision choices (auto: none, the plugin's own choice).
+PRECISION_HINTS: dict[str, str | None] = {"auto": None, "fp32": "f32", "bf16": "bf16"}
+
 
 class OvSession:
     """An OpenVINO model on the CPU with the thread cap and the precision hint applied.
@@ -30,13 +35,14 @@ class OvSession:
     copy.
     """
 
-    def __init__(self, path: Path, threads: int, precision_hint: str | None, keep: int = 2,
+    def __init__(self, path: Path, threads: int, precision: PrecisionChoice, keep: int = 2,
                  cache_dir: Path | None = None, static_shapes: bool = False) -> None:
         import openvino as ov
 
         self._config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
-        if precision_hint:
-            self._config["INFERENCE_PRECISION_HINT"] = precision_hint
+        hint = PRECISION_HINTS[precision]
+        if hint:
+            self._config["INFERENCE_PRECISION_HINT"] = hint
         if cache_dir is not None:
             # OpenVINO keys each blob by the graph, the shapes and this config as well; the folder (see
             # compile_cache_dir) also changes with the bundle's files and the OpenVINO version.
@@ -132,7 +138,7 @@ def openvino_math_precision(precision: str) -> str:
     elsewhere, and a bf16 hint on a CPU without it quietly runs f32. Read from a compiled one-op model, because only
     the compiled model tells what the plugin really chose.
     """
-    hint = {"auto": None, "fp32": "f32", "bf16": "bf16"}[precision]
+    hint = PRECISION_HINTS[precision]
     if hint not in _OV_PRECISION:
         import openvino as ov
         from openvino import opset13 as ops

@@ -11,8 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from runtime.engines.select import Device, InputSpec, _cuda_index
+from runtime.engines.base import InputSpec
+from runtime.engines.cuda import cuda_index
 from runtime.errors import BundleError, ConfigError, EngineError
+from runtime.options import DeviceChoice
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ class OrtSession:
 
     MAX_GRAPHS = 4
 
-    def __init__(self, path: Path, device: Device, threads: int, io_binding: bool | None = None,
+    def __init__(self, path: Path, device: DeviceChoice, threads: int, io_binding: bool | None = None,
                  cuda_graph: bool = False) -> None:
         import onnxruntime as ort
 
@@ -49,7 +51,7 @@ class OrtSession:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers: list[Any] = ["CPUExecutionProvider"]
-        gpu = _cuda_index(device)
+        gpu = cuda_index(device)
         if cuda_graph and gpu is None:
             raise ConfigError(f"CUDA graphs need a CUDA device; device '{device}' is not one")
         if gpu is not None:

@@ -8,18 +8,12 @@ an OpenVINO bundle, else onnxruntime on the CPU. After a session exists the engi
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, cast
 
-import numpy as np
-
+from runtime.engines.cuda import cuda_device_count, cuda_index, cuda_usable
 from runtime.errors import ConfigError, EngineError
-from runtime.options import ENGINES, PRECISIONS
+from runtime.options import DEVICES, ENGINES, PRECISIONS, DeviceChoice, Engine, PrecisionChoice
 
-Engine = Literal["onnxruntime", "openvino"]
-#: "cpu", "cuda" (GPU 0) or "cuda:N" (GPU N, e.g. one worker per GPU).
-Device = str
-DEVICES = ("auto", "cpu", "cuda")
 
 def default_threads() -> int:
     """The cores this process may run on (its affinity mask, as a container's cpuset limits it), not the host's.
@@ -42,23 +36,6 @@ def parse_threads(value: str | int) -> int:
     return n
 
 
-@dataclass(frozen=True)
-class InputSpec:
-    """A graph input as the graph declares it: the dtype to feed and the shape (None or a name for dynamic axes)."""
-
-    name: str
-    dtype: type
-    shape: tuple[int | str | None, ...]
-
-
-class Session(Protocol):
-    """One loaded graph. ``run`` takes numpy feeds by input name and returns the outputs in graph order."""
-
-    inputs: dict[str, InputSpec]
-
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
-
-
 def available_engines() -> dict[str, Any]:
     """What this installation offers, for `text2image info` and for ``auto`` selection."""
     found: dict[str, Any] = {}
@@ -77,91 +54,11 @@ def available_engines() -> dict[str, Any]:
     return found
 
 
-def cuda_device_count() -> int:
-    """GPUs that onnxruntime's CUDA provider could use: 0 without the provider or without an answering driver."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return 0
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return 0
-    import ctypes
-
-    try:
-        lib = ctypes.CDLL("libcuda.so.1")
-        count = ctypes.c_int(0)
-        ok = lib.cuInit(0) == 0 and lib.cuDeviceGetCount(ctypes.byref(count)) == 0
-        return count.value if ok else 0
-    except OSError:
-        return 0
-
-
-def cuda_driver_version() -> tuple[int, int] | None:
-    """The newest CUDA version the host's NVIDIA driver supports (major, minor), None without a driver."""
-    import ctypes
-
-    try:
-        lib = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return None
-    version = ctypes.c_int(0)
-    if lib.cuDriverGetVersion(ctypes.byref(version)) != 0:
-        return None
-    return version.value // 1000, version.value % 1000 // 10
-
-
-def onnxruntime_cuda_major() -> tuple[str, int] | None:
-    """The installed onnxruntime-gpu's version and the CUDA major version it was built for (its wheel names the
-    CUDA runtime it needs), None without onnxruntime-gpu."""
-    import re
-    from importlib import metadata
-
-    try:
-        dist = metadata.distribution("onnxruntime-gpu")
-    except metadata.PackageNotFoundError:
-        return None
-    for requirement in dist.requires or []:
-        found = re.match(r"nvidia-cuda-runtime(?:-cu(\d+))?\s*~=\s*(\d+)", requirement)
-        if found:
-            return dist.version, int(found[1] or found[2])
-    return None
-
-
-def cuda_driver_problem() -> str | None:
-    """A plain sentence when the host's driver is too old for the installed onnxruntime-gpu, else None."""
-    driver, built = cuda_driver_version(), onnxruntime_cuda_major()
-    if driver is None or built is None or driver[0] >= built[1]:
-        return None
-    return (f"the NVIDIA driver supports CUDA {driver[0]}.{driver[1]} only, but onnxruntime-gpu {built[0]} needs CUDA "
-            f"{built[1]}: update the host's NVIDIA driver, or install an onnxruntime-gpu built for CUDA "
-            f"{driver[0]} (for CUDA 12: onnxruntime-gpu<1.27, what the CUDA image ships)")
-
-
-def cuda_usable() -> bool:
-    """True when onnxruntime has the CUDA provider *and* a GPU answers (the provider alone loads without one)."""
-    return cuda_device_count() > 0
-
-
-def _cuda_index(device: str) -> int | None:
-    """The GPU index of 'cuda' / 'cuda:N', None for other devices; bad forms raise."""
-    if device == "cuda":
-        return 0
-    if not device.startswith("cuda:"):
-        return None
-    try:
-        index = int(device[5:])
-    except ValueError:
-        index = -1
-    if index < 0:
-        raise ConfigError(f"device '{device}' is not known; use auto, cpu, cuda or cuda:N (N = GPU index from 0)")
-    return index
-
-
-def choose(bundle_format: str, engine: str, device: str) -> tuple[Engine, Device, str]:
+def choose(bundle_format: str, engine: str, device: str) -> tuple[Engine, DeviceChoice, str]:
     """Resolve ``engine``/``device`` (each possibly ``auto``) for a bundle; return them with the reason."""
     if engine not in ENGINES:
         raise ConfigError(f"engine '{engine}' is not known; use one of {', '.join(ENGINES)}")
-    gpu = _cuda_index(device)
+    gpu = cuda_index(device)
     if device not in DEVICES and gpu is None:
         raise ConfigError(f"device '{device}' is not known; use one of {', '.join(DEVICES)} or cuda:N")
     have = available_engines()
@@ -199,9 +96,10 @@ def choose(bundle_format: str, engine: str, device: str) -> tuple[Engine, Device
     return engine, "cpu", why  # type: ignore[return-value]
 
 
-def check_precision(precision: str, engine: str) -> str:
+def check_precision(precision: str, engine: str) -> PrecisionChoice:
+    """``precision`` if it is known and the ``engine`` computes in it, else :class:`ConfigError`."""
     if precision not in PRECISIONS:
         raise ConfigError(f"precision '{precision}' is not known; use one of {', '.join(PRECISIONS)}")
     if precision == "bf16" and engine != "openvino":
         raise ConfigError("precision 'bf16' needs the openvino engine; onnxruntime runs the graph's own types")
-    return precision
+    return cast(PrecisionChoice, precision)

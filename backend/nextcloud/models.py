@@ -1,5 +1,7 @@
-"""Getting the configured models ready: resolve (download/export) each into the store, verify the files against the
-bundle's manifest, and load one :class:`ImageService` per worker, reporting progress 0..99 as it goes.
+"""The ExApp's models and their life: resolve (download/export) each configured model into the store, verify the
+files against the bundle's manifest, and load one :class:`ImageService` per worker, reporting progress 0..99 as it
+goes; :class:`ModelLife` loads them once for every caller (a resume and /init share one load) and again with other
+settings.
 
 Each worker gets its own service (its own engine sessions) with an equal share of the thread cap: a shared service
 would serialise the workers on its lock, and an OpenVINO infer request must not be used by two threads at once.
@@ -14,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Protocol
 
 from backend.config import Settings
 from backend.nextcloud.provider import model_names, provider_id
@@ -23,6 +26,16 @@ from runtime.errors import T2IError
 log = logging.getLogger(__name__)
 
 Report = Callable[[int], None]
+
+#: In the persistent storage: which bundle manifests a run has verified, so a restart does not hash GBs again.
+VERIFIED = "verified.json"
+
+
+def storage_dir() -> Path:
+    """AppAPI's persistent volume (``APP_PERSISTENT_STORAGE``), kept across container updates."""
+    from nc_py_api.ex_app import persistent_storage
+
+    return Path(persistent_storage())
 
 
 @dataclass
@@ -145,3 +158,59 @@ def _read_record(path: Path | None) -> dict[str, str]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+class _FirstLoad(Protocol):
+    """The admin settings as the first load sees them: an admin's choice of models counts from it on."""
+
+    async def before_first_load(self) -> None: ...
+
+
+class ModelLife:
+    """The model life cycle of the ExApp (:class:`backend.nextcloud.exapp.ExApp` builds on it): one shared load of
+    the configured models, verified for /init, and a reload with other settings (the admin's)."""
+
+    settings: Settings
+    models: dict[str, Model]
+    admin: _FirstLoad
+    _loading: asyncio.Future | None
+    _verified: bool
+    _init_progress: asyncio.Queue | None
+
+    async def load(self, verify: bool = False) -> dict[str, Model]:
+        """Ready the models once (later callers wait for the same load); raise T2IError when that fails.
+
+        ``verify`` (init) hashes every bundle file even when an earlier run did; a load without it still hashes a
+        bundle no run has verified. Whichever caller comes first, the one ordered load serves both: when /init asks
+        for verification of models a resume already loaded without it, they are verified before init reports."""
+        loop = asyncio.get_running_loop()
+        record = storage_dir() / VERIFIED
+        if not self.models:
+            if self._loading is None or (self._loading.done() and self._loading.exception() is not None):
+                # Claimed before the first await: a resume and /init arriving together must share one load, or
+                # two would download into the same folder and one would delete it under the other.
+                self._loading = loop.create_task(self._load_models(verify, record), name="load-models")
+                self._verified = verify
+            ready = await asyncio.shield(self._loading)
+            if not self.models:
+                self.models = {pid: Model(name, pid, services) for name, pid, services in ready}
+        if verify and not self._verified:
+            for model in self.models.values():
+                await loop.run_in_executor(None, verify_bundle, model.services[0], lambda _: None, True, record)
+            self._verified = True
+        return self.models
+
+    async def _load_models(self, verify: bool, record: Path) -> list:
+        await self.admin.before_first_load()
+        loop = asyncio.get_running_loop()
+
+        def report(p: int) -> None:
+            if self._init_progress is not None:
+                loop.call_soon_threadsafe(self._init_progress.put_nowait, p)
+
+        return await loop.run_in_executor(None, load_models, self.settings, report, verify, record)
+
+    async def reload(self, settings: Settings) -> None:
+        """Drop the loaded models (the workers must be retired) and load those ``settings`` ask for."""
+        self.models, self._loading, self.settings = {}, None, settings
+        await self.load()
