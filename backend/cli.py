@@ -187,13 +187,14 @@ def generate(prompt: str, model: str | None, n: int, size: str | None, steps: in
 
     # The whole request is checked here, before the model is loaded.
     width, height = validation.parse_size(size) if size else (None, None)
-    request = GenerationRequest(prompt, negative, n, width, height, steps, guidance, seed, scheduler)
+    request = GenerationRequest(prompt=prompt, negative_prompt=negative, n=n, width=width, height=height,
+                                steps=steps, guidance=guidance, seed=seed, scheduler=scheduler)
     # So is the output folder: a generation must not run only to find that its images cannot be written.
     _check_out(out)
     pipe = _load(model, device, engine, threads, offline, decoder, precision, cuda_graph)
-    total = steps or pipe.default_steps
-    with click.progressbar(length=total, label="denoising", file=sys.stderr) as bar:
+    with click.progressbar(length=0, label="denoising", file=sys.stderr) as bar:
         def on_step(done: int, all_steps: int) -> None:
+            bar.length = all_steps  # the resolved request's steps: the bar needs no default of its own
             bar.update(1)
 
         items = pipe.run(request, on_step=on_step)

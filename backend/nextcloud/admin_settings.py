@@ -18,6 +18,7 @@ from backend.config import Settings
 from backend.nextcloud.provider import model_names, provider_id
 from runtime import validation as v
 from runtime.errors import T2IError
+from runtime.request import Defaults
 from runtime.validation import shown
 
 FORM_ID = "text2image_sd2_admin"
@@ -31,21 +32,11 @@ MAX_THREADS = 1024
 
 
 @dataclass(frozen=True)
-class ModelDefaults:
-    """An admin's defaults for one model's requests; None keeps the model's own."""
-
-    width: int | None = None
-    height: int | None = None
-    steps: int | None = None
-    guidance: float | None = None
-
-
-@dataclass(frozen=True)
 class AdminChoice:
     """What the stored values ask for, and what had to be ignored."""
 
     settings: Settings
-    defaults: dict[str, ModelDefaults] = field(default_factory=dict)
+    defaults: dict[str, Defaults] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
 
@@ -88,13 +79,13 @@ def build_form(base: Settings, models: Mapping[str, Any]) -> dict[str, Any]:
         key, own = model_key(name), service.defaults
         sizes = [f"{size} ({label.split('(', 1)[1]}" if "(" in label else size
                  for size, label in service.allowed_sizes().items()]
-        current = next((s for s in sizes if s.split(" ", 1)[0] == own["size"]), sizes[0])
+        current = next((s for s in sizes if s.split(" ", 1)[0] == own.size), sizes[0])
         fields_ += [
             _field(f"{key}_size", f"{name}: default size", "select", current,
                    "The size of an image when the user does not choose one.", options=sizes),
-            _field(f"{key}_steps", f"{name}: default steps", "number", int(own["steps"]),
+            _field(f"{key}_steps", f"{name}: default steps", "number", own.steps,
                    "Denoising steps when the user does not choose (1–100); more is slower and finer."),
-            _field(f"{key}_guidance", f"{name}: default guidance", "number", float(own["guidance"]),
+            _field(f"{key}_guidance", f"{name}: default guidance", "number", own.guidance,
                    "How closely images follow the prompt when the user does not choose (0–30; sd-turbo: 0)."),
         ]
     return {"id": FORM_ID, "priority": 10, "section_type": "admin", "section_id": SECTION_ID,
@@ -127,7 +118,7 @@ def choose(base: Settings, values: Mapping[str, str]) -> AdminChoice:
             continue
         changes[fid] = value
     settings = base.updated(**changes) if changes else base
-    defaults: dict[str, ModelDefaults] = {}
+    defaults: dict[str, Defaults] = {}
     for name in model_names(settings.store.model):
         key, parsed = model_key(name), {}
         for part in ("size", "steps", "guidance"):
@@ -138,7 +129,7 @@ def choose(base: Settings, values: Mapping[str, str]) -> AdminChoice:
                 parsed.update(_parse_default(part, raw))
             except T2IError as exc:
                 problems.append(f"admin setting {key}_{part}={shown(raw)} ignored: {exc}")
-        defaults[name] = ModelDefaults(**parsed)
+        defaults[name] = Defaults(**parsed)  # an admin's choice; None keeps the model's own
     return AdminChoice(settings, defaults, problems)
 
 

@@ -22,9 +22,9 @@ from backend.nextcloud.client import Backoff, Gone, Nextcloud, Unreachable, cut,
 from backend.nextcloud.delivery import Delivery
 from backend.nextcloud.journal import Journal
 from backend.nextcloud.loader import Model
-from backend.tasks.request import TaskInputError, parse_task_input
+from backend.tasks import task_input
 from backend.tasks.service import ImageService
-from runtime.errors import GenerationCancelled
+from runtime.errors import GenerationCancelled, InvalidRequest
 from runtime.request import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -209,8 +209,8 @@ class Worker:
         log.info("%s: task %d taken (attempt %d)", self.name, tid, entry.attempts)
         bridge = ProgressBridge(self.nc, tid, asyncio.get_running_loop(), self.deadline)
         try:
-            return tid, parse_task_input(task.get("input") or {}), bridge
-        except TaskInputError as exc:
+            return tid, task_input.parse(task.get("input") or {}), bridge
+        except InvalidRequest as exc:
             self.journal.fail(tid, f"task {tid} was refused: {exc}", str(exc))
             self.current = None
             return tid, None, bridge
@@ -280,7 +280,7 @@ class Worker:
                 return True
             self.journal.fail(tid, f"task {tid} stopped: the service was shutting down", STOPPED)
             return False
-        if isinstance(results, TaskInputError):
+        if isinstance(results, InvalidRequest):
             self.journal.fail(tid, f"task {tid} was refused: {results}", str(results))
             return False
         if isinstance(results, BaseException):

@@ -21,7 +21,7 @@ from backend.standalone.auth import Credentials, RateLimiter
 from backend.standalone.data_dir import StoreError, StoreFull
 from backend.standalone.manager import TaskManager
 from backend.standalone.task import NoProviderError, Task, TaskFailedError, TaskNotFoundError
-from backend.tasks.request import OPTIONAL_INPUTS, TaskInputError
+from runtime.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,6 @@ BASE = "/ocs/v2.php/text2image"
 MAX_BODY_BYTES = 256 * 1024
 #: Nextcloud's default for numberOfImages in /schedule.
 DEFAULT_IMAGES = 8
-SCHEDULE_KEYS = ("input", "appId", "identifier", "numberOfImages", *OPTIONAL_INPUTS)
 #: OCS clients often add ?format=json; the answer is JSON either way.
 IGNORED_KEYS = ("format",)
 OPENAPI_FILE = Path(__file__).with_name("openapi.json")
@@ -135,16 +134,16 @@ class Api:
         return ocs(200, {"isAvailable": self.manager.has_providers() and self.manager.store.has_room()})
 
     def schedule(self, user: str, args: dict[str, str], query: dict[str, Any], r: Request) -> Response:
-        params: dict[str, Any] = {**query, **_body_params(r)}
-        _known(params, SCHEDULE_KEYS)
+        params: dict[str, Any] = {k: v for k, v in {**query, **_body_params(r)}.items() if k not in IGNORED_KEYS}
         for key in ("input", "appId"):
             if params.get(key) is None:
                 raise HttpError(400, f"'{key}' is missing; /schedule needs input (the prompt) and appId")
-        task = Task(params["input"], params["appId"], params.get("numberOfImages", DEFAULT_IMAGES), user,
-                    params.get("identifier", ""), {k: params[k] for k in OPTIONAL_INPUTS if k in params})
+        # The envelope is the task's; every other key is task input, for the codec to check (unknown keys too).
+        app_id, identifier = params.pop("appId"), params.pop("identifier", "")
+        prompt, n = params.pop("input"), params.pop("numberOfImages", DEFAULT_IMAGES)
         try:
-            self.manager.validate(task)
-        except TaskInputError as exc:
+            task = Task.new(prompt, app_id, n, user, identifier, params)
+        except InvalidRequest as exc:
             raise HttpError(400, _shorten(str(exc))) from None
         if not self.manager.has_providers():
             raise HttpError(412, f"No text to image provider is available: {self.unavailable_reason}")

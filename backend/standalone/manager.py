@@ -1,15 +1,13 @@
 """Nextcloud's Text-To-Image manager (OCP\\TextToImage\\IManager) for Python callers, over the local task store.
 
-The images are made by the shared core (:func:`backend.tasks.request.parse_task_input` and
-:class:`backend.tasks.service.ImageService`), the same code the Nextcloud connector runs; this module adds the
-queue, the persistence and the events around it.
+The images are made by the shared core (:class:`backend.tasks.service.ImageService`), the same code the Nextcloud
+connector runs; this module adds the queue, the persistence and the events around it.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import re
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -27,10 +25,8 @@ from backend.standalone.task import (
     TaskStatus,
     TaskSuccessfulEvent,
 )
-from backend.tasks.request import OPTIONAL_INPUTS, TaskInputError, parse_task_input, request_to_input
 from runtime.errors import GenerationCancelled, InvalidRequest, T2IError
-from runtime.request import GenerationRequest
-from runtime.validation import check_text
+from runtime.validation import shown
 
 if TYPE_CHECKING:
     from backend.tasks.service import ImageService
@@ -46,16 +42,8 @@ INTERNAL_ERROR = ("the images could not be made because of an internal error; th
 #: Workers look into the store this often even without a wake-up (cheap, and it bounds any missed wake-up).
 POLL_SECONDS = 5.0
 CLEANUP_EVERY_SECONDS = 3600.0
-MAX_IDENTIFIER_CHARS = 255
-# App and user ids appear in URLs; a strict alphabet keeps them from ever meaning a path.
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 SuccessHandler = Callable[[TaskSuccessfulEvent], object]
 FailureHandler = Callable[[TaskFailedEvent], object]
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class TaskManager:
@@ -63,7 +51,7 @@ class TaskManager:
 
     >>> manager = TaskManager(Path("tasks"), services=[service])   # service: a loaded ImageService
     >>> manager.on_success(lambda event: print(event.task.id, event.images))
-    >>> task = manager.schedule_task(Task("a red fox", "my_app", 2, "alice"))
+    >>> task = manager.schedule_task(Task.new("a red fox", "my_app", 2, "alice"))
     >>> manager.get_user_task(task.id, "alice").status
     <TaskStatus.SCHEDULED: 1>
     >>> manager.close()
@@ -75,7 +63,7 @@ class TaskManager:
 
     def __init__(self, data_dir: Path, max_age_days: float = 30.0, services: Iterable[ImageService] = ()) -> None:
         if not isinstance(max_age_days, (int, float)) or not math.isfinite(max_age_days) or max_age_days < 0:
-            raise T2IError(f"max_age_days {_show(max_age_days)} is not allowed; give days, a finite number 0 or more")
+            raise T2IError(f"max_age_days {shown(max_age_days)} is not allowed; give days, a finite number 0 or more")
         self.data_dir = Path(data_dir)
         self.max_age_days = max_age_days
         self._lock_file = lock_data_dir(self.data_dir)
@@ -154,42 +142,10 @@ class TaskManager:
         """True when a model is loaded, so tasks can run."""
         return bool(self._services)
 
-    def validate(self, task: Task) -> GenerationRequest:
-        """Check a task without storing it; raise :class:`TaskInputError` with a message for the user.
-
-        Normalises ``task.number_of_images`` and ``task.options`` (e.g. "3" → 3) on the object.
-        """
-        if not isinstance(task.app_id, str) or not _NAME_RE.match(task.app_id):
-            raise TaskInputError(f"appId {_show(task.app_id)} is not allowed; use 1 to 64 letters, digits, '_', "
-                                 "'.', '@' or '-', starting with a letter or digit")
-        if task.user_id is not None and (not isinstance(task.user_id, str) or not _NAME_RE.match(task.user_id)):
-            raise TaskInputError(f"user id {_show(task.user_id)} is not allowed; use 1 to 64 letters, digits, '_', "
-                                 "'.', '@' or '-', starting with a letter or digit")
-        if not isinstance(task.identifier, str) or len(task.identifier) > MAX_IDENTIFIER_CHARS:
-            raise TaskInputError(f"identifier {_show(task.identifier)} is not allowed; use text of at most "
-                                 f"{MAX_IDENTIFIER_CHARS} characters")
-        try:
-            check_text("identifier", task.identifier)
-        except InvalidRequest as exc:
-            raise TaskInputError(str(exc)) from None
-        if not isinstance(task.options, dict):
-            raise TaskInputError(f"options must be an object, got {type(task.options).__name__}")
-        unknown = sorted(repr(k) for k in set(task.options) - set(OPTIONAL_INPUTS))
-        if unknown:
-            raise TaskInputError(f"unknown option {', '.join(unknown)}; allowed: {', '.join(OPTIONAL_INPUTS)}")
-        request = parse_task_input(task.task_input())
-        normal = request_to_input(request)
-        task.number_of_images = normal.pop("numberOfImages")
-        normal.pop("input")
-        task.options = normal
-        return request
-
     def schedule_task(self, task: Task) -> Task:
-        """Check ``task``, store it as SCHEDULED and return it at once; a background worker makes the images.
-
-        Raises :class:`TaskInputError` (bad input) or :class:`NoProviderError` (no model loaded).
-        """
-        expected, backlog = self._estimate(self.validate(task))
+        """Store a checked task (:meth:`Task.new`) as SCHEDULED and return it at once; a background worker makes
+        the images. Raises :class:`NoProviderError` (no model loaded)."""
+        expected, backlog = self._estimate(task)
         self.store.insert(task, TaskStatus.SCHEDULED, expected, int(time.time() + backlog + expected))
         with self._cond:
             self._generation += 1
@@ -198,13 +154,13 @@ class TaskManager:
         return task
 
     def run_task(self, task: Task) -> Task:
-        """Check ``task`` and make its images now, in the calling thread; return it SUCCESSFUL.
+        """Make a checked task's images now, in the calling thread; return it SUCCESSFUL.
 
         Raises :class:`TaskFailedError` when generation failed (the task is stored as FAILED and the failure event
         fired), besides the errors of :meth:`schedule_task`. Waits for a free service first; it goes before the
         queue. If the manager is closed meanwhile the task is returned SCHEDULED and runs after a restart.
         """
-        expected, _ = self._estimate(self.validate(task))
+        expected, _ = self._estimate(task)
         service = self._take(sync=True)
         if service is None:
             raise NoProviderError("the task service is stopping; try again when it is back")
@@ -223,9 +179,9 @@ class TaskManager:
         return task
 
     def run_or_schedule_task(self, task: Task, budget_seconds: float) -> Task:
-        """Run ``task`` now when its expected runtime (measured step times of the loaded model, plus the work
+        """Run a checked task now when its expected runtime (measured step times of the loaded model, plus the work
         already queued) fits ``budget_seconds``; otherwise schedule it. Returns the task either way."""
-        expected, backlog = self._estimate(self.validate(task))
+        expected, backlog = self._estimate(task)
         if expected + backlog <= budget_seconds:
             return self.run_task(task)
         return self.schedule_task(task)
@@ -265,11 +221,13 @@ class TaskManager:
         return self.store.cleanup(days * 86400)
 
     # -- the workers -----------------------------------------------------------------------------------------------
-    def _estimate(self, request: GenerationRequest) -> tuple[float, float]:
-        """(expected seconds of this request, seconds until a worker is free for it)."""
+    def _estimate(self, task: Task) -> tuple[float, float]:
+        """(expected seconds of this task, seconds until a worker is free for it)."""
         if not self._services:
             raise NoProviderError("no text-to-image model is loaded yet; try again when the service is ready")
-        return self._services[0].expected_seconds(request), self.store.backlog_seconds() / len(self._services)
+        if task.request is None:
+            raise InvalidRequest(f"task {task.id} cannot run: {task.damaged}")
+        return self._services[0].expected_seconds(task.request), self.store.backlog_seconds() / len(self._services)
 
     def _found(self, task: Task | None, task_id: int) -> Task:
         if task is None:
@@ -362,8 +320,8 @@ class TaskManager:
             return True
 
         try:
-            results = service.run(parse_task_input(task.task_input()), on_progress,
-                                  serve_another if share else None)
+            assert task.request is not None  # a damaged row never reaches a worker (claim_next fails it)
+            results = service.run(task.request, on_progress, serve_another if share else None)
             paths = self.store.save_images(task_id, [r.png for r in results])
             if not self.store.finish(task_id, TaskStatus.SUCCESSFUL, seeds=[r.seed for r in results]):
                 self.store.remove_images(task_id)  # deleted while it ran
@@ -372,7 +330,7 @@ class TaskManager:
             if not self.store.requeue(task_id):
                 self.store.remove_images(task_id)
             return
-        except TaskInputError as exc:
+        except InvalidRequest as exc:
             self._fail(task_id, str(exc), str(exc))
             return
         except (StoreError, OSError) as exc:

@@ -5,7 +5,8 @@ Layout of a data directory::
     <data_dir>/tasks.sqlite3 (+ -wal, -shm)   the tasks
     <data_dir>/images/<task id>/<index>.png    the images of SUCCESSFUL tasks
 
-Standard library only, so ``text2image tasks`` reads the store without the model stack. Safe to use from many
+No model stack (the input is written and read by the task-input codec), so ``text2image tasks`` reads the store
+without loading a model. Safe to use from many
 threads (one connection behind a lock) and from several processes (WAL lets the CLI read and delete while the
 service runs).
 """
@@ -27,6 +28,7 @@ from typing import Any
 from backend.standalone.data_dir import DB_NAME, StoreError, StoreFull, has_room, store_error
 from backend.standalone.rows import DAMAGED, decode_text, missing_columns, shown_value, task_of_row
 from backend.standalone.task import Task, TaskStatus
+from backend.tasks.task_input import dump
 from runtime.errors import T2IError
 
 __all__ = ["ANY_USER", "DAMAGED", "DB_NAME", "StoreError", "StoreFull", "TaskStore"]
@@ -166,14 +168,17 @@ class TaskStore:
     def insert(self, task: Task, status: TaskStatus, expected_seconds: float, completion_expected_at: int,
                attempts: int = 0) -> Task:
         """Store a new task; fills in ``task.id``, status and times on the object and returns it."""
+        assert task.request is not None, "a task is stored once, made with Task.new"
+        stored = dump(task.request)  # what rows.task_of_row parses back
+        prompt, n = stored.pop("input"), stored.pop("numberOfImages")
         now = time.time()
         with self._tx() as db:
             cur = db.execute(
                 "INSERT INTO tasks (user_id, app_id, identifier, input, options, number_of_images, status, "
                 "expected_seconds, completion_expected_at, attempts, created_at, updated_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (task.user_id, task.app_id, task.identifier, task.input, json.dumps(task.options),
-                 task.number_of_images, int(status), expected_seconds, completion_expected_at, attempts, now, now))
+                (task.user_id, task.app_id, task.identifier, prompt, json.dumps(stored), n, int(status),
+                 expected_seconds, completion_expected_at, attempts, now, now))
         task.id, task.status = cur.lastrowid, status
         task.completion_expected_at, task.created_at, task.updated_at = completion_expected_at, now, now
         return task
