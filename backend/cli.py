@@ -19,7 +19,7 @@ import click
 
 from backend.config import Settings
 from backend.standalone.tasks_cli import tasks
-from runtime.errors import T2IError
+from runtime.errors import BundleError, ConfigError, T2IError
 
 if TYPE_CHECKING:
     from runtime import Pipeline
@@ -100,7 +100,7 @@ def export(source: str, fmt: str, out: Path, precision: str, taesd: str | None, 
     try:
         from exporters.export import ExportError, export_model
     except ImportError as exc:
-        raise T2IError(f"exporting needs the export extra ({exc.name} is missing): "
+        raise ConfigError(f"exporting needs the export extra ({exc.name} is missing): "
                        "pip install 'text2image-sd2[export]'") from None
     if source in ("tiny", "tiny-v"):
         from backend.model_store import TINY_WARNING
@@ -140,14 +140,14 @@ def _check_out(out: Path) -> None:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise T2IError(f"--out {str(out)!r} cannot be created: {str(existing)!r} is a file, not a folder")
+        raise ConfigError(f"--out {str(out)!r} cannot be created: {str(existing)!r} is a file, not a folder")
     # Writing is the only sure test: permissions say nothing for root, nor for /proc, a read-only mount or an ACL.
     try:
         fd, probe = tempfile.mkstemp(prefix=".t2i-write-test-", dir=existing)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise T2IError(f"--out {str(out)!r} is not writable: no file can be created in {str(existing)!r} "
+        raise ConfigError(f"--out {str(out)!r} is not writable: no file can be created in {str(existing)!r} "
                        f"({exc.strerror}); choose another folder") from None
 
 
@@ -204,7 +204,7 @@ def generate(prompt: str, model: str | None, n: int, size: str | None, steps: in
             path = save_png(item, out / f"t2i-{item.seed}.png")
             click.echo(str(path))
     except OSError as exc:
-        raise T2IError(f"the images cannot be written to --out {str(out)!r}: {exc.strerror or exc}") from None
+        raise ConfigError(f"the images cannot be written to --out {str(out)!r}: {exc.strerror or exc}") from None
     if pipe.bundle.source_id in ("tiny", "tiny-v"):
         from backend.model_store import TINY_WARNING
 
@@ -266,7 +266,7 @@ def verify(bundle_dir: Path) -> None:
 
     bad = Bundle.open(bundle_dir).verify_hashes()
     if bad:
-        raise T2IError(f"{len(bad)} file(s) of {bundle_dir} do not match manifest.json: {', '.join(bad)}; "
+        raise BundleError(f"{len(bad)} file(s) of {bundle_dir} do not match manifest.json: {', '.join(bad)}; "
                        "re-export or re-download the bundle")
     click.echo(f"{bundle_dir}: all files match manifest.json")
 
@@ -329,7 +329,7 @@ def bench(cache: Path, threads: int | None, latents: str, batches: str, steps: i
     except ModuleNotFoundError as exc:
         if exc.name != "backend.bench":
             raise
-        raise T2IError("text2image bench is a development command and not part of the installed package; run it "
+        raise ConfigError("text2image bench is a development command and not part of the installed package; run it "
                        "from a source checkout: pip install -e '.[cpu,export,bench]' && text2image bench") from None
     from runtime.engines import default_threads
 
@@ -337,7 +337,7 @@ def bench(cache: Path, threads: int | None, latents: str, batches: str, steps: i
         return [int(x) for x in text.split(",") if x.strip()]
 
     if device != "cpu" and not device.startswith("cuda"):
-        raise T2IError(f"bench device '{device}' is not known; use cpu, cuda or cuda:N")
+        raise ConfigError(f"bench device '{device}' is not known; use cpu, cuda or cuda:N")
     run(cache, threads or default_threads(), ints(latents), ints(batches), steps, guidance, repeats, peers, int8,
         only.split(",") if only else None, as_json, device)
 

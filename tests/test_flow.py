@@ -20,9 +20,10 @@ from standalone_helpers import ALICE, USERS, Client, basic, load_service, wait_u
 
 from backend.cli import cli
 from backend.config import Settings
-from backend.standalone.manager import INTERNAL_ERROR, TaskManager
+from backend.standalone.manager import TaskManager
 from backend.standalone.server import StandaloneServer
 from backend.standalone.task import Task, TaskStatus
+from backend.tasks.outcome import INTERNAL_ERROR
 from runtime.request import Defaults
 
 #: The static bundle's only size; a request for another one is the model's to refuse, not the parser's.
@@ -165,3 +166,26 @@ def test_one_task_is_parsed_once_and_built_at_most_three_times(tmp_path: Path, o
     assert 1 <= counts["construction"] <= 3, counts
     assert counts["store parse"] >= 1, counts  # run_task reads the finished task back
     print(f"\none standalone one-image task: {dict(counts)}")
+
+
+def test_run_task_classifies_every_ending(static_bundle: Path) -> None:
+    """The one classification both services match on: images, refused, failed (with the detail for the admin),
+    cancelled by the requester, stopped by the service."""
+    from backend.tasks.outcome import Cancelled, Failed, Images, Refused, Stopped, run_task
+
+    service = load_service(static_bundle)
+    request = Task.new("a fox", "app", 1, "alice", options={"steps": 1}).request
+    assert request is not None
+    ok = run_task(service, request)
+    assert isinstance(ok, Images) and len(ok.results) == 1
+    refused = run_task(service, Task.new("a fox", "app", 1, "alice", options={"size": REFUSED_SIZE}).request)
+    assert isinstance(refused, Refused) and STATIC_REFUSAL in refused.user
+
+    def broken(fraction: float) -> bool:
+        raise RuntimeError("a bug in a progress callback")
+
+    failed = run_task(service, request, broken, label="task 7")
+    assert isinstance(failed, Failed) and failed.user == INTERNAL_ERROR
+    assert failed.admin.startswith("task 7 failed: RuntimeError: a bug in a progress callback [at ")
+    assert run_task(service, request, lambda f: False, cancelled=lambda: True) == Cancelled()
+    assert run_task(service, request, lambda f: False, cancelled=lambda: False) == Stopped()

@@ -17,7 +17,7 @@ from typing import Any
 from backend.config import Settings
 from backend.nextcloud.provider import model_names, provider_id
 from runtime import validation as v
-from runtime.errors import T2IError
+from runtime.errors import ConfigError, T2IError
 from runtime.request import Defaults
 from runtime.validation import shown
 
@@ -140,15 +140,15 @@ def _parse(fid: str, raw: str) -> Any:
             return True
         if text.lower() in _FALSE:
             return False
-        raise T2IError("not a yes/no value; use 1/0, true/false, yes/no")
+        raise ConfigError("not a yes/no value; use 1/0, true/false, yes/no")
     if fid == "threads":
         allowed = f"use 0 (every core) or a whole number of threads up to {MAX_THREADS}"
         number = _finite(text, allowed)
         if not number.is_integer() or not 0 <= number <= MAX_THREADS:
-            raise T2IError(f"{shown(text)} is not allowed; {allowed}")
+            raise ConfigError(f"{shown(text)} is not allowed; {allowed}")
         return int(number)
     if fid == "model" and not model_names(text):
-        raise T2IError("no model named; use one or more model names, hub ids or folders, separated by commas")
+        raise ConfigError("no model named; use one or more model names, hub ids or folders, separated by commas")
     return text
 
 
@@ -169,7 +169,7 @@ def _finite(text: str, allowed: str) -> float:
     try:
         number = float(text)
     except ValueError:
-        raise T2IError(f"{shown(text.strip())} is not a number; {allowed}") from None
+        raise ConfigError(f"{shown(text.strip())} is not a number; {allowed}") from None
     if not math.isfinite(number):
-        raise T2IError(f"{shown(text.strip())} is not a finite number; {allowed}")
+        raise ConfigError(f"{shown(text.strip())} is not a finite number; {allowed}")
     return number

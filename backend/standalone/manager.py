@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from backend.standalone.data_dir import StoreError, StoreFull, lock_data_dir, store_error
 from backend.standalone.store import TaskStore
 from backend.standalone.task import (
+    ImageNotFoundError,
     NoProviderError,
     Task,
     TaskFailedError,
@@ -25,7 +26,17 @@ from backend.standalone.task import (
     TaskStatus,
     TaskSuccessfulEvent,
 )
-from runtime.errors import GenerationCancelled, InvalidRequest, T2IError
+from backend.tasks.outcome import (
+    INTERNAL_ERROR,
+    MAX_ATTEMPTS,
+    Cancelled,
+    Failed,
+    Images,
+    Refused,
+    Stopped,
+    run_task,
+)
+from runtime.errors import ConfigError, InvalidRequest, Unavailable
 from runtime.validation import shown
 
 if TYPE_CHECKING:
@@ -33,12 +44,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: A task found RUNNING after a crash runs again, up to this many starts in all; then it ends FAILED.
-MAX_ATTEMPTS = 2
-#: Shown to the user when something unexpected broke; the details go to the log and the failure event.
+#: Shown to the user when the images were made but could not be stored.
 NO_ROOM = "the server ran out of disk space while storing the images; please try again later"
-INTERNAL_ERROR = ("the images could not be made because of an internal error; the administrator can find the "
-                  "details in the service log")
 #: Workers look into the store this often even without a wake-up (cheap, and it bounds any missed wake-up).
 POLL_SECONDS = 5.0
 CLEANUP_EVERY_SECONDS = 3600.0
@@ -63,7 +70,8 @@ class TaskManager:
 
     def __init__(self, data_dir: Path, max_age_days: float = 30.0, services: Iterable[ImageService] = ()) -> None:
         if not isinstance(max_age_days, (int, float)) or not math.isfinite(max_age_days) or max_age_days < 0:
-            raise T2IError(f"max_age_days {shown(max_age_days)} is not allowed; give days, a finite number 0 or more")
+            raise ConfigError(f"max_age_days {shown(max_age_days)} is not allowed; give days, a finite number 0 or "
+                              "more")
         self.data_dir = Path(data_dir)
         self.max_age_days = max_age_days
         self._lock_file = lock_data_dir(self.data_dir)
@@ -95,7 +103,7 @@ class TaskManager:
     def add_service(self, service: ImageService) -> None:
         """Add a loaded :class:`ImageService` and a background worker that runs scheduled tasks on it."""
         if not service.ready:
-            raise T2IError("the image service has no model loaded; call its load() first")
+            raise Unavailable("the image service has no model loaded; call its load() first")
         with self._cond:
             self._services.append(service)
             self._idle.append(service)
@@ -212,7 +220,7 @@ class TaskManager:
         """The PNG file of image ``index`` of a SUCCESSFUL task; raises :class:`TaskNotFoundError`."""
         path = self.store.image_path(task.id or 0, index)
         if task.status != TaskStatus.SUCCESSFUL or not 0 <= index < task.number_of_images or not path.is_file():
-            raise TaskNotFoundError(f"image {index} of task {task.id} not found")
+            raise ImageNotFoundError(f"image {index} of task {task.id} not found")
         return path
 
     def cleanup(self, max_age_days: float | None = None) -> list[int]:
@@ -319,29 +327,31 @@ class TaskManager:
                 return self.store.get(task_id) is not None
             return True
 
+        assert task.request is not None  # a damaged row never reaches a worker (claim_next fails it)
+        outcome = run_task(service, task.request, on_progress, serve_another if share else None,
+                           cancelled=lambda: task_id in self._deleted, label=f"task {task_id}")
         try:
-            assert task.request is not None  # a damaged row never reaches a worker (claim_next fails it)
-            results = service.run(task.request, on_progress, serve_another if share else None)
-            paths = self.store.save_images(task_id, [r.png for r in results])
-            if not self.store.finish(task_id, TaskStatus.SUCCESSFUL, seeds=[r.seed for r in results]):
-                self.store.remove_images(task_id)  # deleted while it ran
-                return
-        except GenerationCancelled:
-            if not self.store.requeue(task_id):
-                self.store.remove_images(task_id)
-            return
-        except InvalidRequest as exc:
-            self._fail(task_id, str(exc), str(exc))
-            return
-        except (StoreError, OSError) as exc:
+            match outcome:
+                case Images(results=results):
+                    paths = self.store.save_images(task_id, [r.png for r in results])
+                    if not self.store.finish(task_id, TaskStatus.SUCCESSFUL, seeds=[r.seed for r in results]):
+                        self.store.remove_images(task_id)  # deleted while it ran
+                        return
+                case Cancelled() | Stopped():  # deleted: gone; stopping: back in the queue
+                    if not self.store.requeue(task_id):
+                        self.store.remove_images(task_id)
+                    return
+                case Refused(user=message):
+                    self._fail(task_id, message, message)
+                    return
+                case Failed(admin=detail, user=message):
+                    self._fail(task_id, message, detail)
+                    return
+        except (StoreError, OSError) as exc:  # the images were made, but storing them failed
             problem = store_error(exc, self.data_dir) if isinstance(exc, OSError) else exc
             log.error("task %d: its images could not be stored: %s", task_id, problem)
             self._fail(task_id, NO_ROOM if isinstance(problem, StoreFull) else INTERNAL_ERROR,
                        f"{type(exc).__name__}: {problem}")
-            return
-        except Exception as exc:
-            log.exception("task %d failed", task_id)
-            self._fail(task_id, INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
             return
         finally:
             self._deleted.discard(task_id)

@@ -29,7 +29,8 @@ from backend.standalone.data_dir import DB_NAME, StoreError, StoreFull, has_room
 from backend.standalone.rows import DAMAGED, decode_text, missing_columns, shown_value, task_of_row
 from backend.standalone.task import Task, TaskStatus
 from backend.tasks.task_input import dump
-from runtime.errors import T2IError
+from runtime.errors import ConfigError
+from runtime.validation import shown
 
 __all__ = ["ANY_USER", "DAMAGED", "DB_NAME", "StoreError", "StoreFull", "TaskStore"]
 IMAGES_DIR = "images"
@@ -75,7 +76,7 @@ class TaskStore:
         self.images_dir = self.data_dir / IMAGES_DIR
         db = self.data_dir / DB_NAME
         if not create and not db.is_file():
-            raise T2IError(f"there is no task store in {self.data_dir}; start `text2image serve --standalone` "
+            raise ConfigError(f"there is no task store in {self.data_dir}; start `text2image serve --standalone` "
                            "first or pass the --data-dir it uses")
         self._lock = threading.RLock()
         #: False when the store could only be opened for reading (``create=False`` on a read-only directory).
@@ -267,7 +268,8 @@ class TaskStore:
         """Delete finished (SUCCESSFUL or FAILED) tasks last changed more than ``older_than_seconds`` ago."""
         if not isinstance(older_than_seconds, (int, float)) or not math.isfinite(older_than_seconds) \
                 or older_than_seconds < 0:
-            raise T2IError(f"an age of {older_than_seconds!r} seconds is not allowed; give a finite number, 0 or more")
+            raise ConfigError(f"an age of {shown(older_than_seconds)} seconds is not allowed; give a finite number, "
+                              "0 or more")
         cutoff = time.time() - older_than_seconds
         rows = self._query("SELECT id FROM tasks WHERE status IN (?, ?) AND updated_at < ?",
                            (int(TaskStatus.SUCCESSFUL), int(TaskStatus.FAILED), cutoff))

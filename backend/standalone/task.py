@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from backend.tasks import task_input
-from runtime.errors import InvalidRequest, T2IError
+from runtime.errors import InvalidRequest, T2IError, Unavailable
 from runtime.request import GenerationRequest
 from runtime.validation import check_text, shown
 
@@ -149,7 +149,11 @@ class TaskNotFoundError(T2IError):
     """No task with this id (for this user)."""
 
 
-class NoProviderError(T2IError):
+class ImageNotFoundError(TaskNotFoundError):
+    """No such image of this task (the task is not SUCCESSFUL, or the index is out of range)."""
+
+
+class NoProviderError(Unavailable):
     """No model is loaded, so tasks cannot be run or scheduled (Nextcloud's PreConditionNotMetException)."""
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from backend.config import Settings
 from backend.images import png_bytes
-from runtime.errors import InvalidRequest, T2IError
+from runtime.errors import InvalidRequest, T2IError, Unavailable
 from runtime.request import Defaults, GenerationRequest
 from runtime.validation import MAX_SIDE
 
@@ -77,7 +77,7 @@ class ImageService:
 
     def _pipe(self) -> Pipeline:
         if self.pipeline is None:
-            raise T2IError("the model is not loaded yet; try again when initialisation has finished")
+            raise Unavailable("the model is not loaded yet; try again when initialisation has finished")
         return self.pipeline
 
     @property
