@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,8 +114,10 @@ def test_an_admin_default_changed_between_batches_does_not_change_the_task(onnx_
     pipe.use_defaults(Defaults(steps=3, guidance=2.0))
     changed: list[int] = []
 
-    def admin_saves_new_defaults() -> None:  # what the ExApp's settings loop may do while a task is between batches
-        pipe.use_defaults(Defaults(steps=2, guidance=5.0, width=320))
+    def admin_saves_new_defaults() -> None:  # what the ExApp's settings loop does from its own thread meanwhile
+        admin = threading.Thread(target=pipe.use_defaults, args=(Defaults(steps=2, guidance=5.0, width=320),))
+        admin.start()
+        admin.join()
         changed.append(len(changed))
 
     results = service.run(Task.new("a fox", "app", 3, "alice").request, between_batches=admin_saves_new_defaults)
