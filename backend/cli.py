@@ -20,7 +20,7 @@ import click
 
 from backend.config import Settings
 from backend.standalone.tasks_cli import tasks
-from runtime.errors import T2IError
+from runtime.errors import BundleError, ConfigError, T2IError
 from runtime.options import PRECISIONS, DecoderChoice, EngineChoice, LoadOptions
 
 if TYPE_CHECKING:
@@ -102,7 +102,7 @@ def export(source: str, fmt: str, out: Path, precision: str, taesd: str | None, 
     try:
         from exporters.export import ExportError, export_model
     except ImportError as exc:
-        raise T2IError(f"exporting needs the export extra ({exc.name} is missing): "
+        raise ConfigError(f"exporting needs the export extra ({exc.name} is missing): "
                        "pip install 'text2image-sd2[export]'") from None
     if source in ("tiny", "tiny-v"):
         from backend.model_store import TINY_WARNING
@@ -169,14 +169,14 @@ def _check_out(out: Path) -> None:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise T2IError(f"--out {str(out)!r} cannot be created: {str(existing)!r} is a file, not a folder")
+        raise ConfigError(f"--out {str(out)!r} cannot be created: {str(existing)!r} is a file, not a folder")
     # Writing is the only sure test: permissions say nothing for root, nor for /proc, a read-only mount or an ACL.
     try:
         fd, probe = tempfile.mkstemp(prefix=".t2i-write-test-", dir=existing)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise T2IError(f"--out {str(out)!r} is not writable: no file can be created in {str(existing)!r} "
+        raise ConfigError(f"--out {str(out)!r} is not writable: no file can be created in {str(existing)!r} "
                        f"({exc.strerror}); choose another folder") from None
 
 
@@ -205,13 +205,14 @@ def generate(prompt: str, model: str | None, n: int, size: str | None, steps: in
 
     # The whole request is checked here, before the model is loaded.
     width, height = validation.parse_size(size) if size else (None, None)
-    request = GenerationRequest(prompt, negative, n, width, height, steps, guidance, seed, scheduler)
+    request = GenerationRequest(prompt=prompt, negative_prompt=negative, n=n, width=width, height=height,
+                                steps=steps, guidance=guidance, seed=seed, scheduler=scheduler)
     # So is the output folder: a generation must not run only to find that its images cannot be written.
     _check_out(out)
     pipe = _load(model, offline, runtime)
-    total = steps or pipe.default_steps
-    with click.progressbar(length=total, label="denoising", file=sys.stderr) as bar:
+    with click.progressbar(length=0, label="denoising", file=sys.stderr) as bar:
         def on_step(done: int, all_steps: int) -> None:
+            bar.length = all_steps  # the resolved request's steps: the bar needs no default of its own
             bar.update(1)
 
         items = pipe.run(request, on_step=on_step)
@@ -221,7 +222,7 @@ def generate(prompt: str, model: str | None, n: int, size: str | None, steps: in
             path = save_png(item, out / f"t2i-{item.seed}.png")
             click.echo(str(path))
     except OSError as exc:
-        raise T2IError(f"the images cannot be written to --out {str(out)!r}: {exc.strerror or exc}") from None
+        raise ConfigError(f"the images cannot be written to --out {str(out)!r}: {exc.strerror or exc}") from None
     if pipe.bundle.source_id in ("tiny", "tiny-v"):
         from backend.model_store import TINY_WARNING
 
@@ -283,7 +284,7 @@ def verify(bundle_dir: Path) -> None:
 
     bad = Bundle.open(bundle_dir).verify_hashes()
     if bad:
-        raise T2IError(f"{len(bad)} file(s) of {bundle_dir} do not match manifest.json: {', '.join(bad)}; "
+        raise BundleError(f"{len(bad)} file(s) of {bundle_dir} do not match manifest.json: {', '.join(bad)}; "
                        "re-export or re-download the bundle")
     click.echo(f"{bundle_dir}: all files match manifest.json")
 
@@ -346,7 +347,7 @@ def bench(cache: Path, threads: int | None, latents: str, batches: str, steps: i
     except ModuleNotFoundError as exc:
         if exc.name != "backend.bench":
             raise
-        raise T2IError("text2image bench is a development command and not part of the installed package; run it "
+        raise ConfigError("text2image bench is a development command and not part of the installed package; run it "
                        "from a source checkout: pip install -e '.[cpu,export,bench]' && text2image bench") from None
     from runtime.engines import default_threads
 
@@ -354,7 +355,7 @@ def bench(cache: Path, threads: int | None, latents: str, batches: str, steps: i
         return [int(x) for x in text.split(",") if x.strip()]
 
     if device != "cpu" and not device.startswith("cuda"):
-        raise T2IError(f"bench device '{device}' is not known; use cpu, cuda or cuda:N")
+        raise ConfigError(f"bench device '{device}' is not known; use cpu, cuda or cuda:N")
     run(cache, threads or default_threads(), ints(latents), ints(batches), steps, guidance, repeats, peers, int8,
         only.split(",") if only else None, as_json, device)
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, ClassVar
 
-from runtime.errors import T2IError
+from runtime.errors import ConfigError
 
 #: Seconds an idle keep-alive connection stays open after its last answer.
 KEEP_ALIVE_SECONDS = 5
@@ -80,7 +80,7 @@ def parse_proxies(text: str, setting: str = "T2I_TRUSTED_PROXIES") -> tuple[Any,
         try:
             nets.append(ipaddress.ip_network(entry, strict=False))
         except ValueError:
-            raise T2IError(f"{setting} entry {entry[:100]!r} is not an IP address or network; use addresses like "
+            raise ConfigError(f"{setting} entry {entry[:100]!r} is not an IP address or network; use addresses like "
                            "10.0.0.5 or networks like 10.0.0.0/8, separated by commas") from None
     return tuple(nets)
 
@@ -93,7 +93,7 @@ def host_names(text: str, bind_host: str, setting: str = "T2I_ALLOWED_HOSTS") ->
         return None
     for entry in entries:
         if not _HOST_RE.match(entry):
-            raise T2IError(f"{setting} entry {entry[:100]!r} is not a host name; list names like t2i.example.org "
+            raise ConfigError(f"{setting} entry {entry[:100]!r} is not a host name; list names like t2i.example.org "
                            "(no scheme, port or path), separated by commas, or * for any")
     machine = socket.gethostname().lower()
     return frozenset({"localhost", machine, machine.split(".")[0], bind_host.lower(), *entries})

@@ -9,16 +9,24 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from runtime.errors import BundleError, ConfigError, EngineError, GenerationCancelled, InvalidRequest, T2IError
+from runtime.errors import (
+    BundleError,
+    ConfigError,
+    EngineError,
+    GenerationCancelled,
+    InvalidRequest,
+    T2IError,
+    Unavailable,
+)
 
 if TYPE_CHECKING:
     from runtime.bundle import Bundle
     from runtime.options import LoadOptions
     from runtime.pipeline import Generated, Pipeline
-    from runtime.request import GenerationRequest
+    from runtime.request import Defaults, GenerationRequest
 
-__all__ = ["Bundle", "BundleError", "ConfigError", "EngineError", "Generated", "GenerationCancelled",
-           "GenerationRequest", "InvalidRequest", "LoadOptions", "Pipeline", "T2IError"]
+__all__ = ["Bundle", "BundleError", "ConfigError", "Defaults", "EngineError", "Generated", "GenerationCancelled",
+           "GenerationRequest", "InvalidRequest", "LoadOptions", "Pipeline", "T2IError", "Unavailable"]
 
 
 def __getattr__(name: str) -> Any:
@@ -31,10 +39,10 @@ def __getattr__(name: str) -> Any:
         from runtime.options import LoadOptions
 
         return LoadOptions
-    if name == "GenerationRequest":
-        from runtime.request import GenerationRequest
+    if name in ("GenerationRequest", "Defaults"):
+        from runtime import request
 
-        return GenerationRequest
+        return getattr(request, name)
     if name in ("Pipeline", "Generated"):
         from runtime import pipeline
 

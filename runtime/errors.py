@@ -33,7 +33,8 @@ class InvalidRequest(T2IError):
 
 
 class ConfigError(T2IError):
-    """A setting that is not allowed (device, engine, threads, precision, decoder): the admin's to fix."""
+    """A setting, option or deployment that is not allowed or not complete (device, engine, threads, precision,
+    decoder, users, ports, folders, a missing extra): the admin's (or the command's caller's) to fix."""
 
 
 class BundleError(T2IError):
@@ -43,6 +44,11 @@ class BundleError(T2IError):
 class EngineError(T2IError):
     """An inference engine that is missing, or failed to load, compile or run a graph, or a device that does not
     answer."""
+
+
+class Unavailable(T2IError):
+    """A service that cannot take work now (no model loaded yet, stopping, its task store not usable): nobody's
+    input is wrong; try again later."""
 
 
 class GenerationCancelled(Exception):

@@ -26,7 +26,7 @@ from runtime.engines import (
 )
 from runtime.errors import BundleError, ConfigError, GenerationCancelled, InvalidRequest
 from runtime.options import LoadOptions
-from runtime.request import GenerationRequest
+from runtime.request import Defaults, GenerationRequest
 from runtime.schedulers import Scheduler, default_scheduler_name, make_scheduler
 from runtime.tokenizer import ClipTokenizer
 
@@ -71,19 +71,21 @@ class Pipeline:
         self.vae_decoder = sessions["decoder"]
         self._latent_scale = latent_scale
         defaults = bundle.defaults
-        self.default_steps = int(defaults.get("steps", DEFAULT_STEPS))
-        self.default_guidance = float(defaults.get("guidance", DEFAULT_GUIDANCE))
-        self.default_scheduler = str(defaults.get("scheduler") or default_scheduler_name(bundle.scheduler_config))
+        scheduler = str(defaults.get("scheduler") or default_scheduler_name(bundle.scheduler_config))
         try:  # a bundle whose scheduler config our schedulers cannot read fails here, not at its first image
-            make_scheduler(self.default_scheduler, bundle.scheduler_config)
+            make_scheduler(scheduler, bundle.scheduler_config)
         except (ValueError, TypeError, KeyError) as exc:
             raise BundleError(f"bundle '{bundle.path}': scheduler/scheduler_config.json cannot drive the "
-                              f"{self.default_scheduler} scheduler: {exc}") from None
+                              f"{scheduler} scheduler: {exc}") from None
         static = bundle.static_shape or {}
         side = min(max(bundle.native_size, v.MIN_SIDE), v.MAX_SIDE)
-        self.default_size = (int(static.get("width", side)), int(static.get("height", side)))
-        #: The bundle's own defaults, which :meth:`set_defaults` falls back to.
-        self._own_defaults = (self.default_size, self.default_steps, self.default_guidance)
+        #: The bundle's own defaults (its manifest's, else the built-in ones), as read at load.
+        self.bundle_defaults = Defaults(width=int(static.get("width", side)), height=int(static.get("height", side)),
+                                        steps=int(defaults.get("steps", DEFAULT_STEPS)),
+                                        guidance=float(defaults.get("guidance", DEFAULT_GUIDANCE)),
+                                        scheduler=scheduler)
+        #: An admin's choice given to :meth:`use_defaults`; None: the bundle's own.
+        self._chosen: Defaults | None = None
 
     @property
     def math_precision(self) -> str:
@@ -144,62 +146,55 @@ class Pipeline:
         )
         return pipe
 
-    def generate(
-        self,
-        prompt: str,
-        negative_prompt: str = "",
-        n: int = 1,
-        height: int | None = None,
-        width: int | None = None,
-        steps: int | None = None,
-        guidance: float | None = None,
-        seed: int | None = None,
-        scheduler: str | None = None,
-        on_step: StepCallback | None = None,
-        latents: np.ndarray | None = None,
-    ) -> list[Image.Image]:
-        """Generate ``n`` images: :meth:`run` for a request made of these arguments, returning only the images."""
-        request = GenerationRequest(prompt, negative_prompt, n, width, height, steps, guidance, seed, scheduler)
-        return [g.image for g in self.run(request, on_step, latents)]
+    def generate(self, prompt: str, *, on_step: StepCallback | None = None, latents: np.ndarray | None = None,
+                 **fields: Any) -> list[Image.Image]:
+        """:meth:`run` for ``GenerationRequest(prompt=prompt, **fields)``, returning only the images."""
+        return [g.image for g in self.run(GenerationRequest(prompt=prompt, **fields), on_step, latents)]
 
-    def set_defaults(self, width: int | None = None, height: int | None = None, steps: int | None = None,
-                     guidance: float | None = None) -> None:
-        """Use these defaults for requests that leave them out (an admin's choice); None keeps the bundle's own.
-        Each value is checked as a request's is, and a size against a static bundle; :class:`ConfigError` names
-        what is not allowed."""
-        (own_w, own_h), own_steps, own_guidance = self._own_defaults
+    @property
+    def defaults(self) -> Defaults:
+        """What requests that leave a field out get, every field set: the bundle's own or :meth:`use_defaults`'."""
+        return self._chosen or self.bundle_defaults
+
+    def use_defaults(self, wanted: Defaults) -> None:
+        """Use these defaults for requests that leave them out (an admin's choice); a None field keeps the bundle's
+        own. They are checked against the model as a request is (a static bundle's size, the scheduler's config);
+        :class:`ConfigError` names what is not allowed. One value is swapped in whole: a request resolved before
+        keeps what it got."""
+        own = self.bundle_defaults
+        merged = Defaults(**{name: getattr(own if getattr(wanted, name) is None else wanted, name)
+                             for name in ("width", "height", "steps", "guidance", "scheduler")})
         try:
-            wanted = self.resolve(GenerationRequest(
-                "defaults", width=own_w if width is None else width, height=own_h if height is None else height,
-                steps=own_steps if steps is None else steps,
-                guidance=own_guidance if guidance is None else guidance, seed=0))
+            self.resolve(GenerationRequest(prompt="defaults", width=merged.width, height=merged.height,
+                                           steps=merged.steps, guidance=merged.guidance, seed=0,
+                                           scheduler=merged.scheduler))
         except InvalidRequest as exc:
             raise ConfigError(f"default for {self.bundle.source_id}: {exc}") from None
-        assert wanted.width is not None and wanted.height is not None
-        assert wanted.steps is not None and wanted.guidance is not None
-        self.default_size = (wanted.width, wanted.height)
-        self.default_steps, self.default_guidance = wanted.steps, wanted.guidance
+        self._chosen = None if merged == own else merged
 
     def resolve(self, request: GenerationRequest) -> GenerationRequest:
         """The request with the model's defaults filled in (a random seed where it has none), checked against what
-        depends on the model: a bundle's static size, and whether the scheduler can read its config."""
-        width, height = self.default_size
-        filled = replace(
-            request,
-            width=width if request.width is None else request.width,
-            height=height if request.height is None else request.height,
-            steps=self.default_steps if request.steps is None else request.steps,
-            guidance=self.default_guidance if request.guidance is None else request.guidance,
-            seed=secrets.randbelow(2**31) if request.seed is None else request.seed,
-            scheduler=self.default_scheduler if request.scheduler is None else request.scheduler,
-        )
+        depends on the model: a bundle's static size, and whether the scheduler can read its config. A request that
+        is resolved already comes back as it is (after the checks)."""
+        filled = request
+        if not request.resolved:
+            d = self.defaults  # one value: a concurrent use_defaults cannot mix two choices in one request
+            filled = replace(
+                request,
+                width=d.width if request.width is None else request.width,
+                height=d.height if request.height is None else request.height,
+                steps=d.steps if request.steps is None else request.steps,
+                guidance=d.guidance if request.guidance is None else request.guidance,
+                seed=secrets.randbelow(2**31) if request.seed is None else request.seed,
+                scheduler=d.scheduler if request.scheduler is None else request.scheduler,
+            )
         static = self.bundle.static_shape
         if static and (static.get("width"), static.get("height")) != (filled.width, filled.height):
             raise InvalidRequest(
                 f"size {filled.size} is not allowed for this bundle; it was exported with static shapes for "
                 f"{static.get('width')}x{static.get('height')} only"
             )
-        if filled.scheduler != self.default_scheduler:  # the default one was built at load
+        if filled.scheduler != self.bundle_defaults.scheduler:  # the bundle's own one was built at load
             try:
                 make_scheduler(str(filled.scheduler), self.bundle.scheduler_config)
             except (ValueError, TypeError, KeyError) as exc:
@@ -228,11 +223,11 @@ class Pipeline:
             raise InvalidRequest(f"latents of shape {latents.shape} do not fit; expected {shape}")
         else:
             noise = latents.astype(np.float32, copy=False)
-        decoded = self._run(r, noise, on_step)
+        decoded = self._denoise(r, noise, on_step)
         return [Generated(Image.fromarray(img), x, r, self.bundle.source_id) for img, x in zip(decoded, seeds,
                                                                                                   strict=True)]
 
-    def _run(self, r: GenerationRequest, noise: np.ndarray, on_step: StepCallback | None) -> np.ndarray:
+    def _denoise(self, r: GenerationRequest, noise: np.ndarray, on_step: StepCallback | None) -> np.ndarray:
         """The denoising loop, written out: encode, init latents, [UNet → guidance → scheduler step]*, decode."""
         n, steps, guidance = r.n, int(r.steps or 0), float(r.guidance or 0.0)
         # Guidance ≤ 1 adds nothing over the conditional prediction, so skip the unconditional half (sd-turbo: 0).

@@ -15,14 +15,14 @@ from runtime.errors import InvalidRequest
 from runtime.schedulers import SCHEDULER_NAMES
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class GenerationRequest:
     """What to generate. None means the model's default (size, steps, guidance, scheduler) or a random seed.
 
     Image ``i`` of a request uses seed ``seed + i``, so each image can be made again alone.
     """
 
-    prompt: str
+    prompt: str  # required: kw_only lets it stand before the fields with defaults
     negative_prompt: str = ""
     n: int = 1
     width: int | None = None
@@ -54,4 +54,31 @@ class GenerationRequest:
     @property
     def size(self) -> str:
         """``WIDTHxHEIGHT`` (of a resolved request)."""
+        return f"{self.width}x{self.height}"
+
+    @property
+    def resolved(self) -> bool:
+        """Whether every default is filled in (see :meth:`runtime.Pipeline.resolve`)."""
+        return None not in (self.width, self.height, self.steps, self.guidance, self.seed, self.scheduler)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Defaults:
+    """What a request that leaves a field out gets: a model's defaults (:attr:`runtime.Pipeline.defaults`, every
+    field set) or an admin's choice of them (None keeps the model's own). Each value is checked as a request's is."""
+
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    scheduler: str | None = None
+
+    def __post_init__(self) -> None:
+        checked = GenerationRequest(prompt="defaults", width=self.width, height=self.height, steps=self.steps,
+                                    guidance=self.guidance, scheduler=self.scheduler)
+        object.__setattr__(self, "guidance", checked.guidance)
+
+    @property
+    def size(self) -> str:
+        """``WIDTHxHEIGHT`` (of a model's defaults)."""
         return f"{self.width}x{self.height}"

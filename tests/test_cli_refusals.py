@@ -33,10 +33,10 @@ def run(*args: str) -> tuple[int, str]:
 def data(tmp_path: Path) -> Path:
     """A store with a SUCCESSFUL task (id 1, one image) and a SCHEDULED one (id 2)."""
     store = TaskStore(tmp_path / "data")
-    done = store.insert(Task("a red fox", "app", 1, "alice"), TaskStatus.RUNNING, 1, 0)
+    done = store.insert(Task.new("a red fox", "app", 1, "alice"), TaskStatus.RUNNING, 1, 0)
     store.save_images(done.id or 0, [b"png0"])
     store.finish(done.id or 0, TaskStatus.SUCCESSFUL, seeds=[7])
-    store.insert(Task("a cat", "app", 1, "alice"), TaskStatus.SCHEDULED, 1, 0)
+    store.insert(Task.new("a cat", "app", 1, "alice"), TaskStatus.SCHEDULED, 1, 0)
     store.close()
     return tmp_path / "data"
 

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from backend.cli import cli
-from backend.tasks.request import TaskInputError, parse_task_input
+from backend.tasks import task_input
 from runtime import Bundle, BundleError, InvalidRequest, Pipeline
 from runtime.request import GenerationRequest
 
@@ -25,8 +25,8 @@ def test_a_lone_surrogate_is_refused_where_it_enters(field: str) -> None:
     with pytest.raises(InvalidRequest, match=r"holds a character that is not text \(a lone surrogate at position 0\)"):
         GenerationRequest(**args)
     key = {"prompt": "input", "negative_prompt": "negative_prompt"}[field]
-    with pytest.raises(TaskInputError, match="lone surrogate"):
-        parse_task_input({"input": "a fox", "numberOfImages": 1, key: "\ud800x"})
+    with pytest.raises(InvalidRequest, match="lone surrogate"):
+        task_input.parse({"input": "a fox", "numberOfImages": 1, key: "\ud800x"})
 
 
 def _damaged(onnx_bundle: Path, tmp_path: Path, files: object) -> Path:
@@ -141,7 +141,7 @@ def test_the_watermark_marks_the_corner_and_leaves_the_metadata(onnx_bundle: Pat
     from standalone_helpers import load_service
 
     service = load_service(onnx_bundle)
-    request = GenerationRequest("a fox", steps=1, seed=3)
+    request = GenerationRequest(prompt="a fox", steps=1, seed=3)
     plain = service.run(request)[0].png
     service.settings = service.settings.updated(watermark=True)
     marked = service.run(request)[0].png

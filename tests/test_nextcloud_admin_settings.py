@@ -16,6 +16,7 @@ from PIL import Image
 
 from backend.config import Settings
 from backend.nextcloud.admin_settings import FORM_ID, GLOBAL_FIELDS, build_form, choose, model_key
+from runtime.request import Defaults
 
 
 def _wait(what, timeout: float = 60.0, proc: ExAppProcess | None = None):  # type: ignore[no-untyped-def]
@@ -113,7 +114,7 @@ def test_stored_values_are_parsed_and_bad_ones_named() -> None:
                            "sd_turbo_guidance": ""})
     s = choice.settings
     assert (s.runtime.threads, s.runtime.decoder, s.images.watermark, s.images.ai_marking) == (2, "taesd", True, False)
-    assert choice.defaults["sd-turbo"].__dict__ == {"width": 768, "height": 512, "steps": 2, "guidance": None}
+    assert choice.defaults["sd-turbo"] == Defaults(width=768, height=512, steps=2)
     assert choice.problems == []
     # Unset fields keep the deploy-time values; bad ones are ignored and named with the value.
     bad = choose(base, {"threads": "-1", "decoder": "fast", "watermark": "perhaps", "sd_turbo_steps": "2.5",
@@ -134,12 +135,12 @@ def test_the_form_passes_nextclouds_schema_check(onnx_bundle: Path) -> None:
     broken = {**form, "fields": [{**form["fields"][2], "options": [{"name": "vae", "value": "vae"}]}]}
     assert "option strings" in form_problem(broken), "the fake's check can fail"
     # Per-model defaults set on the pipeline are what requests without them get; wrong ones are refused.
-    service.pipeline.set_defaults(width=320, height=256, steps=4)
-    assert service.defaults["size"] == "320x256" and service.defaults["steps"] == 4
+    service.pipeline.use_defaults(Defaults(width=320, height=256, steps=4))
+    assert service.defaults.size == "320x256" and service.defaults.steps == 4
     with pytest.raises(Exception, match="steps"):
-        service.pipeline.set_defaults(steps=1000)
-    service.pipeline.set_defaults()
-    assert service.defaults["size"] == "256x256"
+        service.pipeline.use_defaults(Defaults(steps=1000))
+    service.pipeline.use_defaults(Defaults())
+    assert service.defaults.size == "256x256"
 
 
 @pytest.mark.parametrize("field, value, words", [
@@ -157,8 +158,7 @@ def test_every_field_ignores_a_value_out_of_range_and_names_it(field: str, value
     # the models failed to load at every start, or the settings loop died.
     base = Settings.from_env({"T2I_MODEL": "sd-turbo", "T2I_THREADS": "4"})
     choice = choose(base, {field: value})
-    assert choice.settings == base and choice.defaults["sd-turbo"].__dict__ == dict.fromkeys(
-        ("width", "height", "steps", "guidance"))
+    assert choice.settings == base and choice.defaults["sd-turbo"] == Defaults()
     assert len(choice.problems) == 1 and f"{field}={value!r} ignored" in choice.problems[0], choice.problems
     assert words in choice.problems[0], choice.problems
 

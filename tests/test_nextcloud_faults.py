@@ -88,7 +88,7 @@ def test_a_poll_that_throws_does_not_end_the_settings_loop(tmp_path: Path, monke
         app.register = register  # type: ignore[method-assign]
         app.enabled.set()
         app.admin.watch()
-        fake.admin_set("watermark", "1")
+        fake.app_config["watermark"] = "1"  # stored earlier: the page saves only once the form is there
         deadline = time.monotonic() + 30
         while not fake.settings_forms and time.monotonic() < deadline:  # registered once the faults are past
             await asyncio.sleep(0.05)
@@ -121,13 +121,14 @@ def test_a_default_the_model_cannot_take_is_left_out_alone(bundle_copy: Path) ->
     import json
 
     from backend.nextcloud.admin_loop import _set_defaults
-    from backend.nextcloud.admin_settings import ModelDefaults
+    from runtime.request import Defaults
 
     manifest = bundle_copy / "manifest.json"
     manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "static_shape": {"width": 256,
                                                                                           "height": 256}}))
     pipe = load_service(bundle_copy).pipeline
-    refused = _set_defaults(pipe, ModelDefaults(width=384, height=384, steps=3, guidance=2.5))
+    refused = _set_defaults(pipe, Defaults(width=384, height=384, steps=3, guidance=2.5))
     assert len(refused) == 1 and "384x384 is not allowed for this bundle" in refused[0], refused
-    assert (pipe.default_size, pipe.default_steps, pipe.default_guidance) == ((256, 256), 3, 2.5)
-    assert _set_defaults(pipe, ModelDefaults(steps=4)) == [] and pipe.default_steps == 4
+    d = pipe.defaults
+    assert (d.width, d.height, d.steps, d.guidance) == (256, 256, 3, 2.5)
+    assert _set_defaults(pipe, Defaults(steps=4)) == [] and pipe.defaults.steps == 4

@@ -31,12 +31,12 @@ def run(*args: str, ok: bool = True, env: dict[str, str] | None = None) -> str:
 def data(tmp_path: Path) -> Path:
     """A store with three tasks: alice's SUCCESSFUL one with two images, alice's FAILED one, bob's SCHEDULED one."""
     store = TaskStore(tmp_path / "data")
-    done = store.insert(Task("a red fox", "app1", 2, "alice", "x", {"steps": 2}), TaskStatus.RUNNING, 1, 0)
+    done = store.insert(Task.new("a red fox", "app1", 2, "alice", "x", {"steps": 2}), TaskStatus.RUNNING, 1, 0)
     store.save_images(done.id or 0, [b"png0", b"png1"])
     store.finish(done.id or 0, TaskStatus.SUCCESSFUL, seeds=[7, 8])
-    failed = store.insert(Task("a cat", "app2", 1, "alice"), TaskStatus.RUNNING, 1, 0)
+    failed = store.insert(Task.new("a cat", "app2", 1, "alice"), TaskStatus.RUNNING, 1, 0)
     store.finish(failed.id or 0, TaskStatus.FAILED, error_message="for the user", debug_message="for the admin")
-    store.insert(Task("ü" * 80, "app1", 1, "bob"), TaskStatus.SCHEDULED, 1, 0)
+    store.insert(Task.new("ü" * 80, "app1", 1, "bob"), TaskStatus.SCHEDULED, 1, 0)
     store.close()
     return tmp_path / "data"
 
@@ -87,11 +87,11 @@ def test_the_default_data_dir_comes_from_the_settings(data: Path, tmp_path: Path
 
 def test_deleting_from_the_cli_stops_a_task_the_service_is_making(tmp_path: Path, onnx_bundle: Path) -> None:
     with TaskManager(tmp_path, services=[load_service(onnx_bundle)]) as manager:
-        task = manager.schedule_task(Task("a slow fox", "app", 4, "alice", options={"steps": 100}))
+        task = manager.schedule_task(Task.new("a slow fox", "app", 4, "alice", options={"steps": 100}))
         wait_until(lambda: manager.get_task(task.id or 0).status == TaskStatus.RUNNING, 30, what="RUNNING")
         started = time.monotonic()
         run("tasks", "delete", str(task.id), "--data-dir", str(tmp_path))
-        quick = manager.run_task(Task("fox", "app", 1, "alice", options={"steps": 1}))  # waits for the worker
+        quick = manager.run_task(Task.new("fox", "app", 1, "alice", options={"steps": 1}))  # waits for the worker
         assert quick.status == TaskStatus.SUCCESSFUL and time.monotonic() - started < 10
         assert not manager.store.image_dir(task.id or 0).exists()
 

@@ -23,8 +23,8 @@ from backend.standalone.task import (
     TaskNotFoundError,
     TaskStatus,
 )
-from backend.tasks.request import TaskInputError, parse_task_input
-from runtime.errors import T2IError
+from backend.tasks import task_input
+from runtime.errors import InvalidRequest, T2IError
 
 QUICK = {"steps": 2}
 SLOW = {"steps": 100}  # with 4 images: several seconds, long enough to catch the task RUNNING
@@ -65,7 +65,7 @@ def _finished(manager: TaskManager, *tasks: Task) -> bool:
 
 def test_schedule_runs_in_background_with_one_success_event_each(manager: TaskManager) -> None:
     events = Recorder(manager)
-    tasks = [manager.schedule_task(Task(f"fox {i}", "app", 2, "alice", options={**QUICK, "seed": 10 * i}))
+    tasks = [manager.schedule_task(Task.new(f"fox {i}", "app", 2, "alice", options={**QUICK, "seed": 10 * i}))
              for i in range(3)]
     assert all(t.status == TaskStatus.SCHEDULED and t.id for t in tasks)
     assert all(t.completion_expected_at and t.completion_expected_at >= int(time.time()) for t in tasks)
@@ -84,7 +84,7 @@ def test_schedule_runs_in_background_with_one_success_event_each(manager: TaskMa
 
 def test_run_task_is_synchronous(manager: TaskManager) -> None:
     events = Recorder(manager)
-    task = Task("a red fox", "app", 1, "alice", options={**QUICK, "size": "320x256"})
+    task = Task.new("a red fox", "app", 1, "alice", options={**QUICK, "size": "320x256"})
     assert manager.run_task(task) is task
     assert task.status == TaskStatus.SUCCESSFUL and task.id is not None
     with Image.open(manager.image_path(task, 0)) as im:
@@ -93,18 +93,18 @@ def test_run_task_is_synchronous(manager: TaskManager) -> None:
 
 
 def test_run_or_schedule_takes_both_paths(manager: TaskManager, service: Any) -> None:
-    task_input = {"input": "a red fox", "numberOfImages": 2, **QUICK}
-    expected = service.expected_seconds(parse_task_input(task_input))
-    fits = manager.run_or_schedule_task(Task("a red fox", "app", 2, "alice", options=QUICK), expected * 1.5)
+    raw = {"input": "a red fox", "numberOfImages": 2, **QUICK}
+    expected = service.expected_seconds(task_input.parse(raw))
+    fits = manager.run_or_schedule_task(Task.new("a red fox", "app", 2, "alice", options=QUICK), expected * 1.5)
     assert fits.status == TaskStatus.SUCCESSFUL  # ran before returning
-    too_long = manager.run_or_schedule_task(Task("a red fox", "app", 2, "alice", options=QUICK), expected * 0.5)
+    too_long = manager.run_or_schedule_task(Task.new("a red fox", "app", 2, "alice", options=QUICK), expected * 0.5)
     assert too_long.status == TaskStatus.SCHEDULED
     wait_until(lambda: _finished(manager, too_long), 60, what="the scheduled task")
     assert _status(manager, too_long.id) == TaskStatus.SUCCESSFUL
 
 
 def test_get_task_and_get_user_task(manager: TaskManager) -> None:
-    task = manager.run_task(Task("a red fox", "app", 1, "alice", options=QUICK))
+    task = manager.run_task(Task.new("a red fox", "app", 1, "alice", options=QUICK))
     assert task.id is not None
     assert manager.get_task(task.id).to_json() == task.to_json()
     assert manager.get_user_task(task.id, "alice").input == "a red fox"
@@ -117,7 +117,7 @@ def test_get_task_and_get_user_task(manager: TaskManager) -> None:
 
 
 def test_tasks_by_app_filter_on_user_app_and_identifier(manager: TaskManager) -> None:
-    made = [manager.schedule_task(Task("fox", app, 1, user, ident, QUICK))
+    made = [manager.schedule_task(Task.new("fox", app, 1, user, ident, QUICK))
             for user, app, ident in [("alice", "app1", ""), ("alice", "app1", "x"), ("alice", "app2", "x"),
                                      ("bob", "app1", "x"), ("alice", "app1", "x")]]
     ids = [t.id for t in made]
@@ -137,10 +137,10 @@ def test_tasks_by_app_filter_on_user_app_and_identifier(manager: TaskManager) ->
 def test_a_long_task_lets_other_users_in_between_its_batches(manager: TaskManager) -> None:
     # Issue #14: first come, first served let one user's 12-image task hold everyone else up for its whole run.
     events = Recorder(manager)
-    big = manager.schedule_task(Task("many foxes", "app", 12, "alice", options={"steps": 6, "seed": 10}))
+    big = manager.schedule_task(Task.new("many foxes", "app", 12, "alice", options={"steps": 6, "seed": 10}))
     wait_until(lambda: _status(manager, big.id) == TaskStatus.RUNNING, 60, every=0.01, what="the big task")
-    own = manager.schedule_task(Task("alice again", "app", 1, "alice", options=QUICK))
-    other = manager.schedule_task(Task("a cat", "app", 1, "bob", options=QUICK))
+    own = manager.schedule_task(Task.new("alice again", "app", 1, "alice", options=QUICK))
+    other = manager.schedule_task(Task.new("a cat", "app", 1, "bob", options=QUICK))
     wait_until(lambda: _finished(manager, big, own, other), 120, what="the tasks")
     order = [e.task.id for e in events.success]
     assert order.index(other.id) < order.index(big.id), "bob's task ran between alice's batches"
@@ -149,7 +149,7 @@ def test_a_long_task_lets_other_users_in_between_its_batches(manager: TaskManage
 
 
 def test_delete_removes_the_task_and_its_images(manager: TaskManager) -> None:
-    task = manager.run_task(Task("a red fox", "app", 2, "alice", options=QUICK))
+    task = manager.run_task(Task.new("a red fox", "app", 2, "alice", options=QUICK))
     folder = manager.image_path(task, 0).parent
     assert len(list(folder.glob("*.png"))) == 2
     manager.delete_task(task)
@@ -162,11 +162,11 @@ def test_delete_removes_the_task_and_its_images(manager: TaskManager) -> None:
 
 def test_delete_stops_a_running_task(manager: TaskManager) -> None:
     events = Recorder(manager)
-    task = manager.schedule_task(Task("a slow fox", "app", 4, "alice", options=SLOW))
+    task = manager.schedule_task(Task.new("a slow fox", "app", 4, "alice", options=SLOW))
     wait_until(lambda: _status(manager, task.id) == TaskStatus.RUNNING, 30, what="RUNNING")
     started = time.monotonic()
     manager.delete_task(task.id or 0)
-    quick = manager.run_task(Task("next", "app", 1, "alice", options=QUICK))  # waits for the service to be free
+    quick = manager.run_task(Task.new("next", "app", 1, "alice", options=QUICK))  # waits for the service to be free
     assert quick.status == TaskStatus.SUCCESSFUL and time.monotonic() - started < 10
     assert not manager.store.image_dir(task.id or 0).exists()
     assert events.ids() == (Counter({quick.id: 1}), Counter())
@@ -176,10 +176,10 @@ def test_a_failing_task_ends_failed_with_its_message_and_one_failure_event(manag
     events = Recorder(manager)
     manager.store.images_dir.write_text("not a folder")  # the images cannot be saved: a real, unexpected failure
     with pytest.raises(TaskFailedError) as raised:
-        manager.run_task(Task("a red fox", "app", 1, "alice", options=QUICK))
+        manager.run_task(Task.new("a red fox", "app", 1, "alice", options=QUICK))
     task = raised.value.task
     assert task.status == TaskStatus.FAILED and task.error_message == INTERNAL_ERROR
-    scheduled = manager.schedule_task(Task("another fox", "app", 1, "alice", options=QUICK))
+    scheduled = manager.schedule_task(Task.new("another fox", "app", 1, "alice", options=QUICK))
     wait_until(lambda: _finished(manager, scheduled), 60, what="the scheduled task")
     assert manager.get_task(scheduled.id or 0).error_message == INTERNAL_ERROR
     time.sleep(0.2)
@@ -187,21 +187,21 @@ def test_a_failing_task_ends_failed_with_its_message_and_one_failure_event(manag
     assert all("Error" in e.error_message and e.error_message != INTERNAL_ERROR for e in events.failure)
 
 
-@pytest.mark.parametrize("task, words", [
-    (Task("fox", "../x", 1, "alice"), ["appId", "'../x'"]),
-    (Task("fox", "", 1, "alice"), ["appId"]),
-    (Task("fox", "app", 1, "alice", "i" * 256), ["identifier", "255"]),
-    (Task("fox", "app", 13, "alice"), ["number of images", "13", "1 to 12"]),
-    (Task("", "app", 1, "alice"), ["prompt", "empty"]),
-    (Task("fox", "app", 1, "alice", options={"input": "other"}), ["unknown option", "'input'"]),
-    (Task("fox", "app", 1, "alice", options={"size": "500x500"}), ["500", "multiple of 64"]),
-    (Task("fox", "app", 1, "../alice"), ["user id"]),
+@pytest.mark.parametrize("args, words", [
+    (("fox", "../x", 1, "alice"), ["appId", "'../x'"]),
+    (("fox", "", 1, "alice"), ["appId"]),
+    (("fox", "app", 1, "alice", "i" * 256), ["identifier", "255"]),
+    (("fox", "app", 13, "alice"), ["number of images", "13", "1 to 12"]),
+    (("", "app", 1, "alice"), ["prompt", "empty"]),
+    (("fox", "app", 1, "alice", "", {"input": "other"}), ["unknown option", "'input'"]),
+    (("fox", "app", 1, "alice", "", {"size": "500x500"}), ["500", "multiple of 64"]),
+    (("fox", "app", 1, "../alice"), ["user id"]),
 ])
-def test_bad_tasks_are_refused_by_name_and_not_stored(manager: TaskManager, task: Task, words: list[str]) -> None:
-    for operation in (manager.schedule_task, manager.run_task):
-        with pytest.raises(TaskInputError) as raised:
-            operation(task)
-        assert all(w in str(raised.value) for w in words), str(raised.value)
+def test_bad_tasks_are_refused_by_name_and_not_stored(manager: TaskManager, args: tuple[Any, ...],
+                                                      words: list[str]) -> None:
+    with pytest.raises(InvalidRequest) as raised:  # a task is checked where it is made, before any operation
+        Task.new(*args)
+    assert all(w in str(raised.value) for w in words), str(raised.value)
     assert manager.store.find() == []
 
 
@@ -210,9 +210,9 @@ def test_without_a_model_there_is_no_provider(tmp_path: Path) -> None:
         assert not manager.has_providers()
         for operation in (manager.schedule_task, manager.run_task):
             with pytest.raises(NoProviderError):
-                operation(Task("fox", "app", 1, "alice"))
+                operation(Task.new("fox", "app", 1, "alice"))
         with pytest.raises(NoProviderError):
-            manager.run_or_schedule_task(Task("fox", "app", 1, "alice"), 10)
+            manager.run_or_schedule_task(Task.new("fox", "app", 1, "alice"), 10)
         assert manager.store.find() == []
 
 
@@ -224,7 +224,7 @@ def test_one_manager_per_data_directory(tmp_path: Path) -> None:
 
 def test_close_puts_the_running_task_back_and_it_runs_after_reopening(tmp_path: Path, service: Any) -> None:
     with TaskManager(tmp_path, services=[service]) as manager:
-        task = manager.schedule_task(Task("a slow fox", "app", 4, "alice", options=SLOW))
+        task = manager.schedule_task(Task.new("a slow fox", "app", 4, "alice", options=SLOW))
         wait_until(lambda: _status(manager, task.id) == TaskStatus.RUNNING, 30, what="RUNNING")
     store = TaskStore(tmp_path)
     assert store.details(task.id or 0)["status"] == TaskStatus.SCHEDULED  # type: ignore[index]
@@ -232,7 +232,7 @@ def test_close_puts_the_running_task_back_and_it_runs_after_reopening(tmp_path: 
     with TaskManager(tmp_path, services=[service]) as manager:
         events = Recorder(manager)
         manager.delete_task(task.id or 0)  # too slow to finish here; a quick one proves the queue runs
-        quick = manager.schedule_task(Task("fox", "app", 1, "alice", options=QUICK))
+        quick = manager.schedule_task(Task.new("fox", "app", 1, "alice", options=QUICK))
         wait_until(lambda: _finished(manager, quick), 60, what="the queue")
         # The event follows the status change from the service's thread: wait for it, then for any extra one.
         wait_until(lambda: events.ids()[0], 10, what="the success event")
@@ -242,9 +242,9 @@ def test_close_puts_the_running_task_back_and_it_runs_after_reopening(tmp_path: 
 
 def test_tasks_running_at_a_crash_run_again_once_then_fail(tmp_path: Path, service: Any) -> None:
     store = TaskStore(tmp_path)
-    first_crash = store.insert(Task("fox", "app", 1, "alice", options=QUICK), TaskStatus.RUNNING, 1, 0, attempts=1)
-    second_crash = store.insert(Task("fox", "app", 1, "alice", options=QUICK), TaskStatus.RUNNING, 1, 0, attempts=2)
-    waiting = store.insert(Task("fox", "app", 1, "bob", options=QUICK), TaskStatus.SCHEDULED, 1, 0)
+    first_crash = store.insert(Task.new("fox", "app", 1, "alice", options=QUICK), TaskStatus.RUNNING, 1, 0, attempts=1)
+    second_crash = store.insert(Task.new("fox", "app", 1, "alice", options=QUICK), TaskStatus.RUNNING, 1, 0, attempts=2)
+    waiting = store.insert(Task.new("fox", "app", 1, "bob", options=QUICK), TaskStatus.SCHEDULED, 1, 0)
     store.save_images(first_crash.id or 0, [b"half-written"])  # what a crash mid-save leaves
     store.close()
     with TaskManager(tmp_path, services=[service]) as manager:
@@ -258,7 +258,7 @@ def test_tasks_running_at_a_crash_run_again_once_then_fail(tmp_path: Path, servi
 def test_cleanup_deletes_finished_tasks_older_than_the_age(tmp_path: Path) -> None:
     with TaskManager(tmp_path, max_age_days=7) as manager:
         store = manager.store
-        made = {s: store.insert(Task("fox", "app", 1, "alice"), s, 1, 0) for s in TaskStatus if s}
+        made = {s: store.insert(Task.new("fox", "app", 1, "alice"), s, 1, 0) for s in TaskStatus if s}
         store.save_images(made[TaskStatus.SUCCESSFUL].id or 0, [b"png"])
         assert manager.cleanup() == []
         with sqlite3.connect(tmp_path / "tasks.sqlite3") as db:  # age every task by eight days
@@ -282,10 +282,10 @@ def test_one_bad_request_one_message_on_every_front_end(manager: TaskManager, op
 
     from backend.cli import cli
 
-    with pytest.raises(TaskInputError) as standalone:
-        manager.schedule_task(Task("a fox", "app", 1, "alice", options=options))
-    with pytest.raises(TaskInputError) as worker:  # what the Nextcloud worker runs on a task's input
-        parse_task_input({"input": "a fox", "numberOfImages": 1, **options})
+    with pytest.raises(InvalidRequest) as standalone:
+        manager.schedule_task(Task.new("a fox", "app", 1, "alice", options=options))
+    with pytest.raises(InvalidRequest) as worker:  # what the Nextcloud worker runs on a task's input
+        task_input.parse({"input": "a fox", "numberOfImages": 1, **options})
     result = CliRunner().invoke(cli, ["generate", "a fox", "--model", "sd-turbo", "--offline", *cli_args])
     assert message in str(standalone.value) and str(standalone.value) == str(worker.value)
     assert result.exit_code != 0 and message in result.output, result.output

@@ -33,11 +33,11 @@ def tasks(data: Path, *args: str) -> tuple[int, str]:
 
 def _store_with_tasks(data: Path) -> None:
     store = TaskStore(data)
-    done = store.insert(Task("a red fox", "app", 1, "alice"), TaskStatus.RUNNING, 1, 0)
+    done = store.insert(Task.new("a red fox", "app", 1, "alice"), TaskStatus.RUNNING, 1, 0)
     store.save_images(done.id or 0, [b"png"])
     store.finish(done.id or 0, TaskStatus.SUCCESSFUL, seeds=[1])
-    store.insert(Task("a cat", "app", 1, "alice"), TaskStatus.SCHEDULED, 1, 0)
-    store.insert(Task("a dog", "app", 1, "bob"), TaskStatus.SCHEDULED, 1, 0)
+    store.insert(Task.new("a cat", "app", 1, "alice"), TaskStatus.SCHEDULED, 1, 0)
+    store.insert(Task.new("a dog", "app", 1, "bob"), TaskStatus.SCHEDULED, 1, 0)
     store.close()
 
 
@@ -115,10 +115,10 @@ def test_start_up_reads_counts_and_estimates_as_input(tmp_path: Path) -> None:
     data = tmp_path / "data"
     store = TaskStore(data)
     for attempts in ("'many'", "1"):
-        task = store.insert(Task("a fox", "app", 1, "alice"), TaskStatus.SCHEDULED, 5, 0)
+        task = store.insert(Task.new("a fox", "app", 1, "alice"), TaskStatus.SCHEDULED, 5, 0)
         store._db.execute(f"UPDATE tasks SET status = 2, attempts = {attempts} WHERE id = ?", (task.id,))
     for estimate in ("'soon'", "1e308", "9223372036854775807", "-7"):
-        task = store.insert(Task("a fox", "app", 1, "alice"), TaskStatus.SCHEDULED, 5, 0)
+        task = store.insert(Task.new("a fox", "app", 1, "alice"), TaskStatus.SCHEDULED, 5, 0)
         store._db.execute(f"UPDATE tasks SET expected_seconds = {estimate} WHERE id = ?", (task.id,))
     store.close()
     manager = TaskManager(data)
@@ -184,7 +184,7 @@ def test_on_a_full_disk_deleting_frees_space_and_scheduling_says_why(small_disk:
     data = small_disk / "data"
     store = TaskStore(data)
     for _ in range(3):
-        big = store.insert(Task("a fox", "app", 1, "alice"), TaskStatus.RUNNING, 1, 0)
+        big = store.insert(Task.new("a fox", "app", 1, "alice"), TaskStatus.RUNNING, 1, 0)
         store.save_images(big.id or 0, [os.urandom(800 * 1024)])
         store.finish(big.id or 0, TaskStatus.SUCCESSFUL, seeds=[1])
     assert big.id == 3

@@ -69,7 +69,7 @@ def ours(case: dict[str, Any]) -> dict[str, Any]:
             side = latent * pipe.bundle.vae_scale_factor
 
             def whole(n: int = n, side: int = side) -> None:
-                request = GenerationRequest(PROMPT, n=n, width=side, height=side, steps=case["steps"],
+                request = GenerationRequest(prompt=PROMPT, n=n, width=side, height=side, steps=case["steps"],
                                             guidance=case["guidance"], seed=0, scheduler="euler")
                 for item in pipe.run(request):
                     png_bytes(item)

@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from backend.config import Settings
 from backend.nextcloud.admin_defaults import drop_outdated_overrides
-from backend.nextcloud.admin_settings import AdminChoice, ModelDefaults, choose, field_ids
+from backend.nextcloud.admin_settings import AdminChoice, choose, field_ids
 from backend.nextcloud.client import Gone, Nextcloud, Unreachable, sleep_or
 from backend.nextcloud.models import Model
 from backend.nextcloud.provider import model_names
 from runtime.errors import T2IError
+from runtime.request import Defaults
 
 if TYPE_CHECKING:
     from runtime.pipeline import Pipeline
@@ -160,7 +161,7 @@ class AdminSettings:
         choice = self.applied
         problems: list[str] = []
         for model in self.app.models.values():
-            wanted = choice.defaults.get(model.name, ModelDefaults())
+            wanted = choice.defaults.get(model.name, Defaults())
             for i, service in enumerate(model.services):
                 service.settings = replace(service.settings, images=choice.settings.images)
                 if service.pipeline is not None:
@@ -201,23 +202,23 @@ class AdminSettings:
         return ok
 
 
-def _set_defaults(pipe: Pipeline, wanted: ModelDefaults) -> list[str]:
+def _set_defaults(pipe: Pipeline, wanted: Defaults) -> list[str]:
     """Give ``pipe`` the admin's defaults, each one it takes; return why the others were left out."""
     try:
-        pipe.set_defaults(wanted.width, wanted.height, wanted.steps, wanted.guidance)
+        pipe.use_defaults(wanted)
         return []
     except T2IError:
         pass
-    kept: dict[str, Any] = {}
+    kept = Defaults()
     refused = []
     for part in ({"width": wanted.width, "height": wanted.height}, {"steps": wanted.steps},
                  {"guidance": wanted.guidance}):
         if all(value is None for value in part.values()):
             continue
         try:
-            pipe.set_defaults(**kept, **part)
-            kept.update(part)
+            pipe.use_defaults(replace(kept, **part))
+            kept = replace(kept, **part)
         except T2IError as exc:
             refused.append(str(exc))
-    pipe.set_defaults(**kept)
+    pipe.use_defaults(kept)
     return refused

@@ -23,7 +23,8 @@ from typing import Any
 from backend.config import Settings
 from backend.nextcloud.provider import model_names, provider_id
 from runtime import validation as v
-from runtime.errors import T2IError
+from runtime.errors import ConfigError, T2IError
+from runtime.request import Defaults
 from runtime.validation import shown
 
 FORM_ID = "sd2_admin"
@@ -41,21 +42,11 @@ MAX_THREADS = 1024
 
 
 @dataclass(frozen=True)
-class ModelDefaults:
-    """An admin's defaults for one model's requests; None keeps the model's own."""
-
-    width: int | None = None
-    height: int | None = None
-    steps: int | None = None
-    guidance: float | None = None
-
-
-@dataclass(frozen=True)
 class AdminChoice:
     """What the stored values ask for, and what had to be ignored."""
 
     settings: Settings
-    defaults: dict[str, ModelDefaults] = field(default_factory=dict)
+    defaults: dict[str, Defaults] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
 
@@ -107,16 +98,16 @@ def build_form(base: Settings, models: Mapping[str, Any]) -> dict[str, Any]:
         key, own = model_key(name), service.defaults
         sizes = [f"{size} ({label.split('(', 1)[1]}" if "(" in label else size
                  for size, label in service.allowed_sizes().items()]
-        current = next((s for s in sizes if s.split(" ", 1)[0] == own["size"]), sizes[0])
+        current = next((s for s in sizes if s.split(" ", 1)[0] == own.size), sizes[0])
         fields_ += [
             _field(f"{key}_size", f"{name}: default size", "select", current,
                    "The size of an image when the user does not choose one.", options=sizes),
-            _field(f"{key}_steps", f"{name}: default steps", "number", int(own["steps"]),
+            _field(f"{key}_steps", f"{name}: default steps", "number", own.steps,
                    "Denoising steps when the user does not choose (1–100); more is slower and finer. Empty: the "
-                   f"model's own ({int(own['steps'])})."),
-            _field(f"{key}_guidance", f"{name}: default guidance", "number", float(own["guidance"]),
+                   f"model's own ({own.steps})."),
+            _field(f"{key}_guidance", f"{name}: default guidance", "number", own.guidance,
                    "How closely images follow the prompt when the user does not choose (0–30; sd-turbo: 0). "
-                   f"Empty: the model's own ({float(own['guidance'])})."),
+                   f"Empty: the model's own ({own.guidance})."),
         ]
     return {"id": FORM_ID, "priority": 10, "section_type": "admin", "section_id": SECTION_ID,
             "title": "Local image generation (Stable Diffusion 2)",
@@ -150,7 +141,7 @@ def choose(base: Settings, values: Mapping[str, str]) -> AdminChoice:
             continue
         changes[fid] = value
     settings = base.updated(**changes) if changes else base
-    defaults: dict[str, ModelDefaults] = {}
+    defaults: dict[str, Defaults] = {}
     for name in model_names(settings.store.model):
         key, parsed = model_key(name), {}
         for part in ("size", "steps", "guidance"):
@@ -161,7 +152,7 @@ def choose(base: Settings, values: Mapping[str, str]) -> AdminChoice:
                 parsed.update(_parse_default(part, raw))
             except T2IError as exc:
                 problems.append(f"admin setting {key}_{part}={shown(raw)} ignored: {exc}")
-        defaults[name] = ModelDefaults(**parsed)
+        defaults[name] = Defaults(**parsed)  # an admin's choice; None keeps the model's own
     return AdminChoice(settings, defaults, problems)
 
 
@@ -172,15 +163,15 @@ def _parse(fid: str, raw: str) -> Any:
             return True
         if text.lower() in _FALSE:
             return False
-        raise T2IError("not a yes/no value; use 1/0, true/false, yes/no")
+        raise ConfigError("not a yes/no value; use 1/0, true/false, yes/no")
     if fid == "threads":
         allowed = f"use 0 (every core) or a whole number of threads up to {MAX_THREADS}"
         number = _finite(text, allowed)
         if not number.is_integer() or not 0 <= number <= MAX_THREADS:
-            raise T2IError(f"{shown(text)} is not allowed; {allowed}")
+            raise ConfigError(f"{shown(text)} is not allowed; {allowed}")
         return int(number)
     if fid == "model" and not model_names(text):
-        raise T2IError("no model named; use one or more model names, hub ids or folders, separated by commas")
+        raise ConfigError("no model named; use one or more model names, hub ids or folders, separated by commas")
     return text
 
 
@@ -201,7 +192,7 @@ def _finite(text: str, allowed: str) -> float:
     try:
         number = float(text)
     except ValueError:
-        raise T2IError(f"{shown(text.strip())} is not a number; {allowed}") from None
+        raise ConfigError(f"{shown(text.strip())} is not a number; {allowed}") from None
     if not math.isfinite(number):
-        raise T2IError(f"{shown(text.strip())} is not a finite number; {allowed}")
+        raise ConfigError(f"{shown(text.strip())} is not a finite number; {allowed}")
     return number

@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 
 from backend.config import Settings
 from backend.http_server import Limits, server_options
-from runtime.errors import T2IError
+from runtime.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +69,14 @@ def serve(host: str | None = None, port: int | None = None, workers: int | None 
     # AppAPI sets these in the container; nc_py_api reads them too.
     missing = appapi.missing()
     if missing:
-        raise T2IError(
+        raise ConfigError(
             f"the Nextcloud ExApp needs {', '.join(missing)} in its environment (AppAPI sets them when it deploys "
             "the app); to run without Nextcloud use `text2image serve --standalone`"
         )
     try:
         import uvicorn
     except ImportError:
-        raise T2IError("the Nextcloud ExApp needs its extra: pip install 'text2image-sd2[nextcloud]'") from None
+        raise ConfigError("the Nextcloud ExApp needs its extra: pip install 'text2image-sd2[nextcloud]'") from None
     for name in ("backend", "runtime"):
         logger = logging.getLogger(name)
         if logger.getEffectiveLevel() > logging.INFO:  # INFO at least; -vv (DEBUG) stays: the task timelines
@@ -90,7 +90,7 @@ def serve(host: str | None = None, port: int | None = None, workers: int | None 
         where["host"] = host or appapi.app_host
         where["port"] = port or appapi.app_port
         if not where["port"]:
-            raise T2IError("no port to listen on: set APP_PORT (AppAPI does) or pass --port")
+            raise ConfigError("no port to listen on: set APP_PORT (AppAPI does) or pass --port")
     log.info("text2image_sd2 ExApp %s for %s on %s", appapi.app_version, appapi.nextcloud_url,
              where.get("uds") or f"{where['host']}:{where['port']}")
     # The standalone service's bounds on head and idle time and on connections; no cap per address, as the one

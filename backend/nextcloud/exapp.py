@@ -18,13 +18,13 @@ from backend.nextcloud.journal import Journal
 from backend.nextcloud.models import Model, ModelLife, storage_dir
 from backend.nextcloud.provider import build_provider
 from backend.nextcloud.worker import Trigger, Worker
+from backend.tasks.outcome import MAX_ATTEMPTS
 from runtime.errors import T2IError
 
 log = logging.getLogger(__name__)
 
-#: A task that was being generated when the service died this many times is failed instead of run again: it may
+#: A task that was being generated when the service died MAX_ATTEMPTS times is failed instead of run again: it may
 #: be what kills the service (e.g. more memory than the machine has).
-MAX_ATTEMPTS = 2
 CRASHED = ("The image service stopped unexpectedly while working on this task, twice; it may need more memory "
            "than the server has. Try fewer or smaller images.")
 #: On SIGTERM a task in hand is finished if it can be within this many seconds, else stopped and reported failed;

@@ -15,8 +15,8 @@ from nc_py_api.ex_app.providers.task_processing import (
 )
 
 from backend.nextcloud.client import TASK_TYPE
-from backend.tasks.request import OPTIONAL_INPUTS
 from backend.tasks.service import ImageService
+from backend.tasks.task_input import OPTIONAL_INPUTS
 from runtime.request import GenerationRequest
 from runtime.schedulers import SCHEDULER_NAMES
 
@@ -47,8 +47,8 @@ def build_provider(model: str, service: ImageService, app_id: str = APP_ID) -> T
     defaults = service.defaults
     sizes = service.allowed_sizes()
     descriptions = dict(OPTIONAL_INPUTS)
-    descriptions["steps"] += f"; this model's default is {defaults['steps']}"
-    descriptions["guidance"] += f"; this model's default is {float(defaults['guidance']):g}"
+    descriptions["steps"] += f"; this model's default is {defaults.steps}"
+    descriptions["guidance"] += f"; this model's default is {defaults.guidance:g}"
     shapes = [ShapeDescriptor(name=key, description=text, shape_type=_TYPES[key])
               for key, text in descriptions.items()]
     return TaskProcessingProvider(
@@ -63,9 +63,9 @@ def build_provider(model: str, service: ImageService, app_id: str = APP_ID) -> T
             "scheduler": [ShapeEnumValue(name=s, value=s) for s in SCHEDULER_NAMES],
         },
         optional_input_shape_defaults={
-            "size": str(defaults["size"]),
-            "steps": int(defaults["steps"]),  # type: ignore[call-overload]
-            "guidance": float(defaults["guidance"]),  # type: ignore[arg-type]
-            "scheduler": str(defaults["scheduler"]),
+            "size": defaults.size,
+            "steps": int(defaults.steps or 0),
+            "guidance": float(defaults.guidance or 0),
+            "scheduler": str(defaults.scheduler),
         },
     )

@@ -13,18 +13,27 @@ import asyncio
 import concurrent.futures
 import logging
 import time
-import traceback
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from backend.nextcloud.client import Backoff, Gone, Nextcloud, Unreachable, cut, sleep_or
+from backend.nextcloud.client import Backoff, Gone, Nextcloud, Unreachable, sleep_or
 from backend.nextcloud.delivery import Delivery
 from backend.nextcloud.journal import Journal
 from backend.nextcloud.models import Model
-from backend.tasks.request import TaskInputError, parse_task_input
+from backend.tasks.outcome import (
+    INTERNAL_ERROR,
+    Cancelled,
+    Failed,
+    Images,
+    Outcome,
+    Refused,
+    Stopped,
+    admin_detail,
+    parsed,
+    run_task,
+)
 from backend.tasks.service import ImageService
-from runtime.errors import GenerationCancelled
 from runtime.request import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -39,8 +48,6 @@ PROGRESS_WAIT = 2.0
 #: With triggers (Nextcloud 33+) a poll now and then still catches a trigger that was lost.
 POLL_WITH_TRIGGERS = 60.0
 
-INTERNAL_ERROR = ("The image could not be generated because of an internal error in the image service; your "
-                  "administrator can find the details in the Nextcloud log.")
 STOPPED = ("The image service was stopped (restarted, updated or disabled) before this task finished; "
            "please try again.")
 
@@ -170,7 +177,8 @@ class Worker:
         """Last resort when the journal cannot take the outcome: tell Nextcloud at once, or leave it to the
         journal's recovery if that fails too."""
         try:
-            await self.nc.report(int(task["id"]), error=_admin_detail(int(task["id"]), exc), user_error=INTERNAL_ERROR)
+            await self.nc.report(int(task["id"]), error=admin_detail(f"task {task['id']}", exc),
+                                 user_error=INTERNAL_ERROR)
         except Exception as again:
             log.error("%s: could not report task %s either: %s", self.name, task.get("id"), again)
 
@@ -183,37 +191,38 @@ class Worker:
     async def process(self, task: dict[str, Any]) -> None:
         """Generate one task and hand its outcome (images or an error) to the delivery."""
         tid, request, bridge = self._begin(task)
-        if request is None:
-            self._deliver(tid)
-            return
-        loop = asyncio.get_running_loop()
         t0 = time.monotonic()
-        # Between the batches of a task with more images than one batch, the next task in Nextcloud's queue runs
-        # (see _between): one user's 12 images do not hold everyone else up for their whole run.
-        between = self._between if request.n > self.service.settings.runtime.max_batch else None
-        try:
-            results: list | BaseException = await loop.run_in_executor(
-                self.executor, partial(self.service.run, request, bridge, between_batches=between))
-        except Exception as exc:
-            results = exc
-        finally:
-            self.current = None
-        if not await self._settle(tid, bridge, results, t0):
+        if isinstance(request, Refused):
+            outcome: Outcome = request
+        else:
+            # Between the batches of a task with more images than one batch, the next task in Nextcloud's queue
+            # runs (see _between): one user's 12 images do not hold everyone else up for their whole run.
+            between = self._between if request.n > self.service.settings.runtime.max_batch else None
+            try:
+                outcome = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, partial(self._generate, tid, request, bridge, between))
+            finally:
+                self.current = None
+        if not await self._settle(tid, bridge, outcome, t0):
             self._deliver(tid)
 
-    def _begin(self, task: dict[str, Any]) -> tuple[int, GenerationRequest | None, ProgressBridge]:
-        """Record the task as taken and parse its input; a refused input is recorded as failed (request None)."""
+    def _begin(self, task: dict[str, Any]) -> tuple[int, GenerationRequest | Refused, ProgressBridge]:
+        """Record the task as taken and parse its input (a refused input comes back as :class:`Refused`)."""
         tid = int(task["id"])
         entry = self.journal.take(task, self.model.provider_id)
         self.current = tid
         log.info("%s: task %d taken (attempt %d)", self.name, tid, entry.attempts)
         bridge = ProgressBridge(self.nc, tid, asyncio.get_running_loop(), self.deadline)
-        try:
-            return tid, parse_task_input(task.get("input") or {}), bridge
-        except TaskInputError as exc:
-            self.journal.fail(tid, f"task {tid} was refused: {exc}", str(exc))
+        request = parsed(task.get("input") or {})
+        if isinstance(request, Refused):
             self.current = None
-            return tid, None, bridge
+        return tid, request, bridge
+
+    def _generate(self, tid: int, request: GenerationRequest, bridge: ProgressBridge,
+                  between: Callable[[], None] | None = None) -> Outcome:
+        """In the generation thread: the images, or how the generation ended."""
+        return run_task(self.service, request, bridge, between, cancelled=lambda: bridge.cancelled,
+                        label=f"{self.name}: task {tid}")
 
     def _deliver(self, tid: int) -> None:
         """Upload and report while this worker goes on: the generation runs in a thread, so the event loop is free
@@ -251,57 +260,44 @@ class Worker:
         loop = self.loop
         assert loop is not None
 
-        async def begin() -> tuple[int, GenerationRequest | None, ProgressBridge]:
+        async def begin() -> tuple[int, GenerationRequest | Refused, ProgressBridge]:
             return self._begin(task)
 
         tid, request, bridge = asyncio.run_coroutine_threadsafe(begin(), loop).result()
         log.info("%s: task %d runs between the batches of another task", self.name, tid)
-        outcome: list | BaseException = []
         t0 = time.monotonic()
-        if request is not None:
-            try:
-                outcome = self.service.run(request, bridge)
-            except Exception as exc:
-                outcome = exc
+        outcome = request if isinstance(request, Refused) else self._generate(tid, request, bridge)
 
         async def settle() -> None:
-            if request is None or not await self._settle(tid, bridge, outcome, t0):
+            if not await self._settle(tid, bridge, outcome, t0):
                 self._deliver(tid)
 
         asyncio.run_coroutine_threadsafe(settle(), loop).result()
 
-    async def _settle(self, tid: int, bridge: ProgressBridge, results: list | BaseException, t0: float) -> bool:
-        """Record a generation's outcome in the journal. True when nothing is left to deliver."""
-        if isinstance(results, GenerationCancelled):
-            if bridge.cancelled:
+    async def _settle(self, tid: int, bridge: ProgressBridge, outcome: Outcome, t0: float) -> bool:
+        """Record a task's outcome in the journal. True when nothing is left to deliver."""
+        match outcome:
+            case Cancelled():
                 log.info("%s: task %d cancelled by its user after %.1f s; nothing uploaded", self.name, tid,
                          time.monotonic() - t0)
                 self.journal.remove(tid)
                 return True
-            self.journal.fail(tid, f"task {tid} stopped: the service was shutting down", STOPPED)
-            return False
-        if isinstance(results, TaskInputError):
-            self.journal.fail(tid, f"task {tid} was refused: {results}", str(results))
-            return False
-        if isinstance(results, BaseException):
-            log.error("%s: task %d failed", self.name, tid, exc_info=results)
-            self.journal.fail(tid, _admin_detail(tid, results), INTERNAL_ERROR)
-            return False
-        # The last chance to see a cancel that came during decoding: a cancelled task must upload nothing.
-        if await self.nc.progress(tid, (1 + DENOISE_SHARE) / 2) == CANCELLED:
-            log.info("%s: task %d cancelled by its user; nothing uploaded", self.name, tid)
-            self.journal.remove(tid)
-            return True
-        t1 = time.monotonic()
-        self.journal.finish(tid, [r.png for r in results])
-        log.debug("task %d timeline: generation %.3f s, journal %.3f s, %d progress report(s)", tid, t1 - t0,
-                  time.monotonic() - t1, bridge.reports)
-        log.info("%s: task %d generated %d image(s) in %.1f s", self.name, tid, len(results), time.monotonic() - t0)
+            case Stopped():
+                self.journal.fail(tid, f"task {tid} stopped: the service was shutting down", STOPPED)
+            case Refused(user=message):
+                self.journal.fail(tid, f"task {tid} was refused: {message}", message)
+            case Failed(admin=detail, user=message):
+                self.journal.fail(tid, detail, message)
+            case Images(results=results):
+                # The last chance to see a cancel that came during decoding: a cancelled task must upload nothing.
+                if await self.nc.progress(tid, (1 + DENOISE_SHARE) / 2) == CANCELLED:
+                    log.info("%s: task %d cancelled by its user; nothing uploaded", self.name, tid)
+                    self.journal.remove(tid)
+                    return True
+                t1 = time.monotonic()
+                self.journal.finish(tid, [r.png for r in results])
+                log.debug("task %d timeline: generation %.3f s, journal %.3f s, %d progress report(s)", tid,
+                          t1 - t0, time.monotonic() - t1, bridge.reports)
+                log.info("%s: task %d generated %d image(s) in %.1f s", self.name, tid, len(results),
+                         time.monotonic() - t0)
         return False
-
-
-def _admin_detail(tid: int, exc: BaseException) -> str:
-    """What went wrong, for the admin: the exception and the innermost frames (Nextcloud keeps 1000 chars)."""
-    frames = traceback.extract_tb(exc.__traceback__)[-3:]
-    where = " <- ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in reversed(frames))
-    return cut(f"task {tid} failed: {type(exc).__name__}: {exc} [at {where}]")

@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-from runtime.errors import T2IError
+from runtime.errors import ConfigError
 
 #: Secrets are compared in constant time and failed logins are slowed down; 16 characters keep guessing hopeless.
 MIN_SECRET_CHARS = 16
@@ -38,16 +38,16 @@ class Credentials:
         for number, pair in enumerate((p.strip() for p in text.split(",") if p.strip()), start=1):
             user, sep, secret = pair.partition(":")
             if not sep or not _USER_RE.match(user):
-                raise T2IError(f"T2I_USERS entry {number} is not 'user:secret' with a user name of letters, digits, "
+                raise ConfigError(f"T2I_USERS entry {number} is not 'user:secret' with a user name of letters, digits, "
                                "'_', '.', '@' or '-' (at most 64)")
             if len(secret) < MIN_SECRET_CHARS:
-                raise T2IError(f"the secret of user {user!r} in T2I_USERS is {len(secret)} characters long; use at "
+                raise ConfigError(f"the secret of user {user!r} in T2I_USERS is {len(secret)} characters long; use at "
                                f"least {MIN_SECRET_CHARS} (e.g. from: python -c 'import secrets; "
                                "print(secrets.token_urlsafe(24))')")
             if user in users:
-                raise T2IError(f"user {user!r} appears twice in T2I_USERS")
+                raise ConfigError(f"user {user!r} appears twice in T2I_USERS")
             if secret in users.values():
-                raise T2IError(f"user {user!r} has the same secret as another user in T2I_USERS; a bearer token "
+                raise ConfigError(f"user {user!r} has the same secret as another user in T2I_USERS; a bearer token "
                                "must name one user")
             users[user] = secret
         return cls(users)
@@ -64,7 +64,7 @@ class Credentials:
                     out.write(f"{LOCAL_USER}:{secrets.token_urlsafe(24)}\n")
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            raise T2IError(f"the credentials file {str(path)!r} cannot be written or read ({exc}); give the service "
+            raise ConfigError(f"the credentials file {str(path)!r} cannot be written or read ({exc}); give the service "
                            "a writable data folder (--data-dir / T2I_DATA_DIR) or users in T2I_USERS") from None
         return cls.parse(text.strip()), path
 

@@ -11,14 +11,14 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import T2IError
+from runtime.errors import ConfigError, Unavailable
 
 DB_NAME = "tasks.sqlite3"
 #: Below this much free space in the data directory, the service says it is not available (new tasks need room).
 MIN_FREE_BYTES = 4 * 1024 * 1024
 
 
-class StoreError(T2IError):
+class StoreError(Unavailable):
     """The task store cannot be read or written; the message says why and what the admin can do."""
 
 
@@ -89,7 +89,7 @@ def lock_data_dir(data_dir: Path) -> DirLock:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         handle.close()
-        raise T2IError(f"another task service is using {data_dir}; stop it first or use another data "
+        raise ConfigError(f"another task service is using {data_dir}; stop it first or use another data "
                        "directory (--data-dir / T2I_DATA_DIR)") from None
     return DirLock(handle)
 

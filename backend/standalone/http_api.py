@@ -20,8 +20,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from backend.standalone.auth import Credentials, RateLimiter
 from backend.standalone.data_dir import StoreError, StoreFull
 from backend.standalone.manager import TaskManager
-from backend.standalone.task import NoProviderError, Task, TaskFailedError, TaskNotFoundError
-from backend.tasks.request import OPTIONAL_INPUTS, TaskInputError
+from backend.standalone.task import ImageNotFoundError, NoProviderError, Task, TaskFailedError, TaskNotFoundError
+from runtime.errors import InvalidRequest, T2IError
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,6 @@ BASE = "/ocs/v2.php/text2image"
 MAX_BODY_BYTES = 256 * 1024
 #: Nextcloud's default for numberOfImages in /schedule.
 DEFAULT_IMAGES = 8
-SCHEDULE_KEYS = ("input", "appId", "identifier", "numberOfImages", *OPTIONAL_INPUTS)
 #: OCS clients often add ?format=json; the answer is JSON either way.
 IGNORED_KEYS = ("format",)
 OPENAPI_FILE = Path(__file__).with_name("openapi.json")
@@ -38,6 +37,19 @@ _NUMBER_RE = re.compile(r"^-?[0-9]{1,18}$")
 _APP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 # Quoted or bracketed values of 80+ characters inside a message (the checks quote the bad value).
 _LONG_VALUE_RE = re.compile(r"'[^']{80,}'|\"[^\"]{80,}\"|\[[^\[\]]{80,}\]|\{[^{}]{80,}\}|\d{80,}")
+
+
+_LOGGED = "(the administrator can see why in the service log)"
+#: How an error of the task service reaches an HTTP client: its status and message (None: the error's own). The
+#: first class of the error's MRO listed here applies; any other error is a 500 (see ``asgi``).
+STATUSES: dict[type[T2IError], tuple[int, str | None]] = {
+    InvalidRequest: (400, None),
+    ImageNotFoundError: (404, "Image not found"),
+    TaskNotFoundError: (404, "Task not found"),
+    NoProviderError: (412, None),
+    StoreFull: (507, f"the service has no room left to store tasks; try again later {_LOGGED}"),
+    StoreError: (503, f"the service cannot use its task store right now; try again later {_LOGGED}"),
+}
 
 
 class HttpError(Exception):
@@ -121,13 +133,15 @@ class Api:
         query = _single_values(parse_qs(url.query, keep_blank_values=True), "query parameter")
         try:
             return getattr(self, name)(user, args, query, request)
-        except StoreError as exc:  # the admin's to fix; the user learns that it is not their request
-            log.error("task store: %s", exc)
-            if isinstance(exc, StoreFull):
-                raise HttpError(507, "the service has no room left to store tasks; try again later (the "
-                                     "administrator can see why in the service log)") from None
-            raise HttpError(503, "the service cannot use its task store right now; try again later (the "
-                                 "administrator can see why in the service log)", {"Retry-After": "60"}) from None
+        except T2IError as exc:
+            listed = next((cls for cls in type(exc).__mro__ if cls in STATUSES), None)
+            if listed is None:
+                raise
+            status, message = STATUSES[listed]
+            if isinstance(exc, StoreError):  # the admin's to fix; the user learns that it is not their request
+                log.error("task store: %s", exc)
+            raise HttpError(status, message or _shorten(str(exc)), {"Retry-After": "60"} if status == 503 else {}
+                            ) from None
 
     # -- endpoints -------------------------------------------------------------------------------------------------
     def is_available(self, user: str | None, args: dict[str, str], query: dict[str, str], r: Request) -> Response:
@@ -135,17 +149,14 @@ class Api:
         return ocs(200, {"isAvailable": self.manager.has_providers() and self.manager.store.has_room()})
 
     def schedule(self, user: str, args: dict[str, str], query: dict[str, Any], r: Request) -> Response:
-        params: dict[str, Any] = {**query, **_body_params(r)}
-        _known(params, SCHEDULE_KEYS)
+        params: dict[str, Any] = {k: v for k, v in {**query, **_body_params(r)}.items() if k not in IGNORED_KEYS}
         for key in ("input", "appId"):
             if params.get(key) is None:
                 raise HttpError(400, f"'{key}' is missing; /schedule needs input (the prompt) and appId")
-        task = Task(params["input"], params["appId"], params.get("numberOfImages", DEFAULT_IMAGES), user,
-                    params.get("identifier", ""), {k: params[k] for k in OPTIONAL_INPUTS if k in params})
-        try:
-            self.manager.validate(task)
-        except TaskInputError as exc:
-            raise HttpError(400, _shorten(str(exc))) from None
+        # The envelope is the task's; every other key is task input, for the codec to check (unknown keys too).
+        app_id, identifier = params.pop("appId"), params.pop("identifier", "")
+        prompt, n = params.pop("input"), params.pop("numberOfImages", DEFAULT_IMAGES)
+        task = Task.new(prompt, app_id, n, user, identifier, params)
         if not self.manager.has_providers():
             raise HttpError(412, f"No text to image provider is available: {self.unavailable_reason}")
         # Counted only for valid requests: a typo does not use up the user's quota.
@@ -157,8 +168,6 @@ class Api:
             self.manager.run_or_schedule_task(task, self.sync_budget)
         except TaskFailedError:
             pass  # the task is FAILED with its message, which the answer shows, as in Nextcloud
-        except NoProviderError as exc:
-            raise HttpError(412, str(exc)) from None
         return ocs(200, {"task": self._json(task)})
 
     def get_task(self, user: str, args: dict[str, str], query: dict[str, str], r: Request) -> Response:
@@ -168,20 +177,13 @@ class Api:
     def delete_task(self, user: str, args: dict[str, str], query: dict[str, str], r: Request) -> Response:
         _known(query, ())
         task = self._task(user, args["id"])
-        try:
-            self.manager.delete_task(task)
-        except TaskNotFoundError:
-            raise HttpError(404, "Task not found") from None
+        self.manager.delete_task(task)
         return ocs(200, {"task": self._json(task)})
 
     def get_image(self, user: str, args: dict[str, str], query: dict[str, str], r: Request) -> Response:
         _known(query, ())
         task = self._task(user, args["id"])
-        index = _number("image index", args["index"])
-        try:
-            path = self.manager.image_path(task, index)
-        except TaskNotFoundError:
-            raise HttpError(404, "Image not found") from None
+        path = self.manager.image_path(task, _number("image index", args["index"]))
         return Response(200, path.read_bytes(), "image/png")
 
     def list_tasks(self, user: str, args: dict[str, str], query: dict[str, str], r: Request) -> Response:
@@ -201,10 +203,7 @@ class Api:
         return {**task.to_json(), "progress": self.manager.progress(task)}
 
     def _task(self, user: str, raw_id: str) -> Task:
-        try:
-            return self.manager.get_user_task(_number("task id", raw_id), user)
-        except TaskNotFoundError:
-            raise HttpError(404, "Task not found") from None
+        return self.manager.get_user_task(_number("task id", raw_id), user)
 
 
 def _route(method: str, parts: list[str]) -> tuple[str, dict[str, str]]:

@@ -1,15 +1,13 @@
 """Nextcloud's Text-To-Image manager (OCP\\TextToImage\\IManager) for Python callers, over the local task store.
 
-The images are made by the shared core (:func:`backend.tasks.request.parse_task_input` and
-:class:`backend.tasks.service.ImageService`), the same code the Nextcloud connector runs; this module adds the
-queue, the persistence and the events around it.
+The images are made by the shared core (:class:`backend.tasks.service.ImageService`), the same code the Nextcloud
+connector runs; this module adds the queue, the persistence and the events around it.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import re
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -19,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from backend.standalone.data_dir import StoreError, StoreFull, lock_data_dir, store_error
 from backend.standalone.store import TaskStore
 from backend.standalone.task import (
+    ImageNotFoundError,
     NoProviderError,
     Task,
     TaskFailedError,
@@ -27,35 +26,31 @@ from backend.standalone.task import (
     TaskStatus,
     TaskSuccessfulEvent,
 )
-from backend.tasks.request import OPTIONAL_INPUTS, TaskInputError, parse_task_input, request_to_input
-from runtime.errors import GenerationCancelled, InvalidRequest, T2IError
-from runtime.request import GenerationRequest
-from runtime.validation import check_text
+from backend.tasks.outcome import (
+    INTERNAL_ERROR,
+    MAX_ATTEMPTS,
+    Cancelled,
+    Failed,
+    Images,
+    Refused,
+    Stopped,
+    run_task,
+)
+from runtime.errors import ConfigError, InvalidRequest, Unavailable
+from runtime.validation import shown
 
 if TYPE_CHECKING:
     from backend.tasks.service import ImageService
 
 log = logging.getLogger(__name__)
 
-#: A task found RUNNING after a crash runs again, up to this many starts in all; then it ends FAILED.
-MAX_ATTEMPTS = 2
-#: Shown to the user when something unexpected broke; the details go to the log and the failure event.
+#: Shown to the user when the images were made but could not be stored.
 NO_ROOM = "the server ran out of disk space while storing the images; please try again later"
-INTERNAL_ERROR = ("the images could not be made because of an internal error; the administrator can find the "
-                  "details in the service log")
 #: Workers look into the store this often even without a wake-up (cheap, and it bounds any missed wake-up).
 POLL_SECONDS = 5.0
 CLEANUP_EVERY_SECONDS = 3600.0
-MAX_IDENTIFIER_CHARS = 255
-# App and user ids appear in URLs; a strict alphabet keeps them from ever meaning a path.
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 SuccessHandler = Callable[[TaskSuccessfulEvent], object]
 FailureHandler = Callable[[TaskFailedEvent], object]
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class TaskManager:
@@ -63,7 +58,7 @@ class TaskManager:
 
     >>> manager = TaskManager(Path("tasks"), services=[service])   # service: a loaded ImageService
     >>> manager.on_success(lambda event: print(event.task.id, event.images))
-    >>> task = manager.schedule_task(Task("a red fox", "my_app", 2, "alice"))
+    >>> task = manager.schedule_task(Task.new("a red fox", "my_app", 2, "alice"))
     >>> manager.get_user_task(task.id, "alice").status
     <TaskStatus.SCHEDULED: 1>
     >>> manager.close()
@@ -75,7 +70,8 @@ class TaskManager:
 
     def __init__(self, data_dir: Path, max_age_days: float = 30.0, services: Iterable[ImageService] = ()) -> None:
         if not isinstance(max_age_days, (int, float)) or not math.isfinite(max_age_days) or max_age_days < 0:
-            raise T2IError(f"max_age_days {_show(max_age_days)} is not allowed; give days, a finite number 0 or more")
+            raise ConfigError(f"max_age_days {shown(max_age_days)} is not allowed; give days, a finite number 0 or "
+                              "more")
         self.data_dir = Path(data_dir)
         self.max_age_days = max_age_days
         self._lock_file = lock_data_dir(self.data_dir)
@@ -107,7 +103,7 @@ class TaskManager:
     def add_service(self, service: ImageService) -> None:
         """Add a loaded :class:`ImageService` and a background worker that runs scheduled tasks on it."""
         if not service.ready:
-            raise T2IError("the image service has no model loaded; call its load() first")
+            raise Unavailable("the image service has no model loaded; call its load() first")
         with self._cond:
             self._services.append(service)
             self._idle.append(service)
@@ -154,42 +150,10 @@ class TaskManager:
         """True when a model is loaded, so tasks can run."""
         return bool(self._services)
 
-    def validate(self, task: Task) -> GenerationRequest:
-        """Check a task without storing it; raise :class:`TaskInputError` with a message for the user.
-
-        Normalises ``task.number_of_images`` and ``task.options`` (e.g. "3" → 3) on the object.
-        """
-        if not isinstance(task.app_id, str) or not _NAME_RE.match(task.app_id):
-            raise TaskInputError(f"appId {_show(task.app_id)} is not allowed; use 1 to 64 letters, digits, '_', "
-                                 "'.', '@' or '-', starting with a letter or digit")
-        if task.user_id is not None and (not isinstance(task.user_id, str) or not _NAME_RE.match(task.user_id)):
-            raise TaskInputError(f"user id {_show(task.user_id)} is not allowed; use 1 to 64 letters, digits, '_', "
-                                 "'.', '@' or '-', starting with a letter or digit")
-        if not isinstance(task.identifier, str) or len(task.identifier) > MAX_IDENTIFIER_CHARS:
-            raise TaskInputError(f"identifier {_show(task.identifier)} is not allowed; use text of at most "
-                                 f"{MAX_IDENTIFIER_CHARS} characters")
-        try:
-            check_text("identifier", task.identifier)
-        except InvalidRequest as exc:
-            raise TaskInputError(str(exc)) from None
-        if not isinstance(task.options, dict):
-            raise TaskInputError(f"options must be an object, got {type(task.options).__name__}")
-        unknown = sorted(repr(k) for k in set(task.options) - set(OPTIONAL_INPUTS))
-        if unknown:
-            raise TaskInputError(f"unknown option {', '.join(unknown)}; allowed: {', '.join(OPTIONAL_INPUTS)}")
-        request = parse_task_input(task.task_input())
-        normal = request_to_input(request)
-        task.number_of_images = normal.pop("numberOfImages")
-        normal.pop("input")
-        task.options = normal
-        return request
-
     def schedule_task(self, task: Task) -> Task:
-        """Check ``task``, store it as SCHEDULED and return it at once; a background worker makes the images.
-
-        Raises :class:`TaskInputError` (bad input) or :class:`NoProviderError` (no model loaded).
-        """
-        expected, backlog = self._estimate(self.validate(task))
+        """Store a checked task (:meth:`Task.new`) as SCHEDULED and return it at once; a background worker makes
+        the images. Raises :class:`NoProviderError` (no model loaded)."""
+        expected, backlog = self._estimate(task)
         self.store.insert(task, TaskStatus.SCHEDULED, expected, int(time.time() + backlog + expected))
         with self._cond:
             self._generation += 1
@@ -198,13 +162,13 @@ class TaskManager:
         return task
 
     def run_task(self, task: Task) -> Task:
-        """Check ``task`` and make its images now, in the calling thread; return it SUCCESSFUL.
+        """Make a checked task's images now, in the calling thread; return it SUCCESSFUL.
 
         Raises :class:`TaskFailedError` when generation failed (the task is stored as FAILED and the failure event
         fired), besides the errors of :meth:`schedule_task`. Waits for a free service first; it goes before the
         queue. If the manager is closed meanwhile the task is returned SCHEDULED and runs after a restart.
         """
-        expected, _ = self._estimate(self.validate(task))
+        expected, _ = self._estimate(task)
         service = self._take(sync=True)
         if service is None:
             raise NoProviderError("the task service is stopping; try again when it is back")
@@ -223,9 +187,9 @@ class TaskManager:
         return task
 
     def run_or_schedule_task(self, task: Task, budget_seconds: float) -> Task:
-        """Run ``task`` now when its expected runtime (measured step times of the loaded model, plus the work
+        """Run a checked task now when its expected runtime (measured step times of the loaded model, plus the work
         already queued) fits ``budget_seconds``; otherwise schedule it. Returns the task either way."""
-        expected, backlog = self._estimate(self.validate(task))
+        expected, backlog = self._estimate(task)
         if expected + backlog <= budget_seconds:
             return self.run_task(task)
         return self.schedule_task(task)
@@ -256,7 +220,7 @@ class TaskManager:
         """The PNG file of image ``index`` of a SUCCESSFUL task; raises :class:`TaskNotFoundError`."""
         path = self.store.image_path(task.id or 0, index)
         if task.status != TaskStatus.SUCCESSFUL or not 0 <= index < task.number_of_images or not path.is_file():
-            raise TaskNotFoundError(f"image {index} of task {task.id} not found")
+            raise ImageNotFoundError(f"image {index} of task {task.id} not found")
         return path
 
     def cleanup(self, max_age_days: float | None = None) -> list[int]:
@@ -265,11 +229,13 @@ class TaskManager:
         return self.store.cleanup(days * 86400)
 
     # -- the workers -----------------------------------------------------------------------------------------------
-    def _estimate(self, request: GenerationRequest) -> tuple[float, float]:
-        """(expected seconds of this request, seconds until a worker is free for it)."""
+    def _estimate(self, task: Task) -> tuple[float, float]:
+        """(expected seconds of this task, seconds until a worker is free for it)."""
         if not self._services:
             raise NoProviderError("no text-to-image model is loaded yet; try again when the service is ready")
-        return self._services[0].expected_seconds(request), self.store.backlog_seconds() / len(self._services)
+        if task.request is None:
+            raise InvalidRequest(f"task {task.id} cannot run: {task.damaged}")
+        return self._services[0].expected_seconds(task.request), self.store.backlog_seconds() / len(self._services)
 
     def _found(self, task: Task | None, task_id: int) -> Task:
         if task is None:
@@ -361,29 +327,31 @@ class TaskManager:
                 return self.store.get(task_id) is not None
             return True
 
+        assert task.request is not None  # a damaged row never reaches a worker (claim_next fails it)
+        outcome = run_task(service, task.request, on_progress, serve_another if share else None,
+                           cancelled=lambda: task_id in self._deleted, label=f"task {task_id}")
         try:
-            results = service.run(parse_task_input(task.task_input()), on_progress,
-                                  serve_another if share else None)
-            paths = self.store.save_images(task_id, [r.png for r in results])
-            if not self.store.finish(task_id, TaskStatus.SUCCESSFUL, seeds=[r.seed for r in results]):
-                self.store.remove_images(task_id)  # deleted while it ran
-                return
-        except GenerationCancelled:
-            if not self.store.requeue(task_id):
-                self.store.remove_images(task_id)
-            return
-        except TaskInputError as exc:
-            self._fail(task_id, str(exc), str(exc))
-            return
-        except (StoreError, OSError) as exc:
+            match outcome:
+                case Images(results=results):
+                    paths = self.store.save_images(task_id, [r.png for r in results])
+                    if not self.store.finish(task_id, TaskStatus.SUCCESSFUL, seeds=[r.seed for r in results]):
+                        self.store.remove_images(task_id)  # deleted while it ran
+                        return
+                case Cancelled() | Stopped():  # deleted: gone; stopping: back in the queue
+                    if not self.store.requeue(task_id):
+                        self.store.remove_images(task_id)
+                    return
+                case Refused(user=message):
+                    self._fail(task_id, message, message)
+                    return
+                case Failed(admin=detail, user=message):
+                    self._fail(task_id, message, detail)
+                    return
+        except (StoreError, OSError) as exc:  # the images were made, but storing them failed
             problem = store_error(exc, self.data_dir) if isinstance(exc, OSError) else exc
             log.error("task %d: its images could not be stored: %s", task_id, problem)
             self._fail(task_id, NO_ROOM if isinstance(problem, StoreFull) else INTERNAL_ERROR,
                        f"{type(exc).__name__}: {problem}")
-            return
-        except Exception as exc:
-            log.exception("task %d failed", task_id)
-            self._fail(task_id, INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
             return
         finally:
             self._deleted.discard(task_id)

@@ -3,7 +3,7 @@ have changed, so every column is checked where it enters, like any outside input
 and the size, depth and shape of its JSON. A row that does not hold what this service writes reads as a FAILED task
 whose ``damaged`` names the column, so one bad row fails that task, never a listing or the service.
 
-Standard library only (see :mod:`backend.standalone.store`).
+The input columns are parsed back by the task-input codec, the one parser of every task's input.
 """
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ import sqlite3
 from typing import Any
 
 from backend.standalone.task import Task, TaskStatus
+from backend.tasks.task_input import parse
+from runtime.errors import InvalidRequest
+from runtime.request import GenerationRequest
 from runtime.validation import MAX_IMAGES, shown
 
 DAMAGED = "this task's stored data is damaged, so it cannot run; please schedule it again"
@@ -104,19 +107,30 @@ def _json(row: sqlite3.Row, column: str, kind: type) -> Any:
 def task_of_row(row: sqlite3.Row) -> Task:
     """The task of a row; a FAILED task with ``damaged`` set when a column does not hold what this service wrote."""
     try:
-        return Task(input=_text(row, "input"), app_id=_text(row, "app_id"), user_id=_text(row, "user_id", null=True),
-                    number_of_images=_whole(row, "number_of_images", 1, MAX_IMAGES),
-                    identifier=_text(row, "identifier"), options=_json(row, "options", dict), id=row["id"],
+        return Task(request=_request(row), app_id=_text(row, "app_id"), user_id=_text(row, "user_id", null=True),
+                    identifier=_text(row, "identifier"), id=row["id"],
                     status=TaskStatus(_whole(row, "status", min(TaskStatus), max(TaskStatus))),
                     completion_expected_at=_whole(row, "completion_expected_at", 0, 2**62, null=True),
                     error_message=_text(row, "error_message", null=True), seeds=_json(row, "seeds", list),
                     created_at=_time(row, "created_at"), updated_at=_time(row, "updated_at"))
     except _Damaged as exc:
-        return Task(input=_readable(row, "input", ""), app_id=_readable(row, "app_id", ""), number_of_images=0,
+        return Task(request=None, damaged_input=_readable(row, "input", ""), app_id=_readable(row, "app_id", ""),
                     user_id=_readable(row, "user_id", None), identifier=_readable(row, "identifier", ""),
                     id=row["id"], status=TaskStatus.FAILED, error_message=DAMAGED,
                     created_at=_readable(row, "created_at", None, _time),
                     updated_at=_readable(row, "updated_at", None, _time), damaged=str(exc))
+
+
+def _request(row: sqlite3.Row) -> GenerationRequest:
+    """The stored input, parsed as any task input is (the store writes it with ``task_input.dump``)."""
+    options = _json(row, "options", dict)
+    raw = {"input": _text(row, "input"), "numberOfImages": _whole(row, "number_of_images", 1, MAX_IMAGES)}
+    if set(options) & set(raw):
+        raise _Damaged(f"column options holds {shown(sorted(set(options) & set(raw)))}, which are columns")
+    try:
+        return parse({**raw, **options})
+    except InvalidRequest as exc:
+        raise _Damaged(f"the stored input is not a request this service takes: {exc}") from None
 
 
 def _readable(row: sqlite3.Row, column: str, default: Any, read: Any = _text) -> Any:

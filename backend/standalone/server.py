@@ -20,7 +20,7 @@ from backend.http_server import Limits, host_names, parse_proxies, server_class,
 from backend.standalone.auth import LOCAL_USER, Credentials, RateLimiter
 from backend.standalone.http_api import BASE, Api
 from backend.standalone.manager import TaskManager
-from runtime.errors import T2IError
+from runtime.errors import ConfigError, T2IError
 
 if TYPE_CHECKING:
     from backend.tasks.service import ImageService
@@ -42,16 +42,16 @@ class StandaloneServer:
 
             from backend.standalone.asgi import AsgiApp
         except ImportError as exc:
-            raise T2IError(f"the standalone service needs {exc.name}, which comes with its extra: pip install "
+            raise ConfigError(f"the standalone service needs {exc.name}, which comes with its extra: pip install "
                            "'text2image-sd2[nextcloud]'") from None
 
         if settings.runtime.workers < 1:
-            raise T2IError(f"workers {settings.runtime.workers} is not allowed; use 1 or more")
+            raise ConfigError(f"workers {settings.runtime.workers} is not allowed; use 1 or more")
         st, http = settings.standalone, settings.http
         if http.max_connections < 1:
-            raise T2IError(f"T2I_MAX_CONNECTIONS {http.max_connections} is not allowed; use 1 or more")
+            raise ConfigError(f"T2I_MAX_CONNECTIONS {http.max_connections} is not allowed; use 1 or more")
         if st.max_connections_per_address < 0:
-            raise T2IError(f"T2I_MAX_CONNECTIONS_PER_ADDRESS {st.max_connections_per_address} is not allowed; use "
+            raise ConfigError(f"T2I_MAX_CONNECTIONS_PER_ADDRESS {st.max_connections_per_address} is not allowed; use "
                            "0 (no cap) or more")
         limits = Limits(http.request_timeout, http.max_connections, st.max_connections_per_address,
                         parse_proxies(st.trusted_proxies))
@@ -68,7 +68,7 @@ class StandaloneServer:
             self.socket = socket.create_server((st.host, st.port), backlog=1024)
         except OSError as exc:
             self.manager.close()
-            raise T2IError(f"cannot listen on {st.host}:{st.port}: {exc.strerror}; choose another --port or stop "
+            raise ConfigError(f"cannot listen on {st.host}:{st.port}: {exc.strerror}; choose another --port or stop "
                            "what uses it") from None
         config = uvicorn.Config(AsgiApp(self.api, http.request_timeout, hosts), lifespan="off",
                                 log_level="warning", timeout_graceful_shutdown=5, **server_options(limits))

@@ -5,7 +5,8 @@ Layout of a data directory::
     <data_dir>/tasks.sqlite3 (+ -wal, -shm)   the tasks
     <data_dir>/images/<task id>/<index>.png    the images of SUCCESSFUL tasks
 
-Standard library only, so ``text2image tasks`` reads the store without the model stack. Safe to use from many
+No model stack (the input is written and read by the task-input codec), so ``text2image tasks`` reads the store
+without loading a model. Safe to use from many
 threads (one connection behind a lock) and from several processes (WAL lets the CLI read and delete while the
 service runs).
 """
@@ -27,7 +28,9 @@ from typing import Any
 from backend.standalone.data_dir import DB_NAME, StoreError, StoreFull, has_room, store_error
 from backend.standalone.rows import DAMAGED, decode_text, missing_columns, shown_value, task_of_row
 from backend.standalone.task import Task, TaskStatus
-from runtime.errors import T2IError
+from backend.tasks.task_input import dump
+from runtime.errors import ConfigError
+from runtime.validation import shown
 
 __all__ = ["ANY_USER", "DAMAGED", "DB_NAME", "StoreError", "StoreFull", "TaskStore"]
 IMAGES_DIR = "images"
@@ -73,7 +76,7 @@ class TaskStore:
         self.images_dir = self.data_dir / IMAGES_DIR
         db = self.data_dir / DB_NAME
         if not create and not db.is_file():
-            raise T2IError(f"there is no task store in {self.data_dir}; start `text2image serve --standalone` "
+            raise ConfigError(f"there is no task store in {self.data_dir}; start `text2image serve --standalone` "
                            "first or pass the --data-dir it uses")
         self._lock = threading.RLock()
         #: False when the store could only be opened for reading (``create=False`` on a read-only directory).
@@ -166,14 +169,17 @@ class TaskStore:
     def insert(self, task: Task, status: TaskStatus, expected_seconds: float, completion_expected_at: int,
                attempts: int = 0) -> Task:
         """Store a new task; fills in ``task.id``, status and times on the object and returns it."""
+        assert task.request is not None, "a task is stored once, made with Task.new"
+        stored = dump(task.request)  # what rows.task_of_row parses back
+        prompt, n = stored.pop("input"), stored.pop("numberOfImages")
         now = time.time()
         with self._tx() as db:
             cur = db.execute(
                 "INSERT INTO tasks (user_id, app_id, identifier, input, options, number_of_images, status, "
                 "expected_seconds, completion_expected_at, attempts, created_at, updated_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (task.user_id, task.app_id, task.identifier, task.input, json.dumps(task.options),
-                 task.number_of_images, int(status), expected_seconds, completion_expected_at, attempts, now, now))
+                (task.user_id, task.app_id, task.identifier, prompt, json.dumps(stored), n, int(status),
+                 expected_seconds, completion_expected_at, attempts, now, now))
         task.id, task.status = cur.lastrowid, status
         task.completion_expected_at, task.created_at, task.updated_at = completion_expected_at, now, now
         return task
@@ -262,7 +268,8 @@ class TaskStore:
         """Delete finished (SUCCESSFUL or FAILED) tasks last changed more than ``older_than_seconds`` ago."""
         if not isinstance(older_than_seconds, (int, float)) or not math.isfinite(older_than_seconds) \
                 or older_than_seconds < 0:
-            raise T2IError(f"an age of {older_than_seconds!r} seconds is not allowed; give a finite number, 0 or more")
+            raise ConfigError(f"an age of {shown(older_than_seconds)} seconds is not allowed; give a finite number, "
+                              "0 or more")
         cutoff = time.time() - older_than_seconds
         rows = self._query("SELECT id FROM tasks WHERE status IN (?, ?) AND updated_at < ?",
                            (int(TaskStatus.SUCCESSFUL), int(TaskStatus.FAILED), cutoff))

@@ -1,16 +1,27 @@
 """The task model of Nextcloud's Text-To-Image API (OCP\\TextToImage\\Task), and the errors of its manager.
 
-Standard library only: the ``text2image tasks`` commands read tasks without loading the model stack.
+A task carries its input as the runtime's one request type, parsed once where the task is made (:meth:`Task.new`)
+and once where the task store reads it back.
 """
 
 from __future__ import annotations
 
 import enum
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import T2IError
+from backend.tasks import task_input
+from runtime.errors import InvalidRequest, T2IError, Unavailable
+from runtime.request import GenerationRequest
+from runtime.validation import check_text, shown
+
+MAX_IDENTIFIER_CHARS = 255
+# App and user ids appear in URLs; a strict alphabet keeps them from ever meaning a path.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+_NAMES = "use 1 to 64 letters, digits, '_', '.', '@' or '-', starting with a letter or digit"
 
 
 class TaskStatus(enum.IntEnum):
@@ -27,22 +38,19 @@ class TaskStatus(enum.IntEnum):
 class Task:
     """A text-to-image task: Nextcloud's ``Task(input, appId, numberOfImages, userId, identifier='')``.
 
-    Create one with the first five fields and hand it to a :class:`~backend.standalone.manager.TaskManager`; the
-    manager fills in ``id``, ``status`` and ``completion_expected_at`` on the same object.
+    Make one with :meth:`Task.new` (which checks it) and hand it to a
+    :class:`~backend.standalone.manager.TaskManager`; the manager fills in ``id``, ``status`` and
+    ``completion_expected_at`` on the same object.
     """
 
-    #: The prompt: what the image should show.
-    input: str
+    #: What to generate, checked. None only for a task whose stored row is damaged (see ``damaged``).
+    request: GenerationRequest | None
     #: The app the task belongs to; tasks are listed per user and app.
     app_id: str
-    #: How many images to make (1-12).
-    number_of_images: int
     #: The owner; only this user sees the task over HTTP. None is allowed for Python callers (no user).
     user_id: str | None
     #: Any string up to 255 characters the app uses to find its tasks again.
     identifier: str = ""
-    #: Our optional inputs: size, steps, guidance, negative_prompt, seed, scheduler (see ``backend.tasks.request``).
-    options: dict[str, Any] = field(default_factory=dict)
     #: Set by the manager.
     id: int | None = None
     status: TaskStatus = TaskStatus.UNKNOWN
@@ -57,6 +65,51 @@ class Task:
     updated_at: float | None = None
     #: Why the stored row could not be read, for a task damaged in the store (it then reads as FAILED).
     damaged: str | None = None
+    #: What could still be read of a damaged task's prompt.
+    damaged_input: str = ""
+
+    @classmethod
+    def new(cls, input: Any, app_id: Any, number_of_images: Any, user_id: Any, identifier: Any = "",
+            options: Mapping[str, Any] | None = None) -> Task:
+        """A checked task: the envelope (app, user, identifier) here, the input by the task-input codec (numbers
+        may come as text, "3" → 3). ``options``: size, steps, guidance, negative_prompt, seed, scheduler. Raises
+        :class:`InvalidRequest` with a message for the user."""
+        if not isinstance(app_id, str) or not NAME_RE.match(app_id):
+            raise InvalidRequest(f"appId {shown(app_id)} is not allowed; {_NAMES}")
+        if user_id is not None and (not isinstance(user_id, str) or not NAME_RE.match(user_id)):
+            raise InvalidRequest(f"user id {shown(user_id)} is not allowed; {_NAMES}")
+        if not isinstance(identifier, str) or len(identifier) > MAX_IDENTIFIER_CHARS:
+            raise InvalidRequest(f"identifier {shown(identifier)} is not allowed; use text of at most "
+                                 f"{MAX_IDENTIFIER_CHARS} characters")
+        check_text("identifier", identifier)
+        options = {} if options is None else options
+        if not isinstance(options, Mapping):
+            raise InvalidRequest(f"options must be an object, got {type(options).__name__}")
+        core = {"input": input, "numberOfImages": number_of_images}
+        clash = sorted(repr(k) for k in set(options) & set(core))
+        if clash:  # the task's own fields, not options: they must not be given twice
+            allowed = ", ".join(task_input.OPTIONAL_INPUTS)
+            raise InvalidRequest(f"unknown option {', '.join(clash)}; allowed: {allowed}")
+        return cls(task_input.parse({**core, **options}), app_id, user_id, identifier)
+
+    @property
+    def input(self) -> str:
+        """The prompt: what the image should show."""
+        return self.damaged_input if self.request is None else self.request.prompt
+
+    @property
+    def number_of_images(self) -> int:
+        """How many images to make (1-12); 0 for a damaged task."""
+        return 0 if self.request is None else self.request.n
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The optional inputs that were given (size, steps, guidance, negative_prompt, seed, scheduler)."""
+        if self.request is None:
+            return {}
+        given = task_input.dump(self.request)
+        del given["input"], given["numberOfImages"]
+        return given
 
     def to_json(self) -> dict[str, Any]:
         """Nextcloud's task JSON (``CoreTextToImageTask``) plus two extensions: ``options`` and ``errorMessage``."""
@@ -69,13 +122,9 @@ class Task:
             "identifier": self.identifier,
             "numberOfImages": self.number_of_images,
             "completionExpectedAt": self.completion_expected_at,
-            "options": dict(self.options),
+            "options": self.options,
             "errorMessage": self.error_message,
         }
-
-    def task_input(self) -> dict[str, Any]:
-        """The task as the input dict that ``backend.tasks.request.parse_task_input`` checks."""
-        return {"input": self.input, "numberOfImages": self.number_of_images, **self.options}
 
 
 @dataclass(frozen=True)
@@ -100,7 +149,11 @@ class TaskNotFoundError(T2IError):
     """No task with this id (for this user)."""
 
 
-class NoProviderError(T2IError):
+class ImageNotFoundError(TaskNotFoundError):
+    """No such image of this task (the task is not SUCCESSFUL, or the index is out of range)."""
+
+
+class NoProviderError(Unavailable):
     """No model is loaded, so tasks cannot be run or scheduled (Nextcloud's PreConditionNotMetException)."""
 
 

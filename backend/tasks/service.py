@@ -10,13 +10,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from backend.config import Settings
 from backend.images import png_bytes
-from backend.tasks.request import TaskInputError
-from runtime.errors import InvalidRequest, T2IError
-from runtime.request import GenerationRequest
+from runtime.errors import InvalidRequest, T2IError, Unavailable
+from runtime.request import Defaults, GenerationRequest
 from runtime.validation import MAX_SIDE
 
 if TYPE_CHECKING:
@@ -78,7 +77,7 @@ class ImageService:
 
     def _pipe(self) -> Pipeline:
         if self.pipeline is None:
-            raise T2IError("the model is not loaded yet; try again when initialisation has finished")
+            raise Unavailable("the model is not loaded yet; try again when initialisation has finished")
         return self.pipeline
 
     @property
@@ -86,12 +85,9 @@ class ImageService:
         return self._pipe().bundle.source_id
 
     @property
-    def defaults(self) -> dict[str, Any]:
-        """The model's defaults, as task-input values."""
-        pipe = self._pipe()
-        w, h = pipe.default_size
-        return {"size": f"{w}x{h}", "steps": pipe.default_steps, "guidance": pipe.default_guidance,
-                "scheduler": pipe.default_scheduler}
+    def defaults(self) -> Defaults:
+        """The defaults the model's requests get now (every field set)."""
+        return self._pipe().defaults
 
     def allowed_sizes(self) -> dict[str, str]:
         """Sizes offered to users, ``WIDTHxHEIGHT`` → a label that shows the shape: the model's native square
@@ -101,7 +97,7 @@ class ImageService:
         if static:
             size = f"{static['width']}x{static['height']}"
             return {size: size.replace("x", "×")}
-        native = pipe.default_size[0]
+        native = pipe.defaults.width or 0
         sizes = {f"{native}x{native}": f"{native}×{native} (square, native)"}
         for a, b in ASPECT_RATIOS:
             # The short side stays native (the scale the model was trained at) while the long side fits the limit.
@@ -118,31 +114,35 @@ class ImageService:
     def calibrate(self) -> None:
         """Time one small run so expected runtimes are measured, not guessed."""
         pipe = self._pipe()
-        w, h = pipe.default_size
+        own = pipe.bundle_defaults
         t0 = time.perf_counter()
-        pipe.generate("calibration", n=1, width=w, height=h, steps=1, guidance=pipe.default_guidance, seed=0)
+        pipe.generate("calibration", n=1, width=own.width, height=own.height, steps=1, guidance=own.guidance, seed=0)
         total = time.perf_counter() - t0
         # One run = text encoding + one step + decode. Split it as SD2's FLOPs do: the VAE decode costs about
         # three UNet evaluations at the same size; the text encoder is negligible.
-        cfg = 2.0 if pipe.default_guidance > 1 else 1.0
+        cfg = 2.0 if (own.guidance or 0) > 1 else 1.0
         self._step_seconds = total / (cfg + 3.0) * cfg
         self._decode_seconds = total - self._step_seconds
         log.info("calibrated %s: %.2f s per step, %.2f s per decode at %dx%d", self.model_name,
-                 self._step_seconds, self._decode_seconds, w, h)
+                 self._step_seconds, self._decode_seconds, own.width, own.height)
 
     def expected_seconds(self, request: GenerationRequest) -> float:
-        """Estimated wall time of ``request`` on this machine, from the measured step and decode times."""
+        """Estimated wall time of ``request`` on this machine, from the step and decode times measured at the
+        bundle's own defaults."""
         pipe = self._pipe()
         if self._step_seconds is None or self._decode_seconds is None:
             self.calibrate()
         assert self._step_seconds is not None and self._decode_seconds is not None
-        w, h = request.width or pipe.default_size[0], request.height or pipe.default_size[1]
-        area = (w * h) / (pipe.default_size[0] * pipe.default_size[1])
-        steps = request.steps or pipe.default_steps
-        guidance = pipe.default_guidance if request.guidance is None else request.guidance
-        cfg_factor = (2.0 if guidance > 1 else 1.0) / (2.0 if pipe.default_guidance > 1 else 1.0)
-        per_image = steps * self._step_seconds * cfg_factor + self._decode_seconds
-        return max(0.1, request.n * per_image * area)
+        try:
+            r = pipe.resolve(request)
+        except InvalidRequest:  # refused when it runs; until then, estimate it at the model's own size
+            r = pipe.resolve(replace(request, width=None, height=None, scheduler=None))
+        own = pipe.bundle_defaults
+        assert r.width and r.height and r.steps and r.guidance is not None and own.width and own.height
+        area = (r.width * r.height) / (own.width * own.height)
+        cfg_factor = (2.0 if r.guidance > 1 else 1.0) / (2.0 if (own.guidance or 0) > 1 else 1.0)
+        per_image = r.steps * self._step_seconds * cfg_factor + self._decode_seconds
+        return max(0.1, r.n * per_image * area)
 
     # -- running ---------------------------------------------------------------------------------------------------
     def run(self, request: GenerationRequest, on_progress: ProgressCallback | None = None,
@@ -150,29 +150,26 @@ class ImageService:
         """Generate the request's images in batches of at most ``settings.runtime.max_batch``;
         ``between_batches`` is called after each batch but the last (e.g. to serve someone else in between).
 
-        Raises :class:`TaskInputError` for input the model cannot take (e.g. a size its static graphs do not
-        allow), :class:`GenerationCancelled` when ``on_progress`` returned False. Any other failure (an engine
-        error, a damaged bundle) is not the user's input and propagates as it is: the front ends report it as an
-        internal error, with the detail for the admin.
+        The request is resolved once, first: every batch gets the same defaults even when an admin changes them
+        meanwhile. Raises :class:`InvalidRequest` for input the model cannot take (e.g. a size its static graphs do
+        not allow), :class:`GenerationCancelled` when ``on_progress`` returned False. Any other failure (an engine
+        error, a damaged bundle) is not the user's input and propagates as it is.
         """
         pipe = self._pipe()
         with self._lock:
-            steps = request.steps or pipe.default_steps
-            most = self.settings.runtime.max_batch
-            batches = [min(most, request.n - i) for i in range(0, request.n, most)]
+            r = pipe.resolve(request)
+            assert r.steps is not None and r.seed is not None
+            steps, most = r.steps, self.settings.runtime.max_batch
+            batches = [min(most, r.n - i) for i in range(0, r.n, most)]
             total = steps * len(batches)
-            first_seed = request.seed if request.seed is not None else _random_seed()
             results: list[ImageResult] = []
             for b, size in enumerate(batches):
                 def step(done: int, _all: int, b: int = b) -> bool:
                     keep_going = on_progress((b * steps + done) / total) if on_progress else True
                     return keep_going is not False
 
-                try:
-                    items = pipe.run(replace(request, n=size, seed=first_seed + len(results)), on_step=step)
-                except InvalidRequest as exc:
-                    raise TaskInputError(str(exc)) from None
-                for item in items:
+                batch = r if size == r.n else replace(r, n=size, seed=r.seed + len(results))
+                for item in pipe.run(batch, on_step=step):
                     w, h = item.image.size
                     marks = self.settings.images
                     results.append(ImageResult(png_bytes(item, marks.ai_marking, marks.watermark), item.seed, w, h))
@@ -199,8 +196,3 @@ def _fits(size: str) -> bool:
         return False
     return True
 
-
-def _random_seed() -> int:
-    import secrets
-
-    return secrets.randbelow(2**31)

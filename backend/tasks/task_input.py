@@ -1,4 +1,6 @@
-"""A task's input (Nextcloud's keys, also the standalone API's) parsed into the runtime's one request type.
+"""The task-input codec: a task's input (Nextcloud's keys, also the standalone API's and the task store's) to the
+runtime's one request type and back. :func:`parse` is the only place that refuses unknown keys and reads numbers sent
+loosely (as text or integral floats); :func:`dump` writes a request back in the same keys.
 
 Nextcloud validates only types, not ranges (numberOfImages 0, 13 or 1.5 and a 100 kB prompt all reach the provider).
 This module only parses: keys, numbers sent as text, the size string; every value is then checked by
@@ -36,12 +38,8 @@ OPTIONAL_INPUTS = {
 _ASCII_SPACE = " \t\n\r\v\f"
 
 
-class TaskInputError(InvalidRequest):
-    """A task's input is not acceptable; the message is meant for the user who sent it."""
-
-
-def request_to_input(request: GenerationRequest) -> dict[str, Any]:
-    """A request back in task-input keys (for storing and re-running)."""
+def dump(request: GenerationRequest) -> dict[str, Any]:
+    """A request back in task-input keys (for storing and showing); ``parse(dump(r)) == r``."""
     d = asdict(request)
     out: dict[str, Any] = {"input": d.pop("prompt"), "numberOfImages": d.pop("n")}
     w, h = d.pop("width"), d.pop("height")
@@ -71,30 +69,26 @@ def _number(value: Any, kind: type) -> Any:
     return value
 
 
-def parse_task_input(raw: Mapping[str, Any]) -> GenerationRequest:
-    """Parse a task's input dict (Nextcloud keys) into a checked request; raise :class:`TaskInputError`."""
+def parse(raw: Mapping[str, Any]) -> GenerationRequest:
+    """Parse a task's input dict (Nextcloud keys) into a checked request; raise :class:`InvalidRequest` naming the
+    bad key or value and what is allowed."""
     if not isinstance(raw, Mapping):
-        raise TaskInputError(
+        raise InvalidRequest(
             f"task input must be an object with 'input' and 'numberOfImages', got {type(raw).__name__}"
         )
     unknown = sorted(set(raw) - set(CORE_INPUTS) - set(OPTIONAL_INPUTS))
     if unknown:
         allowed = ", ".join([*CORE_INPUTS, *OPTIONAL_INPUTS])
-        raise TaskInputError(f"unknown input {', '.join(repr(k) for k in unknown)}; allowed: {allowed}")
+        raise InvalidRequest(f"unknown input {', '.join(shown(k) for k in unknown[:5])}; allowed: {allowed}")
     if raw.get("input") is None:
-        raise TaskInputError("the prompt ('input') is missing")
-    try:
-        width = height = None
-        if raw.get("size") not in (None, ""):
-            if not isinstance(raw["size"], str):
-                raise TaskInputError(f"size {shown(raw['size'])} must be text like 512x512")
-            width, height = v.parse_size(raw["size"])
-        optional = {key: None if raw.get(key) is None else _number(raw[key], kind)
-                    for key, kind in (("steps", int), ("guidance", float), ("seed", int))}
-        n = _number(raw.get("numberOfImages", 1), int)
-        return GenerationRequest(raw["input"], raw.get("negative_prompt") or "", n, width, height,
-                                 scheduler=raw.get("scheduler") or None, **optional)
-    except TaskInputError:
-        raise
-    except InvalidRequest as exc:
-        raise TaskInputError(str(exc)) from None
+        raise InvalidRequest("the prompt ('input') is missing")
+    width = height = None
+    if raw.get("size") not in (None, ""):
+        if not isinstance(raw["size"], str):
+            raise InvalidRequest(f"size {shown(raw['size'])} must be text like 512x512")
+        width, height = v.parse_size(raw["size"])
+    optional = {key: None if raw.get(key) is None else _number(raw[key], kind)
+                for key, kind in (("steps", int), ("guidance", float), ("seed", int))}
+    return GenerationRequest(prompt=raw["input"], negative_prompt=raw.get("negative_prompt") or "",
+                             n=_number(raw.get("numberOfImages", 1), int), width=width, height=height,
+                             scheduler=raw.get("scheduler") or None, **optional)
