@@ -100,7 +100,7 @@ def export(source: str, fmt: str, out: Path, precision: str, taesd: str | None, 
     Re-running on a finished folder does nothing.
     """
     try:
-        from exporters.export import ExportError, export_model
+        from exporters.export import export_model
     except ImportError as exc:
         raise ConfigError(f"exporting needs the export extra ({exc.name} is missing): "
                        "pip install 'text2image-sd2[export]'") from None
@@ -111,11 +111,8 @@ def export(source: str, fmt: str, out: Path, precision: str, taesd: str | None, 
     from backend.catalog import export_args
 
     source, defaults = export_args(source)
-    try:
-        export_model(source, fmt, out, precision, say=_say, taesd=taesd, fusions=fusions, converter=converter,
-                     defaults=defaults, int8_matmuls=int8_matmuls)
-    except ExportError as exc:
-        raise T2IError(str(exc)) from None
+    export_model(source, fmt, out, precision, say=_say, taesd=taesd, fusions=fusions, converter=converter,
+                 defaults=defaults, int8_matmuls=int8_matmuls)  # its errors are T2IErrors: one line each
 
 
 def _runtime_flags(command: Callable[..., Any]) -> Callable[..., Any]:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import T2IError
+from runtime.errors import BundleError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def resolve_model(model: str, store: Path, fmt: str, offline: bool = False,
     named = model in ("tiny", "tiny-v") or model in CATALOG
     if (local.is_dir() and not named) or model.startswith((".", "/", "~")):
         if not local.is_dir():
-            raise T2IError(f"model folder '{model}' does not exist")
+            raise ConfigError(f"model folder '{model}' does not exist")
         if _is_checkpoint(local):
             return _convert_folder(local, store, fmt, say, progress)
         return local
@@ -99,12 +99,12 @@ def resolve_model(model: str, store: Path, fmt: str, offline: bool = False,
     info = lookup(model)
     repo = info.source if info else model
     if "/" not in repo:
-        raise T2IError(
+        raise ConfigError(
             f"model '{model}' is not a folder, a hub id (org/name), 'tiny', or a known model name; "
             "see `text2image info` for the known names"
         )
     if offline:
-        raise T2IError(_how_to_get(model, target, "offline mode is on (T2I_OFFLINE)"))
+        raise BundleError(_how_to_get(model, target, "offline mode is on (T2I_OFFLINE)"))
     return _fetch(repo, downloaded, model, fmt, target, say, progress)
 
 
@@ -126,10 +126,10 @@ def _fetch(repo: str, dest: Path, model: str, fmt: str, target: Path, say: Calla
     log.info("looking up %s on the model hub", repo)
     try:
         listing = list_repo(repo)
-    except HubError as exc:  # the repository answered, with a listing that is refused
-        raise T2IError(str(exc)) from None
+    except HubError:  # the repository answered, with a listing that is refused: its own message
+        raise
     except Exception as exc:  # offline, unknown repo, auth: all mean the weights cannot be had this way
-        raise T2IError(_how_to_get(model, target, f"download of '{repo}' failed ({_reason(exc)})")) from None
+        raise BundleError(_how_to_get(model, target, f"download of '{repo}' failed ({_reason(exc)})")) from None
     try:
         if listing.is_bundle:
             files = listing.bundle_files()
@@ -149,9 +149,6 @@ def _fetch(repo: str, dest: Path, model: str, fmt: str, target: Path, say: Calla
         fetch(listing, weights, dest, lambda f: report(DOWNLOAD_SHARE * f))
         bundle = _export(str(dest), fmt, target, say, origin={"id": repo, "revision": listing.revision, "kind": "hub"},
                          progress=lambda f: report(DOWNLOAD_SHARE + (1 - DOWNLOAD_SHARE) * f))
-    except HubError as exc:
-        _remove(dest)
-        raise T2IError(str(exc)) from None
     except BaseException:
         _remove(dest)
         raise
@@ -231,7 +228,7 @@ def _export(source: str, fmt: str, target: Path, say: Callable[[str], None], ori
     try:
         from exporters.export import export_model
     except ImportError as exc:
-        raise T2IError(f"model '{source}' cannot be converted here: {exc.name} is missing (pip install "
+        raise ConfigError(f"model '{source}' cannot be converted here: {exc.name} is missing (pip install "
                        f"'text2image-sd2[cpu]' brings the converter); or export it elsewhere with "
                        f"`text2image export {source} --format {fmt} --out DIR`, copy DIR here and pass --model DIR"
                        ) from None
@@ -241,10 +238,8 @@ def _export(source: str, fmt: str, target: Path, say: Callable[[str], None], ori
     try:
         return export_model(source, fmt, target, say=say, origin=origin, progress=progress, defaults=defaults,
                             **STORE_EXPORT[fmt])
-    except Exception as exc:  # whatever failed, no half-written bundle stays in the store
+    except BaseException:  # whatever failed, no half-written bundle stays in the store
         shutil.rmtree(target, ignore_errors=True)
-        if isinstance(exc, T2IError):  # the exporter's errors are T2IErrors: one line, no traceback
-            raise T2IError(str(exc)) from None
         raise
 
 

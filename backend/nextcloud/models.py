@@ -21,7 +21,7 @@ from typing import Protocol
 from backend.config import Settings
 from backend.nextcloud.provider import model_names, provider_id
 from backend.tasks.service import ImageService
-from runtime.errors import T2IError
+from runtime.errors import BundleError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +82,12 @@ def load_models(settings: Settings, report: Report, verify: bool,
     """
     names = model_names(settings.store.model)
     if not names:
-        raise T2IError("T2I_MODEL is empty; set it to a model name (e.g. sd-turbo), a hub id or a bundle folder")
+        raise ConfigError("T2I_MODEL is empty; set it to a model name (e.g. sd-turbo), a hub id or a bundle folder")
     ids = [provider_id(n) for n in names]
     if len(set(ids)) != len(ids):
-        raise T2IError(f"T2I_MODEL lists models that would share a provider id: {', '.join(ids)}")
+        raise ConfigError(f"T2I_MODEL lists models that would share a provider id: {', '.join(ids)}")
     if settings.runtime.workers < 1:
-        raise T2IError(f"T2I_WORKERS={settings.runtime.workers} is not allowed; use 1 or more")
+        raise ConfigError(f"T2I_WORKERS={settings.runtime.workers} is not allowed; use 1 or more")
     per_worker = worker_settings(settings)
     share = 99 / len(names)
     ready = []
@@ -141,7 +141,7 @@ def verify_bundle(service: ImageService, progress: Callable[[float], None], forc
     log.info("verifying every file of %s against its manifest", bundle.path)
     bad = bundle.verify_hashes(progress)
     if bad:
-        raise T2IError(
+        raise BundleError(
             f"{len(bad)} file(s) of the model bundle {bundle.path} do not match its manifest.json "
             f"({', '.join(bad[:5])}); delete that folder and initialise the app again to download it anew"
         )
