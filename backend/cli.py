@@ -20,6 +20,7 @@ import click
 
 from backend.config import Settings
 from backend.standalone.tasks_cli import tasks
+from runtime import validation as v
 from runtime.errors import BundleError, ConfigError, T2IError
 from runtime.options import PRECISIONS, DecoderChoice, EngineChoice, LoadOptions
 
@@ -180,10 +181,13 @@ def _check_out(out: Path) -> None:
 @cli.command()
 @click.argument("prompt")
 @click.option("--model", help="Bundle folder, short name, hub id, or 'tiny'. Default: T2I_MODEL or sd-turbo.")
-@click.option("-n", "n", type=int, default=1, show_default=True, help="Number of images (1-12).")
-@click.option("--size", help="WIDTHxHEIGHT, multiples of 64 from 256 to 1024. Default: the model's native size.")
-@click.option("--steps", type=int, help="Denoising steps (1-100). Default: the model's (sd-turbo 1, others 25).")
-@click.option("--guidance", type=float, help="Classifier-free guidance scale (0-30; ≤1 turns it off).")
+@click.option("-n", "n", type=int, default=1, show_default=True, help=f"Number of images (1-{v.MAX_IMAGES}).")
+@click.option("--size", help=f"WIDTHxHEIGHT, multiples of {v.SIDE_STEP} from {v.MIN_SIDE} to {v.MAX_SIDE}. "
+              "Default: the model's native size.")
+@click.option("--steps", type=int,
+              help=f"Denoising steps (1-{v.MAX_STEPS}). Default: the model's (sd-turbo 1, others 25).")
+@click.option("--guidance", type=float,
+              help=f"Classifier-free guidance scale (0-{v.MAX_GUIDANCE:g}; ≤1 turns it off).")
 @click.option("--negative", default="", help="Negative prompt: what the image should not show.")
 @click.option("--seed", type=int, help="Seed of the first image; image i uses seed+i. Default: random.")
 @click.option("--scheduler", help="euler, dpm++2m, dpm++2m-karras or ddim. Default: the model's.")

@@ -145,3 +145,13 @@ def test_prose_ranges_are_read() -> None:
     [wrong] = _prose("x", "steps 1-50", LIMITS)
     assert wrong.startswith("x: '1-50' is no range that validation allows"), wrong
     assert _prose("x", "version 1.2-3, 2026-12-06", LIMITS) == []
+
+
+def test_the_program_texts_write_no_range_by_hand() -> None:
+    # The CLI's help, the provider's input descriptions and the admin form's field descriptions are f-strings of
+    # the constants; a range written out as a literal would stay behind when a constant changes.
+    literal = re.compile(r"""(?<![{\w.-])(?:1\s*[-–]\s*(?:12|100)|0\s*[-–]\s*30)(?![\w.}-])""")
+    found = [f"{path.relative_to(REPO)}:{n}: {line.strip()}"
+             for path in sorted((REPO / "backend").rglob("*.py"))
+             for n, line in enumerate(path.read_text().splitlines(), 1) if literal.search(line)]
+    assert found == []

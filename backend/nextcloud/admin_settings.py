@@ -103,11 +103,11 @@ def build_form(base: Settings, models: Mapping[str, Any]) -> dict[str, Any]:
             _field(f"{key}_size", f"{name}: default size", "select", current,
                    "The size of an image when the user does not choose one.", options=sizes),
             _field(f"{key}_steps", f"{name}: default steps", "number", own.steps,
-                   "Denoising steps when the user does not choose (1–100); more is slower and finer. Empty: the "
-                   f"model's own ({own.steps})."),
+                   f"Denoising steps when the user does not choose (1–{v.MAX_STEPS}); more is slower and finer. "
+                   f"Empty: the model's own ({own.steps})."),
             _field(f"{key}_guidance", f"{name}: default guidance", "number", own.guidance,
-                   "How closely images follow the prompt when the user does not choose (0–30; sd-turbo: 0). "
-                   f"Empty: the model's own ({own.guidance})."),
+                   f"How closely images follow the prompt when the user does not choose (0–{v.MAX_GUIDANCE:g}; "
+                   f"sd-turbo: 0). Empty: the model's own ({own.guidance})."),
         ]
     return {"id": FORM_ID, "priority": 10, "section_type": "admin", "section_id": SECTION_ID,
             "title": "Local image generation (Stable Diffusion 2)",
@@ -176,7 +176,7 @@ def _parse(fid: str, raw: str) -> Any:
 
 
 def _parse_default(part: str, raw: str) -> dict[str, Any]:
-    """A per-model default, checked as a request's value is (sizes, 1–100 steps, guidance 0–30); the size may
+    """A per-model default, checked as a request's value is (size, steps, guidance); the size may
     carry the form's label (``256x384 (portrait 2:3)``). Raises T2IError naming the value and what is allowed."""
     if part == "size":
         width, height = v.parse_size(raw.split("(", 1)[0])

@@ -90,6 +90,10 @@ class Request:
 
 
 # (path pattern below BASE, {method: handler name}); "{name}" matches one segment.
+# Not Starlette's Router: the API is a plain synchronous class that runs on the ASGI app's bounded thread pool (and
+# that the task manager's tests drive without an event loop), and every answer, 404 and 405 with its Allow header
+# included, is an OCS envelope. A Router would make each route an async endpoint, move the thread hand-off into
+# every one of them and need its own 404/405 handlers to keep the envelope: more code for six routes, not less.
 ROUTES: list[tuple[tuple[str, ...], dict[str, str]]] = [
     (("is_available",), {"GET": "is_available"}),
     (("schedule",), {"POST": "schedule"}),

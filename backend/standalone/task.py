@@ -99,7 +99,7 @@ class Task:
 
     @property
     def number_of_images(self) -> int:
-        """How many images to make (1-12); 0 for a damaged task."""
+        """How many images to make (1 to MAX_IMAGES); 0 for a damaged task."""
         return 0 if self.request is None else self.request.n
 
     @property

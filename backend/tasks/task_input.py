@@ -23,11 +23,11 @@ from runtime.schedulers import SCHEDULER_NAMES
 from runtime.validation import shown
 
 #: Task input keys: Nextcloud's core:text2image slots and our optional ones, with a description for provider shapes.
-CORE_INPUTS = {"input": "Prompt: what the image should show", "numberOfImages": "How many images (1-12)"}
+CORE_INPUTS = {"input": "Prompt: what the image should show", "numberOfImages": f"How many images (1-{v.MAX_IMAGES})"}
 OPTIONAL_INPUTS = {
-    "size": "Image size WIDTHxHEIGHT, multiples of 64 from 256 to 1024",
-    "steps": "Denoising steps (1-100); more is slower and often finer",
-    "guidance": "How closely to follow the prompt (0-30; 0 or 1 turns guidance off)",
+    "size": f"Image size WIDTHxHEIGHT, multiples of {v.SIDE_STEP} from {v.MIN_SIDE} to {v.MAX_SIDE}",
+    "steps": f"Denoising steps (1-{v.MAX_STEPS}); more is slower and often finer",
+    "guidance": f"How closely to follow the prompt (0-{v.MAX_GUIDANCE:g}; 0 or 1 turns guidance off)",
     "negative_prompt": "What the image should not show",
     "seed": "Seed for reproducible images (image i uses seed+i)",
     "scheduler": f"Sampler: {', '.join(SCHEDULER_NAMES)}",
