@@ -159,17 +159,14 @@ class Pipeline:
     def use_defaults(self, wanted: Defaults) -> None:
         """Use these defaults for requests that leave them out (an admin's choice); a None field keeps the bundle's
         own. They are checked against the model as a request is (a static bundle's size, the scheduler's config);
-        :class:`ConfigError` names what is not allowed. One value is swapped in whole: a request resolved before
-        keeps what it got."""
+        :class:`InvalidRequest` names what is not allowed, as for a request. One value is swapped in whole: a request
+        resolved before keeps what it got."""
         own = self.bundle_defaults
         merged = Defaults(**{name: getattr(own if getattr(wanted, name) is None else wanted, name)
                              for name in ("width", "height", "steps", "guidance", "scheduler")})
-        try:
-            self.resolve(GenerationRequest(prompt="defaults", width=merged.width, height=merged.height,
-                                           steps=merged.steps, guidance=merged.guidance, seed=0,
-                                           scheduler=merged.scheduler))
-        except InvalidRequest as exc:
-            raise ConfigError(f"default for {self.bundle.source_id}: {exc}") from None
+        self.resolve(GenerationRequest(prompt="defaults", width=merged.width, height=merged.height,
+                                       steps=merged.steps, guidance=merged.guidance, seed=0,
+                                       scheduler=merged.scheduler))
         self._chosen = None if merged == own else merged
 
     def resolve(self, request: GenerationRequest) -> GenerationRequest:
