@@ -188,11 +188,11 @@ def export_model(source: str, fmt: str, out: Path, precision: str = "fp32",
 
         extra["quantization"] = quantize_bundle(out, say=say)
     elif int8_matmuls:
-        from exporters.weight_int8 import COMPONENTS, compress_graph
+        from exporters.weight_int8 import INT8_MATMUL_GRAPHS, compress_graph
 
         # Recorded per graph, so that a resumed export does not compress a graph twice.
         weights = state.setdefault("weights", {})
-        for name in COMPONENTS:
+        for name in INT8_MATMUL_GRAPHS:
             if name not in weights:
                 say(f"int8 MatMul weights: {name} …")
                 weights[name] = compress_graph(out / name / "openvino_model.xml")

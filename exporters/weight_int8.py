@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 #: The bundle's graphs whose MatMul weights are compressed.
-COMPONENTS = ("text_encoder", "unet")
+INT8_MATMUL_GRAPHS = ("text_encoder", "unet")
 #: What the manifest records for a graph whose MatMul weights were compressed here.
 SCHEME = "int8 weights (MatMul, per output channel, asymmetric)"
 

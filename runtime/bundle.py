@@ -19,7 +19,7 @@ from runtime.errors import BundleError
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
-COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+GRAPH_FOLDERS = ("text_encoder", "unet", "vae_decoder")
 GRAPH_FILES: dict[str, str] = {"onnx": "model.onnx", "openvino": "openvino_model.xml"}
 
 Format = Literal["onnx", "openvino"]
@@ -92,7 +92,7 @@ class Bundle:
                 raise BundleError(f"{root / MANIFEST} says format {manifest.get('format')!r} but the graphs are {fmt}")
             files = cls._listed_files(root, manifest.get("files", {}))
             cls._check_sizes(root, files)
-        for component in COMPONENTS:
+        for component in GRAPH_FOLDERS:
             graph = root / component / GRAPH_FILES[fmt]
             if not graph.is_file():
                 raise BundleError(f"bundle '{root}' is missing {component}/{GRAPH_FILES[fmt]}")
