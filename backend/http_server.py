@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
+import math
 import re
 import socket
 import sys
@@ -54,6 +55,19 @@ class Limits:
     #: Proxies whose ``X-Forwarded-For`` is believed and whose connections are not capped per address.
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(default=())
 
+    def __post_init__(self) -> None:
+        # Both services build their limits here: a zero cap would answer every request 503, a zero or NaN timeout
+        # would close each connection before its head arrives.
+        if not (isinstance(self.request_timeout, (int, float)) and math.isfinite(self.request_timeout)
+                and self.request_timeout > 0):
+            raise ConfigError(f"T2I_REQUEST_TIMEOUT {self.request_timeout} is not allowed; use a number of seconds "
+                              "above 0")
+        if self.max_connections < 1:
+            raise ConfigError(f"T2I_MAX_CONNECTIONS {self.max_connections} is not allowed; use 1 or more")
+        if self.per_address < 0:
+            raise ConfigError(f"T2I_MAX_CONNECTIONS_PER_ADDRESS {self.per_address} is not allowed; use 0 (no cap) "
+                              "or more")
+
     def trusts(self, address: str) -> bool:
         try:
             ip = ipaddress.ip_address(address)
@@ -68,9 +82,12 @@ def address_key(host: str) -> str:
     if ":" not in host:
         return host
     try:
-        return str(ipaddress.ip_network(f"{host}/64", strict=False))
+        ip = ipaddress.ip_address(host)
     except ValueError:
         return host
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:  # an IPv4 client of a dual-stack socket
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{ip}/64", strict=False))
 
 
 def parse_proxies(text: str, setting: str = "T2I_TRUSTED_PROXIES") -> tuple[Any, ...]:

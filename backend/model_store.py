@@ -238,7 +238,7 @@ def _export(source: str, fmt: str, target: Path, say: Callable[[str], None], ori
     try:
         return export_model(source, fmt, target, say=say, origin=origin, progress=progress, defaults=defaults,
                             **STORE_EXPORT[fmt])
-    except BaseException:  # whatever failed, no half-written bundle stays in the store
+    except Exception:  # whatever failed, no half-written bundle stays in the store (an interrupt keeps it to resume)
         shutil.rmtree(target, ignore_errors=True)
         raise
 

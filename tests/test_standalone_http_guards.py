@@ -259,6 +259,8 @@ def test_the_host_header_must_name_the_service(tmp_path: Path, service: Any) -> 
     ({"trusted_proxies": "10.0.0.1, proxy.lan"}, "T2I_TRUSTED_PROXIES entry 'proxy.lan' is not an IP address"),
     ({"max_connections_per_address": -1}, "T2I_MAX_CONNECTIONS_PER_ADDRESS -1 is not allowed; use 0 (no cap)"),
     ({"max_connections": 0}, "T2I_MAX_CONNECTIONS 0 is not allowed; use 1 or more"),
+    ({"request_timeout": 0.0}, "T2I_REQUEST_TIMEOUT 0.0 is not allowed; use a number of seconds above 0"),
+    ({"request_timeout": float("nan")}, "T2I_REQUEST_TIMEOUT nan is not allowed"),
 ])
 def test_bad_http_settings_are_named(tmp_path: Path, setting: dict[str, Any], words: str) -> None:
     with pytest.raises(T2IError) as raised:
@@ -271,3 +273,6 @@ def test_an_ipv6_client_is_counted_by_its_64() -> None:
     assert address_key("2001:db8::1") == address_key("2001:db8::ffff:2") == "2001:db8::/64"
     assert address_key("2001:db8:0:1::1") != address_key("2001:db8::1")
     assert address_key("192.0.2.7") == "192.0.2.7"
+    # An IPv4 client of a dual-stack socket (or behind a proxy that says so) is that IPv4 address, not one /64
+    # shared by every IPv4 client.
+    assert address_key("::ffff:192.0.2.7") == "192.0.2.7" != address_key("::ffff:192.0.2.8")

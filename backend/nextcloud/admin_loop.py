@@ -180,22 +180,25 @@ class AdminSettings:
                  settings.runtime.decoder)
         await app.retire_workers()
         old_ids, previous = set(app.models), app.settings
+        ok = False
         try:
-            await app.reload(settings)
-            ok = True
-        except Exception as exc:
-            problem = f"text2image_sd2: the admin settings could not be applied ({exc}); using the previous ones"
-            log.error(problem)
-            await app.nc.admin_log(problem, level=3)
-            await app.reload(previous)
-            ok = False
-        for pid in old_ids - set(app.models):
             try:
-                await app.nc.unregister(pid)
+                await app.reload(settings)
+                ok = True
             except Exception as exc:
-                log.warning("could not unregister %s: %s", pid, exc)
-        app.resume_workers()
+                problem = f"text2image_sd2: the admin settings could not be applied ({exc}); using the previous ones"
+                log.error(problem)
+                await app.nc.admin_log(problem, level=3)
+                await app.reload(previous)
+        finally:  # whatever loaded, the workers take tasks again: a stopped app would ignore every later change
+            for pid in old_ids - set(app.models):
+                try:
+                    await app.nc.unregister(pid)
+                except Exception as exc:
+                    log.warning("could not unregister %s: %s", pid, exc)
+            app.resume_workers()
         if not ok:
+            await self.apply_light()  # the previous models are new services: they get the admin's defaults again
             self._unregistered = True  # the next poll registers them if Nextcloud is away now
             await app.register(app.models)
             self._unregistered = False

@@ -95,7 +95,7 @@ def build_form(base: Settings, models: Mapping[str, Any]) -> dict[str, Any]:
                label="Stamp a visible mark"),
     ]
     for name, service in models.items():
-        key, own = model_key(name), service.defaults
+        key, own = model_key(name), service.bundle_defaults
         sizes = [f"{size} ({label.split('(', 1)[1]}" if "(" in label else size
                  for size, label in service.allowed_sizes().items()]
         current = next((s for s in sizes if s.split(" ", 1)[0] == own.size), sizes[0])

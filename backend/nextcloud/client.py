@@ -41,7 +41,7 @@ class Backoff:
         self.first, self.cap, self.failures = first, cap, 0
 
     def next(self) -> float:
-        delay = min(self.cap, self.first * 2**self.failures)
+        delay = min(self.cap, self.first * 2**min(self.failures, 32))  # 2**1024 would overflow a float
         self.failures += 1
         return delay * random.uniform(0.8, 1.2)
 

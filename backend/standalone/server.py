@@ -48,11 +48,6 @@ class StandaloneServer:
         if settings.runtime.workers < 1:
             raise ConfigError(f"workers {settings.runtime.workers} is not allowed; use 1 or more")
         st, http = settings.standalone, settings.http
-        if http.max_connections < 1:
-            raise ConfigError(f"T2I_MAX_CONNECTIONS {http.max_connections} is not allowed; use 1 or more")
-        if st.max_connections_per_address < 0:
-            raise ConfigError(f"T2I_MAX_CONNECTIONS_PER_ADDRESS {st.max_connections_per_address} is not allowed; use "
-                           "0 (no cap) or more")
         limits = Limits(http.request_timeout, http.max_connections, st.max_connections_per_address,
                         parse_proxies(st.trusted_proxies))
         hosts = host_names(st.allowed_hosts, st.host)

@@ -89,6 +89,11 @@ class ImageService:
         """The defaults the model's requests get now (every field set)."""
         return self._pipe().defaults
 
+    @property
+    def bundle_defaults(self) -> Defaults:
+        """The model's own defaults, before any admin's choice."""
+        return self._pipe().bundle_defaults
+
     def allowed_sizes(self) -> dict[str, str]:
         """Sizes offered to users, ``WIDTHxHEIGHT`` → a label that shows the shape: the model's native square
         first, then landscape and portrait at the common aspect ratios at the native scale, then other squares."""
@@ -97,7 +102,7 @@ class ImageService:
         if static:
             size = f"{static['width']}x{static['height']}"
             return {size: size.replace("x", "×")}
-        native = pipe.defaults.width or 0
+        native = pipe.bundle_defaults.width or 0  # the model's own scale, whatever default an admin chose
         sizes = {f"{native}x{native}": f"{native}×{native} (square, native)"}
         for a, b in ASPECT_RATIOS:
             # The short side stays native (the scale the model was trained at) while the long side fits the limit.
