@@ -47,12 +47,13 @@ class GenerationRequest:
             object.__setattr__(self, "guidance", v.check_guidance(self.guidance))
         if self.seed is not None:
             v.check_seed(self.seed)
-            if self.seed + self.n - 1 > v.MAX_SEED:  # image i uses seed + i, which must be a seed one may ask for
-                raise InvalidRequest(f"seed {self.seed} is too large for {self.n} images (image i uses seed+i); use "
-                                     f"0 to {v.MAX_SEED - self.n + 1}")
         if self.scheduler is not None and self.scheduler not in SCHEDULER_NAMES:
             raise InvalidRequest(f"scheduler {v.shown(self.scheduler)} is not known; use one of "
                                  f"{', '.join(SCHEDULER_NAMES)}")
+        # Last, as it joins two fields that are each fine: a bad field is named as such first.
+        if self.seed is not None and self.seed + self.n - 1 > v.MAX_SEED:  # image i uses seed + i, a seed too
+            raise InvalidRequest(f"seed {self.seed} is too large for {self.n} images (image i uses seed+i); use "
+                                 f"0 to {v.MAX_SEED - self.n + 1}")
 
     @property
     def size(self) -> str:

@@ -176,6 +176,9 @@ def test_1000_bad_requests_each_get_a_clear_4xx(server: StandaloneServer) -> Non
     @example(("numberOfImages", {"input": "a fox", "appId": "app", "numberOfImages": "0\x1f"}))
     @example(("steps", {"input": "a fox", "appId": "app", "numberOfImages": 1, "steps": "5\x1c"}))
     @example(("seed", {"input": "a fox", "appId": "app", "numberOfImages": 1, "seed": "\x1d7"}))
+    # A good seed that is too large for its number of images must not hide the bad field.
+    @example(("scheduler", {"input": "a fox", "appId": "app", "numberOfImages": 11, "seed": 2**63 - 10,
+                            "scheduler": "nope"}))
     def check(case: tuple[str, Any]) -> None:
         field, payload = case
         if field == "body":

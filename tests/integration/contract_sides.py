@@ -16,7 +16,7 @@ from typing import Any
 
 from fake_appapi import APP_ID, APP_VERSION, SECRET, free_port
 from fake_nextcloud import FakeNextcloud, ScheduleError
-from real_nextcloud import RealNextcloud
+from real_nextcloud import RealNextcloud, send
 
 BOUNDARY = "contract-boundary-7d1f"
 
@@ -52,7 +52,7 @@ class Side:
         sent.update(headers or {})
         for k in [k for k, v in sent.items() if v is None]:
             del sent[k]
-        return _send(urllib.request.Request(self.url + path, data=data, method=method, headers=sent))
+        return send(urllib.request.Request(self.url + path, data=data, method=method, headers=sent))
 
     def user(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         raise NotImplementedError
@@ -81,18 +81,6 @@ class Side:
         raise NotImplementedError
 
 
-def _send(req: urllib.request.Request) -> tuple[int, Any]:
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            raw, status = resp.read(), resp.status
-    except urllib.error.HTTPError as exc:
-        raw, status = exc.read(), exc.code
-    try:
-        return status, json.loads(raw) if raw else None
-    except ValueError:
-        return status, raw.decode(errors="replace")
-
-
 class FakeSide(Side):
     name = "fake"
 
@@ -105,7 +93,7 @@ class FakeSide(Side):
         data = None
         if body is not None:
             data, sent["Content-Type"] = json.dumps(body).encode(), "application/json"
-        return _send(urllib.request.Request(self.url + path, data=data, method=method, headers=sent))
+        return send(urllib.request.Request(self.url + path, data=data, method=method, headers=sent))
 
     def schedule(self, task_input: Any) -> tuple[int, Any]:
         try:

@@ -42,6 +42,19 @@ def why_skipped() -> str:
     return ""
 
 
+
+def send(req: urllib.request.Request) -> tuple[int, Any]:
+    """One HTTP request: (status, the JSON answer, or its text when it is no JSON)."""
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            raw, status = resp.read(), resp.status
+    except urllib.error.HTTPError as exc:
+        raw, status = exc.read(), exc.code
+    try:
+        return status, json.loads(raw) if raw else None
+    except ValueError:
+        return status, raw.decode(errors="replace")
+
 class RealNextcloud:
     """One running Nextcloud: occ, OCS as a user, and read-only looks into its SQLite database."""
 
@@ -82,16 +95,7 @@ class RealNextcloud:
         if body is not None:
             data, sent["Content-Type"] = json.dumps(body).encode(), "application/json"
         sent.update(headers or {})
-        req = urllib.request.Request(self.url + path, data=data, method=method, headers=sent)
-        try:
-            with urllib.request.urlopen(req, timeout=60) as resp:
-                raw, status = resp.read(), resp.status
-        except urllib.error.HTTPError as exc:
-            raw, status = exc.read(), exc.code
-        try:
-            return status, json.loads(raw) if raw else None
-        except ValueError:
-            return status, raw.decode(errors="replace")
+        return send(urllib.request.Request(self.url + path, data=data, method=method, headers=sent))
 
     def schedule(self, task_input: Any, custom_id: str = "", user: str = "admin") -> int:
         status, answer = self.ocs("POST", "/ocs/v2.php/taskprocessing/schedule", {
