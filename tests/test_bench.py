@@ -112,3 +112,21 @@ def test_fastsd_style_peer_runs_optimum_with_taesd_as_its_vae(tiny_source: Path,
     view = with_taesd_as_vae(bundle)
     assert (view / "vae_decoder").resolve() == (bundle / "taesd_decoder").resolve()
     assert (view / "unet").resolve() == (bundle / "unet").resolve() and not (view / "taesd_decoder").exists()
+
+
+def test_a_peers_whole_image_ends_in_a_png_as_ours_does(tiny_source: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ours are timed from prompt to PNG; a peer timed without its PNG encode looked faster than it is.
+    import diffusers
+    from PIL import Image
+
+    from backend.bench.cases import _png_of
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(tiny_source, safety_checker=None,
+                                                             requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    saved: list[str] = []
+    real_save = Image.Image.save
+    monkeypatch.setattr(Image.Image, "save", lambda self, fp, format=None, **kw: (
+        saved.append(str(format)), real_save(self, fp, format=format, **kw))[1])
+    _png_of(pipe, 64, 2, {"steps": 1, "guidance": 0.0})
+    assert saved == ["PNG", "PNG"]
