@@ -130,3 +130,15 @@ def test_a_peers_whole_image_ends_in_a_png_as_ours_does(tiny_source: Path, monke
         saved.append(str(format)), real_save(self, fp, format=format, **kw))[1])
     _png_of(pipe, 64, 2, {"steps": 1, "guidance": 0.0})
     assert saved == ["PNG", "PNG"]
+
+
+def test_ours_is_shown_against_the_fastest_peer_of_the_same_run() -> None:
+    from backend.bench.report import turbo_lines
+
+    results = {"ours openvino auto taesd": {"image@64x1": {"s": 0.9}},
+               "optimum openvino auto": {"image@64x1": {"s": 2.7}},
+               "fastsd-style optimum auto taesd": {"image@64x1": {"s": 1.8}},
+               "ours openvino int8 taesd": {"error": "no int8 bundle"}}
+    lines = turbo_lines(results)
+    assert lines[0].endswith("0.90 s  (2.00x the fastest peer, fastsd-style optimum auto taesd)"), lines
+    assert lines[1].endswith("2.70 s") and lines[3].endswith("failed: no int8 bundle"), lines

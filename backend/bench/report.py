@@ -221,11 +221,26 @@ def run(cache: Path, threads: int, latents: list[int], batches: list[int], steps
     print_report({k: v for k, v in results.items() if not k.startswith("turbo")}, report["matmul_gflops"],
                  report["settings"])
     click.echo("\nsd-turbo shape: 512², 1 step, guidance 0, whole image from prompt to PNG")
-    for label, r in results.items():
-        if label.startswith("turbo"):
-            click.echo(f"  {label[6:]:32s} " + (f"{r['image@64x1']['s']:.2f} s" if "error" not in r
-                                                else f"failed: {r['error']}"))
+    for line in turbo_lines({k[6:]: v for k, v in results.items() if k.startswith("turbo")}):
+        click.echo(line)
     return report
+
+
+def turbo_lines(results: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per configuration of the sd-turbo shape; ours also as a speed-up over the fastest peer measured
+    in the same run (a peer is any configuration that is not ours)."""
+    times = {label: r["image@64x1"]["s"] for label, r in results.items() if "error" not in r}
+    peers = {label: t for label, t in times.items() if not label.startswith("ours")}
+    fastest = min(peers, key=peers.__getitem__) if peers else None
+    lines = []
+    for label, r in results.items():
+        if label not in times:
+            lines.append(f"  {label:32s} failed: {r['error']}")
+            continue
+        vs = (f"  ({peers[fastest] / times[label]:.2f}x the fastest peer, {fastest})"
+              if fastest and label.startswith("ours") else "")
+        lines.append(f"  {label:32s} {times[label]:.2f} s{vs}")
+    return lines
 
 
 def measure(cache: Path, threads: int, latents: list[int], batches: list[int], steps: int, guidance: float,
