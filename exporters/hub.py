@@ -27,6 +27,8 @@ BUNDLE_MARKERS = ("unet/model.onnx", "unet/openvino_model.xml")
 CHECKPOINT_FILES = ("model_index.json", "scheduler/scheduler_config.json")
 CHECKPOINT_FOLDERS_COPIED = ("tokenizer/",)
 BUNDLE_SUFFIXES = (".json", ".txt", ".onnx", ".onnx_data", ".xml")
+#: Where a file being downloaded grows, inside the download folder, until it is whole.
+PARTIAL = ".partial"
 
 
 class HubError(T2IError, RuntimeError):
@@ -43,6 +45,7 @@ def check_name(repo: str, name: str) -> None:
            else "holds a backslash" if "\\" in name
            else "holds a control character" if any(ord(c) < 32 or ord(c) == 127 for c in name)
            else "has an empty or '.' part" if any(p in ("", ".") for p in parts)
+           else f"lies in {PARTIAL}/, where downloads grow" if parts[0] == PARTIAL
            else None)
     if bad:
         raise HubError(f"'{repo}' lists the file {quoted(name, 200)}, which {bad}; a repository file name must be a "
@@ -156,10 +159,6 @@ def _disk_bytes(folder: Path) -> int:
 TRIES = 4
 
 
-#: Where a file being downloaded grows, inside the download folder, until it is whole.
-PARTIAL = ".partial"
-
-
 def _download(listing: Listing, file: RemoteFile, dest: Path, fresh: bool) -> Path:
     """One file into ``dest``; a broken connection is tried again from the bytes already here (a Range request
     for the rest).
@@ -179,8 +178,9 @@ def _download(listing: Listing, file: RemoteFile, dest: Path, fresh: bool) -> Pa
         try:
             served = get_hf_file_metadata(url).size
             if served != file.size:
-                raise HubError(f"{where} is listed at {file.size:,} bytes but the hub serves {served:,} bytes; "
-                               "it is not downloaded")
+                says = "no size" if served is None else f"{served:,} bytes"
+                raise HubError(f"{where} is listed at {file.size:,} bytes but the hub announces {says}; it is not "
+                               "downloaded")
             _receive(url, part, file.size, where)
             target = dest / file.path
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -215,9 +215,13 @@ def _receive(url: str, part: Path, size: int, where: str) -> None:
     if have:
         headers["Range"] = f"bytes={have}-"
     with get_session().get(url, headers=headers, stream=True, timeout=(10, 60)) as answer:
+        if have and answer.status_code == 416:  # the bytes here are not a start the server knows: start again
+            part.unlink()
+            return _receive(url, part, size, where)
         hf_raise_for_status(answer)
-        if have and answer.status_code != 206:  # the server ignored the Range: start again
-            have = 0
+        if have and (answer.status_code != 206
+                     or not answer.headers.get("Content-Range", "").startswith(f"bytes {have}-")):
+            have = 0  # the server ignored the Range, or answered another one: start again
         with part.open("ab" if have else "wb") as out:
             for chunk in answer.iter_content(1 << 20):
                 if have + len(chunk) > size:

@@ -94,6 +94,7 @@ def test_a_listed_name_that_climbs_out_is_refused_before_any_download(
     ("unet/a\0b.json", "holds a control character"), ("unet/a\nb.json", "holds a control character"),
     ("unet/../x.json", "has a '..' part"), ("..", "has a '..' part"), ("unet//x.json", "has an empty or '.' part"),
     ("./x.json", "has an empty or '.' part"), ("", "is empty"),
+    (".partial/unet/x.json", "lies in .partial/, where downloads grow"),
 ])
 def test_names_that_are_not_plain_relative_paths_are_refused(name: str, why: str) -> None:
     from exporters.hub import HubError, check_name
@@ -109,7 +110,7 @@ def test_weights_larger_than_announced_are_not_downloaded(hub: FakeHub, tiny_sou
     files = _files(sd2_layout(tiny_source, tmp_path / "layout"))
     hub.add_files(REPO, files, announced={UNET_FP16: 1024})
     got = _resolve(hub, tmp_path)
-    assert got.get("error") == (f"'{UNET_FP16}' from '{REPO}' is listed at 1,024 bytes but the hub serves "
+    assert got.get("error") == (f"'{UNET_FP16}' from '{REPO}' is listed at 1,024 bytes but the hub announces "
                                 f"{len(files[UNET_FP16]):,} bytes; it is not downloaded"), got
     assert UNET_FP16 not in hub.files_sent(REPO)
     _assert_store_clean(tmp_path)
@@ -127,7 +128,7 @@ def test_an_oversize_config_is_refused_unread_in_one_short_line(hub: FakeHub, ti
     got = _resolve(hub, tmp_path)
     error = got.get("error", "")
     if announced:
-        assert error == (f"'unet/config.json' from '{REPO}' is listed at 900 bytes but the hub serves {size:,} "
+        assert error == (f"'unet/config.json' from '{REPO}' is listed at 900 bytes but the hub announces {size:,} "
                          "bytes; it is not downloaded"), got
     else:
         assert error == (f"'{REPO}' lists 'unet/config.json' at {size:,} bytes; a config file is at most "

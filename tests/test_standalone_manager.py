@@ -187,6 +187,21 @@ def test_a_failing_task_ends_failed_with_its_message_and_one_failure_event(manag
     assert all("Error" in e.error_message and e.error_message != INTERNAL_ERROR for e in events.failure)
 
 
+def test_a_bug_while_storing_still_ends_the_task_failed(manager: TaskManager, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Storing is not only disk errors: whatever it raises, the task must not stay RUNNING without an event.
+    events = Recorder(manager)
+
+    def broken(*_: Any) -> None:
+        raise RuntimeError("a bug in storing")
+
+    monkeypatch.setattr(manager.store, "save_images", broken)
+    with pytest.raises(TaskFailedError) as raised:
+        manager.run_task(Task.new("a red fox", "app", 1, "alice", options=QUICK))
+    assert raised.value.task.status == TaskStatus.FAILED and raised.value.task.error_message == INTERNAL_ERROR
+    assert [e.task.id for e in events.failure] == [raised.value.task.id]
+    assert "RuntimeError: a bug in storing" in events.failure[0].error_message
+
+
 @pytest.mark.parametrize("args, words", [
     (("fox", "../x", 1, "alice"), ["appId", "'../x'"]),
     (("fox", "", 1, "alice"), ["appId"]),

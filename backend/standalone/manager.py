@@ -34,6 +34,7 @@ from backend.tasks.outcome import (
     Images,
     Refused,
     Stopped,
+    admin_detail,
     run_task,
 )
 from runtime.errors import ConfigError, InvalidRequest, Unavailable
@@ -352,6 +353,10 @@ class TaskManager:
             log.error("task %d: its images could not be stored: %s", task_id, problem)
             self._fail(task_id, NO_ROOM if isinstance(problem, StoreFull) else INTERNAL_ERROR,
                        f"{type(exc).__name__}: {problem}")
+            return
+        except Exception as exc:  # a bug while storing: the task still ends, FAILED with the reason
+            log.exception("task %d: storing its outcome failed", task_id)
+            self._fail(task_id, INTERNAL_ERROR, admin_detail(f"task {task_id}", exc))
             return
         finally:
             self._deleted.discard(task_id)
