@@ -16,6 +16,9 @@ DeviceChoice = str
 PrecisionChoice = Literal["auto", "fp32", "bf16"]
 #: Latents → pixels: the model's own VAE decoder, or the TAESD decoder when the bundle has one.
 DecoderChoice = Literal["vae", "taesd"]
+#: OpenVINO's compile: auto (per CPU, see :func:`runtime.engines.openvino.static_by_default`), true (one compile per
+#: input shape), false (one compile for every shape).
+StaticChoice = Literal["auto", "true", "false"]
 
 ENGINES: tuple[str, ...] = get_args(EngineChoice)
 #: The devices by name; "cuda:N" names GPU N.
@@ -45,7 +48,9 @@ class LoadOptions:
     #: first image after a restart came no sooner (18.7 s against 17.4 s) and the start peaked 2.2 GB higher (the
     #: blob is read whole beside the graph).
     compile_cache: bool = False
-    #: OpenVINO: compile a graph anew for each input shape (batch and size) instead of once for all shapes. Measured
-    #: on a 2-core AVX2 EPYC with OpenVINO 2026.4 the single shape-free compile ran the 512² UNet step as fast
-    #: (0.98-1.00x) and a second image size cost 8 MB instead of a second copy of the weights (+3.6 GB).
-    static_shapes: bool = False
+    #: OpenVINO: compile a graph anew for each input shape (batch and size; the last two kept) instead of once for all
+    #: shapes. auto decides per CPU from measurements: on a 2-core AVX2 EPYC (OpenVINO 2026.4) the shape-free compile
+    #: ran the 512² UNet step as fast (0.98-1.00x) and a second size cost 8 MB instead of a second copy of the
+    #: weights; on a 2-core Xeon with AMX the per-shape compile ran it 8-10 % faster. So: per shape where the CPU has
+    #: AMX, once for all shapes elsewhere.
+    static_shapes: StaticChoice = "auto"

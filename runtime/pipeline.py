@@ -140,9 +140,9 @@ class Pipeline:
             log.warning("precision bf16 was asked for, but this CPU has no native bf16 (AMX or AVX512-BF16): "
                         "OpenVINO computes in %s", pipe.math_precision)
         log.info(
-            "loaded %s (%s, %s weights, %s math (asked: %s), %s decoder) on %s/%s with %d threads in %.1f s [%s]",
+            "loaded %s (%s, %s weights, %s math (asked: %s), %s decoder) on %s/%s with %d threads in %.1f s [%s]%s",
             bundle.path, bundle.format, bundle.weights, pipe.math_precision, precision, decoder, engine, device,
-            threads, time.perf_counter() - t0, why,
+            threads, time.perf_counter() - t0, why, _compile_note(options) if engine == "openvino" else "",
         )
         return pipe
 
@@ -272,6 +272,17 @@ class Pipeline:
             img = np.clip(img / 2 + 0.5, 0.0, 1.0)
             out.append((img.transpose(1, 2, 0) * 255).round().astype(np.uint8))
         return np.stack(out)
+
+
+def _compile_note(options: LoadOptions) -> str:
+    """How OpenVINO compiles, and why (the static_shapes choice, decided per CPU when auto)."""
+    from runtime.engines.openvino import static_by_default, static_shapes_on
+
+    per_shape = static_shapes_on(options.static_shapes)
+    how = "compiled per image size and batch" if per_shape else "compiled once for every image size"
+    if options.static_shapes != "auto":
+        return f"; {how} (static_shapes={options.static_shapes})"
+    return f"; {how} ({'this CPU has AMX' if static_by_default() else 'this CPU has no AMX'})"
 
 
 def _changed(options: LoadOptions, changes: dict[str, Any]) -> LoadOptions:

@@ -34,7 +34,7 @@ def test_math_precision_follows_the_cpu(openvino_bundle: Path, asked: str) -> No
 
 def test_static_shapes_recompile_per_size(openvino_bundle: Path) -> None:
     pipe = Pipeline.load(openvino_bundle, device="cpu", engine="openvino", threads=2, precision="fp32",
-                         static_shapes=True)
+                         static_shapes="true")
     a = pipe.generate(**ARGS)
     b = pipe.generate(**{**ARGS, "width": 320, "height": 256})
     c = pipe.generate(**ARGS)
@@ -66,3 +66,28 @@ def test_int8_export_against_fp32(tiny_source: Path, openvino_bundle: Path, tmp_
     score = psnr(int8.generate(**ARGS), fp32.generate(**ARGS))
     print(f"OpenVINO int8 vs fp32: PSNR {score:.1f} dB")
     assert 20 <= score < float("inf")
+
+
+def test_static_shapes_auto_is_decided_by_the_cpu(tmp_path: Path, openvino_bundle: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    # The rule on any CPU: per-shape compiles where the CPU lists AMX, one compile for every shape elsewhere; the
+    # load's log line says which and why.
+    import logging
+
+    from runtime.engines.openvino import cpu_flags, static_by_default, static_shapes_on
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f amx_bf16 amx_tile amx_int8\n\n"
+                    "processor\t: 1\nflags\t\t: fpu\n")
+    assert cpu_flags(info) >= {"amx_tile", "avx2"}
+    assert static_by_default(cpu_flags(info)) is True
+    assert static_by_default(frozenset({"avx2", "avx512f", "avx512_bf16"})) is False
+    assert cpu_flags(tmp_path / "missing") == frozenset()
+    assert static_shapes_on("true") is True and static_shapes_on("false") is False
+    assert static_shapes_on("auto") is static_by_default()
+    with pytest.raises(T2IError, match="static_shapes 'sometimes' is not known; use auto, true or false"):
+        static_shapes_on("sometimes")  # type: ignore[arg-type]
+    with caplog.at_level(logging.INFO, logger="runtime.pipeline"):
+        Pipeline.load(openvino_bundle, device="cpu", engine="openvino", threads=1)
+    how = "compiled per image size and batch" if static_by_default() else "compiled once for every image size"
+    assert f"{how} (this CPU has {'' if static_by_default() else 'no '}AMX)" in caplog.text
