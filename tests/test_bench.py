@@ -114,6 +114,34 @@ def test_fastsd_style_peer_runs_optimum_with_taesd_as_its_vae(tiny_source: Path,
     assert (view / "unet").resolve() == (bundle / "unet").resolve() and not (view / "taesd_decoder").exists()
 
 
+@pytest.mark.parametrize("decoder", ["vae", "taesd"])
+def test_genai_peer_runs_on_the_bundles_own_weights(tiny_source: Path, tmp_path: Path, decoder: str) -> None:
+    # Issue #22: OpenVINO GenAI's Text2ImagePipeline as a peer, reading our bundle through a view in its layout.
+    import openvino as ov
+
+    from backend.bench.cases import genai_view
+    from exporters.export import export_model
+
+    bundle = export_model(str(tiny_source), "openvino", tmp_path / "tiny-ov", say=lambda _: None, taesd="tiny")
+    confs = dict(turbo_configurations({"openvino": bundle}, peers=True))
+    case = confs[f"turbo genai openvino auto {decoder}"]
+    common = {"threads": 1, "latents": [32], "batches": [1], "steps": 1, "guidance": 0.0, "warmup": 0, "repeats": 1}
+    result = run_case({**case, **common}, timeout=600)
+    assert "error" not in result, result
+    assert result["image@32x1"]["s"] > 0
+    view = genai_view(bundle, decoder)
+    own = "taesd_decoder" if decoder == "taesd" else "vae_decoder"
+    assert (view / "vae_decoder" / "openvino_model.bin").resolve() == (bundle / own / "openvino_model.bin").resolve()
+    assert (view / "tokenizer" / "openvino_tokenizer.xml").is_file()
+    # GenAI feeds the timestep as int64 [batch]; the bridge converts it for our graph, whose weights stay as they are.
+    unet = ov.Core().read_model(view / "unet" / "openvino_model.xml")
+    timestep = next(p for p in unet.inputs if "timestep" in p.get_names())
+    assert timestep.get_element_type() == ov.Type.i64 and timestep.get_partial_shape().rank.get_length() == 1
+    ours = ov.Core().read_model(bundle / "unet" / "openvino_model.xml")
+    assert {c.get_friendly_name() for c in ours.get_ops() if c.get_type_name() == "Constant"} <= \
+        {c.get_friendly_name() for c in unet.get_ops() if c.get_type_name() == "Constant"}
+
+
 def test_a_peers_whole_image_ends_in_a_png_as_ours_does(tiny_source: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Ours are timed from prompt to PNG; a peer timed without its PNG encode looked faster than it is.
     import diffusers

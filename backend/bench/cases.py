@@ -204,7 +204,105 @@ def with_taesd_as_vae(bundle: Path) -> Path:
     return view
 
 
-KINDS = {"ours": ours, "diffusers": diffusers_torch, "optimum": optimum_pipeline}
+def genai_pipeline(case: dict[str, Any]) -> dict[str, Any]:
+    """OpenVINO GenAI's ``Text2ImagePipeline`` (C++, torch-free) on the bundle's own weights (see :func:`genai_view`),
+    reshaped to the measured shape and compiled for the CPU as its documentation shows; each image ends in a PNG
+    encode as ours do. It runs whole images only: its graphs are not reachable one by one."""
+    import openvino_genai as genai
+    from PIL import Image
+
+    view = genai_view(Path(case["bundle"]), case.get("decoder", "vae"))
+    pipe = genai.Text2ImagePipeline(str(view))
+    # The same sampler as every other side of the bench.
+    pipe.set_scheduler(genai.Scheduler.from_config(str(view / "scheduler" / "scheduler_config.json"),
+                                                   genai.Scheduler.Type.EULER_DISCRETE))
+    w, r = case["warmup"], case["repeats"]
+    out: dict[str, Any] = {}
+    for latent in case["latents"]:
+        for n in case["batches"]:
+            side = latent * 8
+            pipe.reshape(n, side, side, case["guidance"])
+            pipe.compile("CPU", INFERENCE_NUM_THREADS=case["threads"], PERFORMANCE_HINT="LATENCY")
+
+            def whole(n: int = n, side: int = side) -> None:
+                images = pipe.generate(PROMPT, width=side, height=side, num_inference_steps=case["steps"],
+                                       guidance_scale=case["guidance"], num_images_per_prompt=n, rng_seed=0)
+                for image in np.asarray(images.data):
+                    Image.fromarray(image).save(io.BytesIO(), format="PNG")
+
+            out[f"image@{latent}x{n}"] = timed(whole, w, r)
+    out["rss_mb"] = rss_mb()  # with the model still loaded: what a service holding it keeps
+    return out
+
+
+def genai_view(bundle: Path, decoder: str) -> Path:
+    """A folder next to ``bundle`` in the layout OpenVINO GenAI reads (optimum-intel's), on the bundle's own weights.
+
+    GenAI differs from our bundle in three places, each bridged without touching a weight: it wants the tokenizer as
+    an OpenVINO graph (``openvino_tokenizer.xml``, converted here by openvino-tokenizers from the bundle's tokenizer
+    files); its UNet feeds the timestep as int64 of shape [batch] where our graph takes a float scalar (a Convert and
+    a Squeeze in front of the same graph, saved beside it); and it loads only an ``AutoencoderKL``, so with ``taesd``
+    the TAESD decoder graph is given an AutoencoderKL config with TAESD's own latent scale (1.0) and channel count,
+    as FastSD CPU swaps TAESD in for optimum's pipeline."""
+    import openvino as ov
+    import openvino.opset13 as ops
+    from openvino_tokenizers import convert_tokenizer
+    from transformers import AutoTokenizer
+
+    view = bundle.with_name(f"{bundle.name}-genai-{decoder}")
+    if (view / "model_index.json").is_file():
+        return view
+    view.mkdir(exist_ok=True)
+    index = json.loads((bundle / "model_index.json").read_text())
+    # Only the parts GenAI loads, under its names (a null entry stops its JSON reader).
+    kept = {k: v for k, v in index.items() if k.startswith("_") or k in ("text_encoder", "tokenizer", "unet",
+                                                                          "scheduler")}
+    kept["vae"] = ["diffusers", "AutoencoderKL"]
+    for part in ("text_encoder", "scheduler"):
+        if not (view / part).exists():
+            (view / part).symlink_to((bundle / part).resolve())
+
+    unet = view / "unet"
+    unet.mkdir(exist_ok=True)
+    (unet / "config.json").write_text((bundle / "unet" / "config.json").read_text())
+    model = ov.Core().read_model(bundle / "unet" / "openvino_model.xml")
+    old = next(p for p in model.get_parameters() if "timestep" in p.output(0).get_names())
+    if old.get_element_type() != ov.Type.i64 or old.get_partial_shape().rank.get_length() != 1:
+        new = ops.parameter([-1], ov.Type.i64, name="timestep")
+        new.output(0).set_names({"timestep"})
+        t = ops.convert(new, old.get_element_type())
+        if old.get_partial_shape().rank.get_length() == 0:
+            t = ops.squeeze(t, ops.constant(np.array([0], dtype=np.int64)))
+        old.output(0).replace(t.output(0))
+        model = ov.Model(model.get_results(), [new if p is old else p for p in model.get_parameters()], "unet")
+    ov.save_model(model, unet / "openvino_model.xml", compress_to_fp16=False)  # the weights as they are
+
+    source = bundle / ("taesd_decoder" if decoder == "taesd" else "vae_decoder")
+    vae = view / "vae_decoder"
+    vae.mkdir(exist_ok=True)
+    for f in source.iterdir():
+        if f.name != "config.json" and not (vae / f.name).exists():
+            (vae / f.name).symlink_to(f.resolve())
+    config = json.loads((source / "config.json").read_text())
+    if decoder == "taesd":
+        config = {"_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3,
+                  "latent_channels": config["latent_channels"], "scaling_factor": config.get("scaling_factor", 1.0),
+                  "block_out_channels": config["decoder_block_out_channels"]}
+    (vae / "config.json").write_text(json.dumps(config))
+
+    tokenizer = view / "tokenizer"
+    tokenizer.mkdir(exist_ok=True)
+    for f in (bundle / "tokenizer").iterdir():
+        if not (tokenizer / f.name).exists():
+            (tokenizer / f.name).symlink_to(f.resolve())
+    encode, decode = convert_tokenizer(AutoTokenizer.from_pretrained(bundle / "tokenizer"), with_detokenizer=True)
+    ov.save_model(encode, tokenizer / "openvino_tokenizer.xml")
+    ov.save_model(decode, tokenizer / "openvino_detokenizer.xml")
+    (view / "model_index.json").write_text(json.dumps(kept))  # last: marks the view complete
+    return view
+
+
+KINDS = {"ours": ours, "diffusers": diffusers_torch, "optimum": optimum_pipeline, "genai": genai_pipeline}
 
 
 def main() -> None:

@@ -68,9 +68,11 @@ def configurations(paths: dict[str, Path], peers: bool, device: str = "cpu") -> 
         ("ours openvino fp32", {"kind": "ours", "bundle": paths["openvino"], "engine": "openvino",
                                 "precision": "fp32"}),
         ("ours openvino auto", {"kind": "ours", "bundle": paths["openvino"], "engine": "openvino"}),
-        # The default compiles each graph once for every shape; this is the per-shape compile, side by side.
+        # The default decides per CPU (per-shape compile where it has AMX); both ways side by side.
         ("ours openvino auto static", {"kind": "ours", "bundle": paths["openvino"], "engine": "openvino",
-                                       "static_shapes": True}),
+                                       "static_shapes": "true"}),
+        ("ours openvino auto shape-free", {"kind": "ours", "bundle": paths["openvino"], "engine": "openvino",
+                                           "static_shapes": "false"}),
     ]
     if "int8" in paths:
         confs.append(("ours openvino int8", {"kind": "ours", "bundle": paths["int8"], "engine": "openvino"}))
@@ -79,6 +81,7 @@ def configurations(paths: dict[str, Path], peers: bool, device: str = "cpu") -> 
             (REFERENCE, {"kind": "diffusers", "source": paths["source"]}),
             ("optimum onnxruntime fp32", {"kind": "optimum", "bundle": paths["onnx"], "engine": "onnxruntime"}),
             ("optimum openvino auto", {"kind": "optimum", "bundle": paths["openvino"], "engine": "openvino"}),
+            ("genai openvino auto", {"kind": "genai", "bundle": paths["openvino"]}),
         ]
     return confs
 
@@ -140,12 +143,18 @@ def turbo_configurations(paths: dict[str, Path], peers: bool, device: str = "cpu
                                                      "device": device, "dtype": "fp16"}))
         return confs
     ours = {"kind": "ours", "bundle": paths["openvino"], "engine": "openvino"}
-    confs = [("turbo ours openvino auto vae", ours), ("turbo ours openvino auto taesd", {**ours, "decoder": "taesd"})]
+    confs = [("turbo ours openvino auto vae", ours), ("turbo ours openvino auto taesd", {**ours, "decoder": "taesd"}),
+             ("turbo ours openvino auto taesd static", {**ours, "decoder": "taesd", "static_shapes": "true"}),
+             ("turbo ours openvino auto taesd shape-free", {**ours, "decoder": "taesd", "static_shapes": "false"})]
     if "int8" in paths:
         confs.append(("turbo ours openvino int8 taesd", {**ours, "bundle": paths["int8"], "decoder": "taesd"}))
     if peers:
         confs.append(("turbo optimum openvino auto", {"kind": "optimum", "bundle": paths["openvino"],
                                                       "engine": "openvino"}))
+        # OpenVINO GenAI's C++ pipeline on the same weights, with the VAE and with TAESD in its place.
+        confs += [("turbo genai openvino auto vae", {"kind": "genai", "bundle": paths["openvino"]}),
+                  ("turbo genai openvino auto taesd", {"kind": "genai", "bundle": paths["openvino"],
+                                                       "decoder": "taesd"})]
         # FastSD CPU's configuration: optimum's OVStableDiffusionPipeline with TAESD as its VAE decoder, on the
         # fp weights and on the int8 ones.
         for name in ("openvino", "int8"):
