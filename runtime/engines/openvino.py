@@ -13,6 +13,7 @@ import numpy as np
 
 from runtime.engines.base import InputSpec
 from runtime.engines.mapped import releasing, resident_bytes
+from runtime.engines.timestep import PROJECTED, split_timestep
 from runtime.errors import BundleError, ConfigError, EngineError
 from runtime.options import PrecisionChoice, StaticChoice
 
@@ -63,6 +64,17 @@ class OvSession:
             shape = tuple(d.get_length() if d.is_static else None for d in port.get_partial_shape())
             name = port.get_any_name()
             self.inputs[name] = InputSpec(name, port.get_element_type().to_dtype(), shape)
+        self._projection: Any = None
+        if openvino_math_precision(precision) == "bf16":
+            split = split_timestep(self._model)
+            if split is not None:
+                # The timestep's sinusoids in f32 (bf16 rounds 999 to 1000): see runtime.engines.timestep.
+                self._model, self._keeps_timestep = split.unet, split.keeps_timestep
+                config = {**self._config, "INFERENCE_PRECISION_HINT": "f32"}
+                config.pop("CACHE_DIR", None)
+                self._projection = self._core.compile_model(split.projection, "CPU", config).create_infer_request()
+                self._projection_inputs = [p.get_any_name() for p in split.projection.inputs]
+                log.info("%s: the timestep's projection runs in f32 beside the bf16 graph", path.parent.name)
         self._n_out = len(self._model.outputs)
         self._keep = keep
         self._static = static_shapes_on(static_shapes)
@@ -92,7 +104,16 @@ class OvSession:
             self._compiled.popitem(last=False)
         return request
 
+    def _project_timestep(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The feeds for the graph without its timestep projection: the projection run here, in f32."""
+        self._projection.infer({name: feeds[name] for name in self._projection_inputs})
+        out = {name: arr for name, arr in feeds.items() if name != "timestep" or self._keeps_timestep}
+        out[PROJECTED] = np.array(self._projection.get_output_tensor(0).data, copy=True)
+        return out
+
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if self._projection is not None and "timestep" in feeds:
+            feeds = self._project_timestep(feeds)
         shapes = tuple((name, feeds[name].shape) for name in sorted(feeds))
         fresh = shapes not in self._seen
         # A compile and the first run of a shape (which may repack weights lazily) read the weights file: its pages
