@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 STATE = ".export-state.json"
 EXPORTER_VERSION = "0.1.0"
-TINY = ("tiny", "tiny-v")
+#: The random test models built here: SD2's layout (epsilon, v-prediction) and SDXS-512's.
+TINY = ("tiny", "tiny-v", "tiny-sdxs")
 
 
 class ExportError(T2IError, RuntimeError):
@@ -36,9 +37,10 @@ def resolve_source(source: str, workdir: Path) -> tuple[Path, dict[str, Any]]:
             raise ExportError(f"'{source}' is a random model built with torch, which needs the export extra "
                               "(pip install 'text2image-sd2[export]'); without it, point at a diffusers folder or "
                               "a bundle")
-        from exporters.tiny import build_tiny_model
+        from exporters.tiny import build_tiny_model, build_tiny_sdxs_model
 
-        path = build_tiny_model(workdir / source, variant="v" if source == "tiny-v" else "epsilon")
+        path = (build_tiny_sdxs_model(workdir / source) if source == "tiny-sdxs"
+                else build_tiny_model(workdir / source, variant="v" if source == "tiny-v" else "epsilon"))
         return path, {"id": source, "revision": None, "kind": "tiny random test model"}
     local = Path(source).expanduser()
     if local.is_dir():
