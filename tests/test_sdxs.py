@@ -70,3 +70,57 @@ def test_matches_diffusers_with_its_tiny_vae(sdxs_source: Path, sdxs_bundles: di
     other = pipe.generate(PROMPT, n=N, width=SIZE[0], height=SIZE[1], steps=steps, guidance=0.0, scheduler="euler",
                           seed=99)
     assert psnr(other, ref) < 35.0
+
+
+def test_tiny_sdxs_templates_are_current(sdxs_source: Path, tmp_path: Path) -> None:
+    # As the tiny SD2 templates: what the build makes today, proved against a second torch export in the build.
+    from exporters.dev.template_build import build_templates, stale_files
+    from exporters.graph_template import TEMPLATES
+
+    built = build_templates(sdxs_source, "tiny-sdxs", root=tmp_path, say=lambda _: None)
+    assert not stale_files(built, TEMPLATES / "tiny-sdxs"), "stale: run scripts/build_templates.py tiny-sdxs"
+
+
+@pytest.mark.parametrize("fmt", list(ENGINES))
+def test_the_template_conversion_gives_the_torch_exports_images(sdxs_source: Path, sdxs_bundles: dict[str, Path],
+                                                                fmt: str, tmp_path: Path) -> None:
+    out = export_model(str(sdxs_source), fmt, tmp_path / "b", converter="template", say=lambda _: None)
+    assert json.loads((out / "manifest.json").read_text())["converter"] == "template"
+    assert json.loads((out / "model_index.json").read_text())["vae_decoder"][1] == "AutoencoderTiny"
+    args = {"prompt": PROMPT, "steps": 1, "guidance": 0.0, "seed": 4, "width": 256, "height": 256, "n": N}
+    images = [Pipeline.load(b, device="cpu", engine=ENGINES[fmt], threads=2, precision="fp32").generate(**args)
+              for b in (out, sdxs_bundles[fmt])]
+    score = psnr(*images)
+    print(f"SDXS template vs torch export, {fmt}: PSNR {score:.1f} dB")
+    assert score >= 60
+
+
+@pytest.mark.parametrize(("component", "change", "named"), [
+    ("unet", {"only_cross_attention": [False, False]},
+     "unet.only_cross_attention: [false, false] (template: [true, false])"),
+    ("unet", {"mid_block_type": "UNetMidBlock2DCrossAttn"},
+     'unet.mid_block_type: "UNetMidBlock2DCrossAttn" (template: null)'),
+    ("vae", {"num_decoder_blocks": [3, 3, 3, 1]},
+     "vae_decoder.num_decoder_blocks: [3, 3, 3, 1] (template: [1, 1, 1, 1])"),
+])
+def test_a_config_the_template_does_not_cover_is_refused_by_name(sdxs_source: Path, tmp_path: Path, component: str,
+                                                                 change: dict, named: str) -> None:
+    other = Path(shutil.copytree(sdxs_source, tmp_path / "other"))
+    config = json.loads((other / component / "config.json").read_text())
+    (other / component / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ExportError) as caught:
+        export_model(str(other), "onnx", tmp_path / "b", converter="template", say=lambda _: None)
+    message = str(caught.value)
+    assert named in message, message
+    assert "closest: tiny-sdxs" in message and "SDXS-512" in message
+    assert not (tmp_path / "b" / "unet").exists(), "nothing is written for a refused checkpoint"
+
+
+def test_a_taesd_config_saved_without_its_block_out_channels_is_covered(sdxs_source: Path) -> None:
+    # AutoencoderTiny adds block_out_channels in its __init__; a config written without it means the same decoder.
+    from exporters.convert import checkpoint_configs
+    from exporters.graph_template import select
+
+    configs = checkpoint_configs(sdxs_source)
+    del configs["vae_decoder"]["block_out_channels"]
+    assert select(configs)["vae_decoder"].architecture == "tiny-sdxs"
