@@ -15,6 +15,7 @@ from exporters.check import ExportCheckError, check_component
 from exporters.checkpoint_files import check_checkpoint
 from exporters.contract import COMPONENTS, CONVERTERS, FORMATS, PRECISIONS
 from exporters.convert import finish_graph, write_model_index
+from exporters.tiny import TINY_MODELS
 from runtime.bundle import MANIFEST, MANIFEST_VERSION, file_digest
 from runtime.errors import T2IError, quoted
 
@@ -22,8 +23,7 @@ log = logging.getLogger(__name__)
 
 STATE = ".export-state.json"
 EXPORTER_VERSION = "0.1.0"
-#: The random test models built here: SD2's layout (epsilon, v-prediction) and SDXS-512's.
-TINY = ("tiny", "tiny-v", "tiny-sdxs")
+TINY = TINY_MODELS
 
 
 class ExportError(T2IError, RuntimeError):

@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 TINY_SEED = 0
 TEXT_LENGTH = 77
+#: The names of the random test models built here: SD2's layout (epsilon, v-prediction) and SDXS-512's.
+TINY_MODELS = ("tiny", "tiny-v", "tiny-sdxs")
 
 
 def _tiny_vocab() -> tuple[dict[str, int], list[str]]:

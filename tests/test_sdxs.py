@@ -124,3 +124,34 @@ def test_a_taesd_config_saved_without_its_block_out_channels_is_covered(sdxs_sou
     configs = checkpoint_configs(sdxs_source)
     del configs["vae_decoder"]["block_out_channels"]
     assert select(configs)["vae_decoder"].architecture == "tiny-sdxs"
+
+
+def test_the_catalogue_name_becomes_a_provider_with_one_step_defaults(sdxs_source: Path, tmp_path: Path) -> None:
+    from standalone_helpers import load_service
+
+    from backend.catalog import export_args, lookup
+    from backend.nextcloud.provider import build_provider
+
+    source, defaults = export_args("sdxs-512")
+    assert source == "IDKiro/sdxs-512-0.9" and lookup(source) == lookup("sdxs-512")
+    assert defaults == {"steps": 1, "guidance": 0.0, "scheduler": "euler"}
+    # The bundle the store would make of the hub checkpoint, here from the tiny model of its layout.
+    bundle = export_model(str(sdxs_source), "onnx", tmp_path / "b", converter="template", defaults=defaults,
+                          say=lambda _: None)
+    provider = build_provider("sdxs-512", load_service(bundle))
+    assert provider.id == "text2image_sd2:sdxs-512"
+    assert {k: provider.optional_input_shape_defaults[k] for k in ("steps", "guidance", "scheduler")} == defaults
+
+
+def test_the_download_takes_the_tiny_vae_and_leaves_the_large_one() -> None:
+    # The hub repository also holds the original AutoencoderKL as vae_large/; the bundle's decoder is vae/'s TAESD.
+    from exporters.hub import Listing, RemoteFile
+
+    names = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
+             *(f"{folder}/config.json" for folder in ("text_encoder", "unet", "vae", "vae_large")),
+             "text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors",
+             "vae/diffusion_pytorch_model.safetensors", "vae_large/diffusion_pytorch_model.safetensors"]
+    listing = Listing("IDKiro/sdxs-512-0.9", "0" * 40, {n: RemoteFile(n, 10) for n in names})
+    fetched = [f.path for f in listing.checkpoint_small_files() + listing.checkpoint_weights()]
+    assert "vae/diffusion_pytorch_model.safetensors" in fetched
+    assert not [p for p in fetched if p.startswith("vae_large/")], fetched
