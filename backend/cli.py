@@ -84,7 +84,8 @@ def cli(verbose: int) -> None:
 @click.option("--converter", type=click.Choice(["auto", "torch", "template"]), default="auto", show_default=True,
               help="torch: optimum's export, each graph checked against torch (needs the export extra). template: "
                    "no torch; the checkpoint's safetensors are bound into graph templates of that same export "
-                   "(sd-turbo, sd2.1-base, sd2.1 architectures). auto: torch where installed, else template.")
+                   "(sd-turbo, sd2.1-base, sd2.1, sdxs-512 architectures). auto: torch where installed, else "
+                   "template.")
 @click.option("--int8-matmuls", is_flag=True,
               help="OpenVINO: store the matrix-product weights of the text encoder and the UNet in int8 (per "
                    "channel; activations stay floating point). For SD2.1 on an f32 CPU the compiled model holds "
@@ -95,9 +96,10 @@ def export(source: str, fmt: str, out: Path, precision: str, taesd: str | None, 
            converter: str, int8_matmuls: bool) -> None:
     """Export SOURCE to a model bundle.
 
-    SOURCE is a hub model id (e.g. stabilityai/sd-turbo), a known short name (sd-turbo, sd2.1-base, sd2.1), a local
-    diffusers folder, or 'tiny' (a small random model for tests; 'tiny-v' is its v-prediction variant). With torch
-    each component is checked against the torch model after export; without it the torch-free converter is used.
+    SOURCE is a hub model id (e.g. stabilityai/sd-turbo), a known short name (sd-turbo, sd2.1-base, sd2.1,
+    sdxs-512), a local diffusers folder, or 'tiny' (a small random model for tests; 'tiny-v' is its v-prediction
+    variant, 'tiny-sdxs' one of SDXS's layout). With torch each component is checked against the torch model after
+    export; without it the torch-free converter is used.
     Re-running on a finished folder does nothing.
     """
     try:
@@ -105,9 +107,9 @@ def export(source: str, fmt: str, out: Path, precision: str, taesd: str | None, 
     except ImportError as exc:
         raise ConfigError(f"exporting needs the export extra ({exc.name} is missing): "
                        "pip install 'text2image-sd2[export]'") from None
-    if source in ("tiny", "tiny-v"):
-        from backend.model_store import TINY_WARNING
+    from backend.model_store import TINY_MODELS, TINY_WARNING
 
+    if source in TINY_MODELS:
         _say(TINY_WARNING)
     from backend.catalog import export_args
 
@@ -147,14 +149,14 @@ def _runtime_flags(command: Callable[..., Any]) -> Callable[..., Any]:
 def _load(model: str | None, offline: bool, runtime: dict[str, Any]) -> Pipeline:
     """The pipeline of ``model`` with the ``runtime`` flags given (None: not given) over the environment's."""
     from backend.loading import open_pipeline
-    from backend.model_store import TINY_WARNING
+    from backend.model_store import TINY_MODELS, TINY_WARNING
     from runtime.engines import parse_threads
 
     if runtime.get("threads") is not None:  # 0 means every core in T2I_THREADS, but is no count of threads here
         parse_threads(runtime["threads"])
     s = Settings.from_env(model=model, offline=offline or None, **runtime)
     pipe = open_pipeline(s, say=_say)
-    if pipe.bundle.source_id in ("tiny", "tiny-v") and s.store.model not in ("tiny", "tiny-v"):
+    if pipe.bundle.source_id in TINY_MODELS and s.store.model not in TINY_MODELS:
         _say(TINY_WARNING)
     _say(f"model {pipe.bundle.path} ({pipe.bundle.format}, {pipe.bundle.weights}) on {pipe.engine}/{pipe.device} "
          f"with {pipe.threads} threads")
@@ -224,9 +226,9 @@ def generate(prompt: str, model: str | None, n: int, size: str | None, steps: in
             click.echo(str(path))
     except OSError as exc:
         raise ConfigError(f"the images cannot be written to --out {str(out)!r}: {exc.strerror or exc}") from None
-    if pipe.bundle.source_id in ("tiny", "tiny-v"):
-        from backend.model_store import TINY_WARNING
+    from backend.model_store import TINY_MODELS, TINY_WARNING
 
+    if pipe.bundle.source_id in TINY_MODELS:
         _say(TINY_WARNING)
 
 

@@ -29,7 +29,8 @@ def _default_store() -> Path:
 class StoreSettings:
     """Which model, and where bundles are kept."""
 
-    #: Model to use when none is given: a short name (sd-turbo, sd2.1-base, sd2.1), a hub id, a folder, or tiny.
+    #: Model to use when none is given: a short name (sd-turbo, sd2.1-base, sd2.1, sdxs-512), a hub id, a folder,
+    #: or tiny.
     #: The ExApp takes a comma-separated list (one provider each).
     model: str = "sd-turbo"
     #: Folder where downloaded and exported bundles are kept.

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from exporters.tiny import TINY_MODELS
 from runtime.errors import BundleError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def resolve_model(model: str, store: Path, fmt: str, offline: bool = False,
 
     local = Path(model).expanduser()
     # A known name (tiny, sd-turbo …) means that model even where the working directory has a folder of that name.
-    named = model in ("tiny", "tiny-v") or model in CATALOG
+    named = model in TINY_MODELS or model in CATALOG
     if (local.is_dir() and not named) or model.startswith((".", "/", "~")):
         if not local.is_dir():
             raise ConfigError(f"model folder '{model}' does not exist")
@@ -91,7 +92,7 @@ def resolve_model(model: str, store: Path, fmt: str, offline: bool = False,
     downloaded = store / "downloads" / _slug(model)
     if _is_bundle(downloaded):  # a ready-made bundle fetched earlier: no need to ask the hub again
         return downloaded
-    if model in ("tiny", "tiny-v"):
+    if model in TINY_MODELS:
         say(TINY_WARNING)
         return _export(model, fmt, target, say)
     from backend.catalog import lookup

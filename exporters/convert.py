@@ -106,11 +106,13 @@ def copy_pipeline_files(src: Path, out: Path) -> None:
 
 
 def write_model_index(index: dict[str, Any], out: Path) -> None:
-    """optimum's model_index.json: the diffusers one with the VAE split into the decoder we ship."""
+    """optimum's model_index.json: the diffusers one with the VAE split into the decoder we ship, of the VAE's
+    class (AutoencoderKL, or AutoencoderTiny for SDXS)."""
     index = dict(index)
-    index.pop("vae", None)
+    vae = index.pop("vae", None)
     index.pop("_name_or_path", None)  # a temporary path on the exporting machine
-    index["vae_decoder"] = ["diffusers", "AutoencoderKL"]
+    index["vae_decoder"] = vae if isinstance(vae, list) and vae[1:] == ["AutoencoderTiny"] else ["diffusers",
+                                                                                              "AutoencoderKL"]
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 

@@ -15,6 +15,7 @@ from exporters.check import ExportCheckError, check_component
 from exporters.checkpoint_files import check_checkpoint
 from exporters.contract import COMPONENTS, CONVERTERS, FORMATS, PRECISIONS
 from exporters.convert import finish_graph, write_model_index
+from exporters.tiny import TINY_MODELS
 from runtime.bundle import MANIFEST, MANIFEST_VERSION, file_digest
 from runtime.errors import T2IError, quoted
 
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 
 STATE = ".export-state.json"
 EXPORTER_VERSION = "0.1.0"
-TINY = ("tiny", "tiny-v")
+TINY = TINY_MODELS
 
 
 class ExportError(T2IError, RuntimeError):
@@ -36,9 +37,10 @@ def resolve_source(source: str, workdir: Path) -> tuple[Path, dict[str, Any]]:
             raise ExportError(f"'{source}' is a random model built with torch, which needs the export extra "
                               "(pip install 'text2image-sd2[export]'); without it, point at a diffusers folder or "
                               "a bundle")
-        from exporters.tiny import build_tiny_model
+        from exporters.tiny import build_tiny_model, build_tiny_sdxs_model
 
-        path = build_tiny_model(workdir / source, variant="v" if source == "tiny-v" else "epsilon")
+        path = (build_tiny_sdxs_model(workdir / source) if source == "tiny-sdxs"
+                else build_tiny_model(workdir / source, variant="v" if source == "tiny-v" else "epsilon"))
         return path, {"id": source, "revision": None, "kind": "tiny random test model"}
     local = Path(source).expanduser()
     if local.is_dir():

@@ -44,9 +44,12 @@ NEUTRAL_KEYS: dict[str, frozenset[str]] = {
     # sample_size: the graph's height and width are dynamic. upcast_attention: only changes fp16 math (the fp32
     # graphs of the tiny model with and without it are identical); the fp16 conversion reads it from the config.
     "unet": frozenset({"sample_size", "upcast_attention"}),
-    # The runtime reads the latent scaling from config.json; the decoder graph never sees it.
+    # The runtime reads the latent scaling from config.json; the decoder graph never sees it. A TAESD decoder
+    # (SDXS) never sees its encoder's layout either, nor latent_magnitude and latent_shift, which only scale the
+    # encoder's latents for storage.
     "vae_decoder": frozenset({"sample_size", "scaling_factor", "shift_factor", "force_upcast", "latents_mean",
-                              "latents_std"}),
+                              "latents_std", "encoder_block_out_channels", "num_encoder_blocks", "latent_magnitude",
+                              "latent_shift"}),
     # Training-only values, and token ids the text model's forward pass never reads (eos_token_id it does read).
     "text_encoder": frozenset({"initializer_range", "initializer_factor", "dropout", "attention_dropout",
                                "projection_dim", "bos_token_id", "pad_token_id"}),
@@ -100,6 +103,10 @@ class Template:
         """The config fields in which ``config`` differs from the one this graph was exported from, as
         ``component.field: checkpoint value (template value)``; empty when the template covers it."""
         neutral = NEUTRAL_KEYS["common"] | NEUTRAL_KEYS[self.component]
+        if "decoder_block_out_channels" in config and "block_out_channels" not in config:
+            # AutoencoderTiny records its decoder's channels again as block_out_channels, in its __init__ rather
+            # than as an argument (so it has no class default): a config saved without it means the same.
+            config = {**config, "block_out_channels": config["decoder_block_out_channels"]}
         found = []
         for key in sorted((set(config) | set(self.config)) - neutral):
             theirs = _normal(config[key]) if key in config else _normal(self.defaults.get(key, _MISSING))
@@ -217,7 +224,8 @@ def select(configs: Mapping[str, Mapping[str, Any]]) -> dict[str, Template]:
     shown = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
     raise TemplateError(
         f"this checkpoint's architecture is not one the torch-free converter covers (closest: {arch}, which differs "
-        f"in {shown}). Covered: {', '.join(architectures())} (sd-turbo, sd2.1-base, sd2.1 and the tiny test models). "
+        f"in {shown}). Covered: {', '.join(architectures())} (sd-turbo, sd2.1-base, sd2.1, SDXS-512 and the tiny test "
+        "models). "
         "Export it with the export extra instead (pip install 'text2image-sd2[export]', then `text2image export "
         "SOURCE --out DIR`), on this machine or elsewhere, and copy the bundle into the model store"
     )

@@ -16,19 +16,38 @@ log = logging.getLogger(__name__)
 
 def export_configs(pipe: Any) -> dict[str, Any]:
     """optimum's (model, export config) pairs for the components we ship; the VAE encoder is not needed for
-    text-to-image and is left out."""
+    text-to-image and is left out.
+
+    A TAESD VAE (``AutoencoderTiny``, SDXS's own decoder) has no optimum config (optimum's reads AutoencoderKL's
+    fields): its pair is the model, its forward being ``decode`` as optimum makes the VAE's, with the config None,
+    and :func:`export_component` exports it as ``exporters.taesd`` exports TAESD."""
+    import copy
+
     import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the ONNX configs with the TasksManager)
     from optimum.exporters.utils import get_diffusion_models_for_export
 
+    from exporters.taesd import is_taesd
+
     models = get_diffusion_models_for_export(pipe, int_dtype="int64", float_dtype="fp32", exporter="onnx")
-    return {name: models[name] for name in ("text_encoder", "unet", "vae_decoder")}
+    pairs = {name: models[name] for name in ("text_encoder", "unet")}
+    if is_taesd(pipe.vae):
+        decoder = copy.deepcopy(pipe.vae)
+        decoder.forward = lambda latent_sample: decoder.decode(latent_sample)
+        pairs["vae_decoder"] = (decoder, None)
+    else:
+        pairs["vae_decoder"] = models["vae_decoder"]
+    return pairs
 
 
 def export_component(name: str, model_and_config: Any, out: Path) -> Path:
     """Write ``out/<name>/model.onnx`` (plus ``model.onnx_data`` when over 2 GB) and the component's config."""
     from optimum.exporters.onnx.convert import export_models
 
-    model, _ = model_and_config
+    model, config = model_and_config
+    if config is None:  # a TAESD decoder (see export_configs)
+        from exporters.taesd import export_taesd
+
+        return export_taesd(model, out, folder=name)
     (out / name).mkdir(parents=True, exist_ok=True)
     if hasattr(model, "save_config"):
         model.save_config(out / name)

@@ -60,14 +60,22 @@ def _decode_module(model: Any) -> Any:
     return Decode().eval()
 
 
-def export_taesd(model: Any, out: Path) -> Path:
-    """Write ``out/taesd_decoder/model.onnx`` and its config.json; return the graph path."""
+def is_taesd(model: Any) -> bool:
+    """Whether a diffusers VAE is a TAESD (``AutoencoderTiny``), as SDXS ships in its ``vae/`` folder."""
+    from diffusers import AutoencoderTiny
+
+    return isinstance(model, AutoencoderTiny)
+
+
+def export_taesd(model: Any, out: Path, folder: str = FOLDER) -> Path:
+    """Write ``out/<folder>/model.onnx`` (by default the extra ``taesd_decoder``; ``vae_decoder`` for a model
+    whose own VAE is TAESD) and its config.json; return the graph path."""
     import torch
 
-    folder = out / FOLDER
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_config(folder)
-    graph = folder / "model.onnx"
+    target = out / folder
+    target.mkdir(parents=True, exist_ok=True)
+    model.save_config(target)
+    graph = target / "model.onnx"
     dummy = torch.randn(1, model.config.latent_channels, 32, 32)
     axes = {0: "batch_size", 2: "latent_height", 3: "latent_width"}
     image_axes = {0: "batch_size", 2: "height", 3: "width"}

@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 TINY_SEED = 0
 TEXT_LENGTH = 77
+#: The names of the random test models built here: SD2's layout (epsilon, v-prediction) and SDXS-512's.
+TINY_MODELS = ("tiny", "tiny-v", "tiny-sdxs")
 
 
 def _tiny_vocab() -> tuple[dict[str, int], list[str]]:
@@ -125,3 +127,56 @@ def build_tiny_model(out: Path, variant: Literal["epsilon", "v"] = "epsilon") ->
         timestep_spacing="leading",
     )
     return save_pipeline(out, unet, vae, text_encoder, scheduler)
+
+
+def build_tiny_sdxs_model(out: Path) -> Path:
+    """Save a tiny random model with SDXS-512's layout at ``out`` and return it: a UNet of cross-attention blocks
+    only, without a mid block, whose first level's self-attention attends to the text instead
+    (``only_cross_attention``), a TAESD (``AutoencoderTiny``) as the VAE, and sd-turbo's Euler scheduler."""
+    import torch
+    from diffusers import AutoencoderTiny, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    out = Path(out)
+    torch.manual_seed(TINY_SEED)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * 2,
+        up_block_types=("CrossAttnUpBlock2D",) * 2,
+        mid_block_type=None,
+        only_cross_attention=(True, False),
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        norm_num_groups=8,
+    )
+    # Four decoder levels give TAESD's 8× upsampling, as SD2's VAE; one block each keeps it small.
+    vae = AutoencoderTiny(encoder_block_out_channels=(16,) * 4, decoder_block_out_channels=(16,) * 4,
+                          num_encoder_blocks=(1,) * 4, num_decoder_blocks=(1,) * 4)
+    vocab, _ = _tiny_vocab()
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        **special_token_ids(),
+        hidden_size=32,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=len(vocab),
+        max_position_embeddings=TEXT_LENGTH,
+        hidden_act="gelu",
+        projection_dim=32,
+    ))
+    return save_pipeline(out, unet, vae, text_encoder, sdxs_scheduler())
+
+
+def sdxs_scheduler() -> Any:
+    """sd-turbo's scheduler, which SDXS-512 ships: Euler, epsilon prediction, trailing timesteps."""
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                  steps_offset=1, prediction_type="epsilon", timestep_spacing="trailing",
+                                  interpolation_type="linear", use_karras_sigmas=False)

@@ -212,8 +212,12 @@ class Bundle:
 
     @property
     def vae_scale_factor(self) -> int:
-        """Image pixels per latent pixel: 2 ** (number of VAE blocks - 1), 8 for SD2."""
-        return int(2 ** (len(self.vae_config.get("block_out_channels", [0, 0, 0, 0])) - 1))
+        """Image pixels per latent pixel: 2 ** (number of VAE blocks - 1), 8 for SD2; for a TAESD decoder
+        (SDXS) its upsampling factor between each two of its decoder levels."""
+        config = self.vae_config
+        if isinstance(config.get("decoder_block_out_channels"), list):
+            return int(config.get("upsampling_scaling_factor", 2)) ** (len(config["decoder_block_out_channels"]) - 1)
+        return int(2 ** (len(config.get("block_out_channels", [0, 0, 0, 0])) - 1))
 
     @property
     def vae_scaling_factor(self) -> float:

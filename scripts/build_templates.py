@@ -1,8 +1,10 @@
 """Build (or check) the graph templates that let the torch-free images convert checkpoints into bundles.
 
-    python scripts/build_templates.py tiny [--check]     # the tiny test models (about 30 s)
-    python scripts/build_templates.py sd2 [--check]      # sd-turbo, sd2.1-base, sd2.1 (full size: ~25 GB of
-                                                         # scratch disk, ~16 GB of memory, about 20 min on 2 cores)
+    python scripts/build_templates.py tiny [--check]       # the tiny test models (about 30 s)
+    python scripts/build_templates.py tiny-sdxs [--check]  # the tiny test model of SDXS's layout (about 20 s)
+    python scripts/build_templates.py sd2 [--check]        # sd-turbo, sd2.1-base, sd2.1 (full size: ~25 GB of
+                                                           # scratch disk, ~16 GB of memory, about 20 min on 2 cores)
+    python scripts/build_templates.py sdxs [--check]       # SDXS-512 (full size)
 
 Needs the export extra. Each build exports two random redraws of the architecture with torch and proves that the
 second one, bound into the templates of the first, gives the very graphs torch exported (see
@@ -28,14 +30,18 @@ def source(architecture: str, work: Path) -> Path:
         from exporters.tiny import build_tiny_model
 
         return build_tiny_model(work / "tiny")
-    from exporters.dev.fullsize import build_full_model
+    if architecture == "tiny-sdxs":
+        from exporters.tiny import build_tiny_sdxs_model
 
-    return build_full_model(work / "sd2")
+        return build_tiny_sdxs_model(work / "tiny-sdxs")
+    from exporters.dev.fullsize import build_full_model, build_sdxs_model
+
+    return build_sdxs_model(work / "sdxs") if architecture == "sdxs" else build_full_model(work / "sd2")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("architecture", choices=["tiny", "sd2"])
+    ap.add_argument("architecture", choices=["tiny", "tiny-sdxs", "sd2", "sdxs"])
     ap.add_argument("--check", action="store_true", help="compare with the shipped templates instead of writing")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="t2i-templates-") as tmp:

@@ -72,9 +72,10 @@ def build_form(base: Settings, models: Mapping[str, Any]) -> dict[str, Any]:
     again = " A new deploy with another value replaces the choice made here."
     fields_: list[dict[str, Any]] = [
         _field("model", "Models", "text", "",
-               "One or more models, separated by commas: sd-turbo (fastest), sd2.1-base, sd2.1, a hub id or a "
-               "folder (a bundle or a diffusers checkpoint). Each becomes an image-generation provider. A new model "
-               "is downloaded and loaded between tasks; watch the app's log for its progress. Empty: the models "
+               "One or more models, separated by commas: sd-turbo and sdxs-512 (one step, fastest), sd2.1-base, "
+               "sd2.1, a hub id or a folder (a bundle or a diffusers checkpoint). Each becomes an image-generation "
+               "provider. A new model is downloaded and loaded between tasks; watch the app's log for its progress. "
+               "Empty: the models "
                f"the app was deployed with (T2I_MODEL={base.store.model}).{again}",
                placeholder=f"{DEPLOY_DEFAULT}: {base.store.model}"),
         _field("threads", "CPU threads", "number", r.threads,

@@ -3,7 +3,8 @@
 Speed does not depend on the weights' values, so a benchmark can run the real shapes without downloading 5 GB.
 The config values are the published ones of stabilityai/stable-diffusion-2-1-base (UNet 865,910,724 parameters),
 token ids of its text encoder included; ``variant="v"`` is stable-diffusion-2-1 (768², v-prediction,
-``upcast_attention``), whose networks are otherwise the same.
+``upcast_attention``), whose networks are otherwise the same. :func:`build_sdxs_model` is SDXS-512, the one-step
+model distilled from sd-turbo (UNet 328,177,284 parameters, TAESD as its VAE).
 """
 
 from __future__ import annotations
@@ -73,3 +74,53 @@ def build_full_model(out: Path, seed: int = 0, variant: Literal["epsilon", "v"] 
     scheduler = (DDIMScheduler(**betas, clip_sample=False, prediction_type="v_prediction") if variant == "v"
                  else PNDMScheduler(**betas, skip_prk_steps=True, prediction_type="epsilon"))
     return save_pipeline(out, unet, vae, text_encoder, scheduler)
+
+
+#: SDXS-512's UNet (IDKiro/sdxs-512-0.9): SD2.1-base's first three levels with one block each, no mid block, the
+#: 320-channel level attending to the text in its first attention as well.
+SDXS_UNET_PARAMS = 328_177_284
+
+
+def build_sdxs_model(out: Path, seed: int = 0) -> Path:
+    """Save a randomly initialised SDXS-512 diffusers folder at ``out`` (about 2.8 GB in fp32): its UNet, TAESD
+    (``AutoencoderTiny``) as the VAE, SD2.1's text encoder and sd-turbo's Euler scheduler."""
+    import torch
+    from diffusers import AutoencoderTiny, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from exporters.tiny import sdxs_scheduler
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    unet: Any = UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(320, 640, 1280),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D",) * 3,
+        up_block_types=("CrossAttnUpBlock2D",) * 3,
+        mid_block_type=None,
+        only_cross_attention=(True, False, False),
+        attention_head_dim=(5, 10, 20),
+        cross_attention_dim=1024,
+        use_linear_projection=True,
+        norm_num_groups=32,
+    )
+    n_params = sum(p.numel() for p in unet.parameters())
+    if n_params != SDXS_UNET_PARAMS:
+        raise RuntimeError(f"full-size SDXS UNet has {n_params} parameters, SDXS-512 has {SDXS_UNET_PARAMS}")
+    # AutoencoderTiny's defaults are TAESD's published architecture (decoder: 64 channels, 3-3-3-1 blocks).
+    vae = AutoencoderTiny()
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=23,
+        num_attention_heads=16,
+        max_position_embeddings=TEXT_LENGTH,
+        hidden_act="gelu",
+        projection_dim=512,
+        **SD2_TEXT_TOKEN_IDS,
+    ))
+    return save_pipeline(out, unet, vae, text_encoder, sdxs_scheduler())
