@@ -50,6 +50,16 @@ def prepare(cache: Path, int8: bool, say: Any, device: str = "cpu") -> dict[str,
     if int8:
         paths["int8"] = export_model(str(src), "openvino", cache / "sd21-int8", precision="int8", say=say,
                                      taesd="random")
+    # SDXS-512: the distilled one-step model, with TAESD as its own decoder; the store's export as for SD2.1.
+    from exporters.dev.fullsize import build_sdxs_model
+
+    sdxs = cache / "sdxs-random"
+    if not (sdxs / "model_index.json").is_file():
+        say(f"building the full-size random SDXS-512 model in {sdxs} (about 2.8 GB) …")
+        build_sdxs_model(sdxs)
+    paths["sdxs-source"] = sdxs
+    paths["sdxs"] = export_model(str(sdxs), "openvino", cache / "sdxs-openvino-store", say=say,
+                                 **STORE_EXPORT["openvino"])
     return paths
 
 
@@ -165,6 +175,18 @@ def turbo_configurations(paths: dict[str, Path], peers: bool, device: str = "cpu
     return confs
 
 
+def sdxs_configurations(paths: dict[str, Path], peers: bool) -> list[tuple[str, dict]]:
+    """SDXS-512 (512², 1 step, guidance 0, its own TAESD decoder) from prompt to PNG: ours, optimum's OpenVINO
+    pipeline on the same bundle (FastSD CPU's way to run it) and diffusers. OpenVINO GenAI loads no AutoencoderTiny."""
+    if "sdxs" not in paths:
+        return []
+    confs = [("sdxs ours openvino auto", {"kind": "ours", "bundle": paths["sdxs"], "engine": "openvino"})]
+    if peers:
+        confs += [("sdxs optimum openvino auto", {"kind": "optimum", "bundle": paths["sdxs"], "engine": "openvino"}),
+                  ("sdxs " + REFERENCE, {"kind": "diffusers", "source": paths["sdxs-source"]})]
+    return confs
+
+
 def print_report(results: dict[str, dict[str, Any]], peak: dict[str, float], opts: dict[str, Any]) -> None:
     reference = GPU_REFERENCE if GPU_REFERENCE in results else REFERENCE
     ref = results.get(reference, {})
@@ -227,11 +249,16 @@ def run(cache: Path, threads: int, latents: list[int], batches: list[int], steps
         click.echo(json.dumps(report, indent=2, default=str))
         return report
     results = report["results"]
-    print_report({k: v for k, v in results.items() if not k.startswith("turbo")}, report["matmul_gflops"],
+    print_report({k: v for k, v in results.items() if not k.startswith(("turbo", "sdxs"))}, report["matmul_gflops"],
                  report["settings"])
     click.echo("\nsd-turbo shape: 512², 1 step, guidance 0, whole image from prompt to PNG")
     for line in turbo_lines({k[6:]: v for k, v in results.items() if k.startswith("turbo")}):
         click.echo(line)
+    sdxs = {k[5:]: v for k, v in results.items() if k.startswith("sdxs")}
+    if sdxs:
+        click.echo("\nSDXS-512: 512², 1 step, guidance 0, its own TAESD decoder, whole image from prompt to PNG")
+        for line in turbo_lines(sdxs):
+            click.echo(line)
     return report
 
 
@@ -269,6 +296,11 @@ def measure(cache: Path, threads: int, latents: list[int], batches: list[int], s
         results[label] = run_case({**case, **common}, timeout=3600)
     turbo = {**common, "batches": [1], "latents": [64], "steps": 1, "guidance": 0.0}
     for label, case in turbo_configurations(paths, peers, device):
+        if only and not any(o in label for o in only):
+            continue
+        say(f"measuring {label} …")
+        results[label] = run_case({**case, **turbo}, timeout=3600)
+    for label, case in sdxs_configurations(paths, peers) if device == "cpu" else []:
         if only and not any(o in label for o in only):
             continue
         say(f"measuring {label} …")
