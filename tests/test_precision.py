@@ -91,3 +91,36 @@ def test_static_shapes_auto_is_decided_by_the_cpu(tmp_path: Path, openvino_bundl
         Pipeline.load(openvino_bundle, device="cpu", engine="openvino", threads=1)
     how = "compiled per image size and batch" if static_by_default() else "compiled once for every image size"
     assert f"{how} (this CPU has {'' if static_by_default() else 'no '}AMX)" in caplog.text
+
+
+def test_bf16_math_keeps_the_timestep(openvino_bundle: Path) -> None:
+    # bf16 keeps 8 significant bits: a graph fed 999 and 1000 saw the same timestep and gave the same output. The
+    # timestep's projection runs in f32 beside the bf16 graph, so the two differ and 999 lands nearer the fp32 result.
+    import numpy as np
+    import openvino as ov
+
+    from runtime.engines.openvino import OvSession, openvino_math_precision
+    from runtime.engines.timestep import split_timestep
+
+    graph = openvino_bundle / "unet" / "openvino_model.xml"
+    rng = np.random.default_rng(0)
+    base = {"sample": rng.standard_normal((1, 4, 32, 32), dtype=np.float32),
+            "encoder_hidden_states": rng.standard_normal((1, 77, 32), dtype=np.float32)}
+    feeds = {t: {**base, "timestep": np.array(t, dtype=np.float32)} for t in (999.0, 1000.0)}
+    ours = OvSession(graph, 1, "bf16", static_shapes="false")
+    exact = OvSession(graph, 1, "fp32", static_shapes="false").run(feeds[999.0])[0]
+    assert not np.array_equal(ours.run(feeds[999.0])[0], ours.run(feeds[1000.0])[0])
+    assert split_timestep(ov.Core().read_model(openvino_bundle / "vae_decoder" / "openvino_model.xml")) is None
+    if openvino_math_precision("bf16") != "bf16":
+        return  # no native bf16 on this CPU: OpenVINO computes in f32 and nothing is rounded
+    plain = ov.Core().compile_model(str(graph), "CPU", {"INFERENCE_PRECISION_HINT": "bf16",
+                                                         "INFERENCE_NUM_THREADS": 1}).create_infer_request()
+    plain_out = {t: np.array(plain.infer(f)[0], copy=True) for t, f in feeds.items()}
+    assert np.array_equal(plain_out[999.0], plain_out[1000.0]), "the whole graph in bf16 rounds 999 to 1000"
+
+    def error(out: np.ndarray) -> float:
+        return float(np.sqrt(np.mean((out - exact) ** 2) / np.mean(exact**2)))
+
+    print(f"bf16 UNet against fp32 at t=999: whole graph {error(plain_out[999.0]):.4f}, "
+          f"projection in f32 {error(ours.run(feeds[999.0])[0]):.4f}")
+    assert error(ours.run(feeds[999.0])[0]) < error(plain_out[999.0])

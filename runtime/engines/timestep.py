@@ -32,7 +32,8 @@ class SplitTimestep:
 
 def split_timestep(model: Any, name: str = "timestep") -> SplitTimestep | None:
     """Split ``model`` (an ``openvino.Model``) at the output of its timestep-only part, or None when it has no input
-    ``name`` or that part ends in no matrix product (nothing to split)."""
+    ``name`` or that part ends in no matrix product (nothing to split). The split rewires ``model``'s own graph:
+    use the returned models, not ``model``, afterwards."""
     import openvino as ov
     import openvino.opset13 as ops
 
