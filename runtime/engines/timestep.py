@@ -41,22 +41,22 @@ def split_timestep(model: Any, name: str = "timestep") -> SplitTimestep | None:
     timestep = next((p for p in params if name in p.output(0).get_names()), None)
     if timestep is None:
         return None
-    others = {id(p) for p in params if p is not timestep}
-    depends: set[int] = set()  # nodes whose values depend on another input (a shape read by ShapeOf does not count)
-    reached: set[int] = {id(timestep)}  # nodes the timestep's value flows into
+    # Nodes compare and hash by the graph node they wrap (each call returns new Python objects, so never by id()).
+    others = {p for p in params if p != timestep}
+    depends: set[Any] = set()  # nodes whose values depend on another input (a shape read by ShapeOf does not count)
+    reached: set[Any] = {timestep}  # nodes the timestep's value flows into
     cut = None
     for op in model.get_ordered_ops():
         sources = [i.get_source_output().get_node() for i in op.inputs()]
-        if id(op) in others or (op.get_type_name() not in ("ShapeOf", "Constant") and
-                                any(id(s) in depends for s in sources)):
-            depends.add(id(op))
+        if op in others or (op.get_type_name() not in ("ShapeOf", "Constant") and any(s in depends for s in sources)):
+            depends.add(op)
             continue
-        if op is timestep or not any(id(s) in reached for s in sources):
+        if op == timestep or not any(s in reached for s in sources):
             continue
-        reached.add(id(op))
+        reached.add(op)
         if cut is None and op.get_type_name() == "MatMul":
             data = op.input(0).get_source_output()
-            if id(data.get_node()) in reached:
+            if data.get_node() in reached:
                 cut = data
     if cut is None:
         return None
@@ -69,7 +69,7 @@ def split_timestep(model: Any, name: str = "timestep") -> SplitTimestep | None:
     for target in list(cut.get_target_inputs()):
         if target.get_node().get_type_name() != "Result":
             target.replace_source_output(replacement.output(0))
-    rest = [p for p in params if p is not timestep] + [replacement]
+    rest = [p for p in params if p != timestep] + [replacement]
     try:
         unet = ov.Model(model.get_results(), rest, model.get_friendly_name())
         keeps = False
