@@ -85,9 +85,23 @@ class ProgressBridge:
         self.stopped = False
         self.started = time.monotonic()
         self.reports = 0
+        #: For the task's timeline: when the generation began and ended, when the first step ended, when the last
+        #: report call returned, and the time the generation thread spent inside these calls.
+        self.began = self.ended = self.last_step = 0.0
+        self.first_step: float | None = None
+        self.waited = 0.0
         self._pending: concurrent.futures.Future | None = None
 
     def __call__(self, fraction: float) -> bool:
+        entered = time.monotonic()
+        self.first_step = self.first_step or entered
+        try:
+            return self._report(fraction)
+        finally:
+            self.last_step = time.monotonic()
+            self.waited += self.last_step - entered
+
+    def _report(self, fraction: float) -> bool:
         # Only a report sent now is waited for: while an older one still hangs (Nextcloud slow or unreachable),
         # the steps go on without waiting and without piling up more reports.
         if self._pending is None or self._pending.done():
@@ -221,8 +235,12 @@ class Worker:
     def _generate(self, tid: int, request: GenerationRequest, bridge: ProgressBridge,
                   between: Callable[[], None] | None = None) -> Outcome:
         """In the generation thread: the images, or how the generation ended."""
-        return run_task(self.service, request, bridge, between, cancelled=lambda: bridge.cancelled,
-                        label=f"{self.name}: task {tid}")
+        bridge.began = time.monotonic()
+        try:
+            return run_task(self.service, request, bridge, between, cancelled=lambda: bridge.cancelled,
+                            label=f"{self.name}: task {tid}")
+        finally:
+            bridge.ended = time.monotonic()
 
     def _deliver(self, tid: int) -> None:
         """Upload and report while this worker goes on: the generation runs in a thread, so the event loop is free
@@ -289,6 +307,7 @@ class Worker:
             case Failed(admin=detail, user=message):
                 self.journal.fail(tid, detail, message)
             case Images(results=results):
+                t_back = time.monotonic()
                 # The last chance to see a cancel that came during decoding: a cancelled task must upload nothing.
                 if await self.nc.progress(tid, (1 + DENOISE_SHARE) / 2) == CANCELLED:
                     log.info("%s: task %d cancelled by its user; nothing uploaded", self.name, tid)
@@ -296,8 +315,13 @@ class Worker:
                     return True
                 t1 = time.monotonic()
                 self.journal.finish(tid, [r.png for r in results])
-                log.debug("task %d timeline: generation %.3f s, journal %.3f s, %d progress report(s)", tid,
-                          t1 - t0, time.monotonic() - t1, bridge.reports)
+                b = bridge
+                first = b.first_step or b.ended
+                log.debug("task %d timeline: to the thread %.3f s, to the first step's end %.3f s, steps %.3f s with "
+                          "%.3f s in %d progress report(s), decode and PNG %.3f s, back %.3f s, cancel check %.3f s, "
+                          "journal %.3f s", tid, b.began - t0, first - b.began, b.last_step - first, b.waited,
+                          b.reports, b.ended - max(b.last_step, first), t_back - b.ended, t1 - t_back,
+                          time.monotonic() - t1)
                 log.info("%s: task %d generated %d image(s) in %.1f s", self.name, tid, len(results),
                          time.monotonic() - t0)
         return False
