@@ -1,16 +1,18 @@
 """A worker: take a task from Nextcloud's queue, check its input, generate its images in a thread while reporting
 progress after every denoising step, and hand the outcome to the delivery.
 
-Nextcloud tells a provider that a task was cancelled only in the answer to a progress report, so the generation
-thread waits briefly for that answer after each step and stops within one step when it says CANCELLED. Several
-workers (threads of one process, or other processes and containers) may poll the same queue: Nextcloud hands each
-task to exactly one poller.
+Nextcloud tells a provider that a task was cancelled only in the answer to a progress report. The generation thread
+never waits for that answer (a round trip to Nextcloud per step would slow every image down): it reads the answer
+after the next step and stops there when it says CANCELLED, and one more report after the decoding, awaited before
+anything is uploaded, catches a cancel that came later. Several workers (threads of one process, or other processes
+and containers) may poll the same queue: Nextcloud hands each task to exactly one poller.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -42,9 +44,6 @@ CANCELLED = "STATUS_CANCELLED"
 #: Share of the progress bar for the denoising steps; decoding and uploading take the rest (Nextcloud sets 1.0
 #: itself when the result arrives).
 DENOISE_SHARE = 0.9
-#: How long the generation thread waits for the answer to a progress report before it goes on without it (a slow
-#: or unreachable Nextcloud must not slow the generation down).
-PROGRESS_WAIT = 2.0
 #: With triggers (Nextcloud 33+) a poll now and then still catches a trigger that was lost.
 POLL_WITH_TRIGGERS = 60.0
 
@@ -75,8 +74,9 @@ class Trigger:
 
 
 class ProgressBridge:
-    """Called from the generation thread after each step: reports progress through the event loop, learns of a
-    cancellation from the answer, and stops a run that cannot finish before a shutdown deadline."""
+    """Called from the generation thread after each step: reports progress through the event loop without waiting
+    for the answer, learns of a cancellation from an answer that has come, and stops a run that cannot finish before
+    a shutdown deadline."""
 
     def __init__(self, nc: Nextcloud, task_id: int, loop: asyncio.AbstractEventLoop,
                  deadline: Callable[[], float | None]) -> None:
@@ -102,15 +102,14 @@ class ProgressBridge:
             self.waited += self.last_step - entered
 
     def _report(self, fraction: float) -> bool:
-        # Only a report sent now is waited for: while an older one still hangs (Nextcloud slow or unreachable),
-        # the steps go on without waiting and without piling up more reports.
+        # One report in flight at most: while one hangs (Nextcloud slow or unreachable), the steps go on without
+        # piling up more. After the last step none is sent: the check after the decoding (in the worker) follows.
         if self._pending is None or self._pending.done():
-            self._read(0)
-            if not self.cancelled:
+            self._read()
+            if not self.cancelled and fraction < 1:
                 coro = self.nc.progress(self.task_id, DENOISE_SHARE * fraction)
                 self.reports += 1
                 self._pending = asyncio.run_coroutine_threadsafe(coro, self.loop)
-                self._read(PROGRESS_WAIT)
         deadline = self.deadline()
         if deadline is not None and fraction < 1:
             now = time.monotonic()
@@ -118,17 +117,25 @@ class ProgressBridge:
             self.stopped = now + 1.2 * left + 0.5 > deadline
         return not (self.cancelled or self.stopped)
 
-    def _read(self, timeout: float) -> None:
+    def _read(self) -> None:
+        """Take the answer of the report in flight, which has come."""
         if self._pending is None:
             return
         try:
-            status = self._pending.result(timeout)
-        except concurrent.futures.TimeoutError:
-            return
+            status = self._pending.result(0)
         except Exception:  # the report failed; the next step sends another
             status = None
         self._pending = None
         self.cancelled = self.cancelled or status == CANCELLED
+
+    async def answered(self) -> bool:
+        """On the event loop, after the generation: wait for the report still in flight (so that Nextcloud gets
+        the reports in order) and say whether an answer said CANCELLED."""
+        if self._pending is not None:
+            with contextlib.suppress(Exception):  # a failed report: the check that follows asks again
+                await asyncio.wrap_future(self._pending)
+            self._read()
+        return self.cancelled
 
 
 class Worker:
@@ -309,7 +316,7 @@ class Worker:
             case Images(results=results):
                 t_back = time.monotonic()
                 # The last chance to see a cancel that came during decoding: a cancelled task must upload nothing.
-                if await self.nc.progress(tid, (1 + DENOISE_SHARE) / 2) == CANCELLED:
+                if await bridge.answered() or await self.nc.progress(tid, (1 + DENOISE_SHARE) / 2) == CANCELLED:
                     log.info("%s: task %d cancelled by its user; nothing uploaded", self.name, tid)
                     self.journal.remove(tid)
                     return True
