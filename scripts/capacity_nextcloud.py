@@ -31,8 +31,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "integration"))  # the real server's helpers live with the tests
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
 
-from fake_appapi import APP_ID, ExAppProcess, free_port  # noqa: E402  (their folders are on sys.path as a script)
+from capacity_exapp import task_parts  # noqa: E402  (these folders are on sys.path when run as a script)
+from fake_appapi import APP_ID, ExAppProcess, free_port  # noqa: E402
 from real_nextcloud import (  # noqa: E402
     FAST,
     heartbeat,
@@ -44,9 +46,6 @@ from real_nextcloud import (  # noqa: E402
 
 PROMPT = "a red fox in the snow"
 PASSWORD = "Capacity-User-Pass-1"
-#: The parts of a task's generation, in the order the ExApp's timeline line names them.
-PARTS = ("to the thread", "to the first step's end", "steps", "in progress reports", "decode and PNG", "back",
-         "cancel check", "journal")
 _STAMP = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) "
 
 
@@ -65,22 +64,13 @@ def stamp(text: str) -> float:
 
 
 def exapp_timeline(log: str) -> dict[int, dict[str, float]]:
-    """Per task id, from the ExApp's log: when it was taken, generated and delivered (wall clock), the parts of the
-    generation, and the upload and result calls (seconds)."""
-    found: dict[int, dict[str, float]] = {}
-    for line in log.splitlines():
-        if m := re.match(_STAMP + r".*: task (\d+) taken", line):
-            found.setdefault(int(m[2]), {})["taken"] = stamp(m[1])
-        elif m := re.match(_STAMP + r".*: task (\d+) generated", line):
-            found.setdefault(int(m[2]), {})["generated"] = stamp(m[1])
-        elif m := re.match(_STAMP + r".*task (\d+): \d+ image\(s\) delivered", line):
-            found.setdefault(int(m[2]), {})["delivered"] = stamp(m[1])
-        elif m := re.search(r"task (\d+) timeline: upload ([\d.]+) s, result ([\d.]+) s", line):
-            found.setdefault(int(m[1]), {}).update(upload=float(m[2]), result=float(m[3]))
-        elif m := re.search(r"task (\d+) timeline: (.*)", line):
-            numbers = [float(x) for x in re.findall(r"([\d.]+) s\b", m[2])]
-            if len(numbers) == len(PARTS):
-                found.setdefault(int(m[1]), {}).update(zip(PARTS, numbers, strict=True))
+    """Per task id, from the ExApp's log: when it was taken, generated and delivered (wall clock), the parts of its
+    time (:data:`capacity_exapp.PARTS`), and the upload and result calls (seconds)."""
+    found = task_parts(log)
+    for key, pattern in (("taken", r".*: task (\d+) taken"), ("generated", r".*: task (\d+) generated"),
+                         ("delivered", r".*task (\d+): \d+ image\(s\) delivered")):
+        for m in re.finditer(_STAMP + pattern, log, re.MULTILINE):
+            found.setdefault(int(m[2]), {})[key] = stamp(m[1])
     return found
 
 
