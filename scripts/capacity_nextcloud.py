@@ -5,13 +5,16 @@ users who schedule one-image ``core:text2image`` tasks through OCS as Assistant 
     python scripts/capacity_nextcloud.py BUNDLE [--tasks 12] [--clients 1] [--seconds 900] [--threads 2]
                                                 [--decoder taesd] [--size 512] [--steps 1] [--guidance 0]
                                                 [--poll-interval 0.3] [--look-every 0.2] [--workers 1]
+                                                [--in-process 3]
 
 Each user schedules a one-image task, looks at it every ``--look-every`` seconds until Nextcloud shows it done, and
 schedules the next, until ``--tasks`` tasks are done (or ``--seconds`` are up). Prints images per hour, p50/p95 from
 scheduling to SUCCESSFUL, the CPU seconds PHP and the ExApp spent per task, and each task's timeline from the
 ExApp's debug log: queue (scheduled → taken), the generation's parts, the check before the upload, the journal, the
 upload and result calls, and the user's last look. Nextcloud 32 never triggers an ExApp, so an idle ExApp finds a
-new task by polling every ``--poll-interval`` seconds (``T2I_POLL_INTERVAL``; 5 s unless set).
+new task by polling every ``--poll-interval`` seconds (``T2I_POLL_INTERVAL``; 5 s unless set). Then, for comparison
+on a machine whose load may change, the same image service times ``--in-process`` images in this process, without
+Nextcloud (the server is stopped by then).
 """
 
 from __future__ import annotations
@@ -92,6 +95,24 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / 100
 
 
+def in_process(bundle: Path, args: argparse.Namespace) -> list[float]:
+    """Seconds per image (prompt → PNG) of the ExApp's image service in this process, without Nextcloud: the same
+    bundle, threads, decoder and request, run ``args.in_process`` times after one warm-up."""
+    from backend.config import Settings
+    from backend.tasks.service import ImageService
+    from runtime.request import GenerationRequest
+
+    service = ImageService(Settings.from_env(model=str(bundle), threads=args.threads, decoder=args.decoder))
+    service.load()
+    took = []
+    for seed in range(args.in_process + 1):
+        t0 = time.perf_counter()
+        service.run(GenerationRequest(prompt=PROMPT, width=args.size, height=args.size, steps=args.steps,
+                                      guidance=args.guidance, seed=seed))
+        took.append(time.perf_counter() - t0)
+    return took[1:]
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -116,6 +137,9 @@ def main() -> None:
                         help="the ExApp's T2I_POLL_INTERVAL (default: %(default)s)")
     parser.add_argument("--look-every", type=float, default=0.2,
                         help="how often a user asks for the state of a task (default: %(default)s)")
+    parser.add_argument("--in-process", type=int, default=3,
+                        help="then time this many images of the same service in this process, without Nextcloud "
+                             "(default: %(default)s; 0: none)")
     args = parser.parse_args()
     if why_skipped():
         sys.exit(why_skipped())
@@ -188,6 +212,7 @@ def main() -> None:
                 proc.stop()
             stop_server(root / "server")
 
+    alone = in_process(bundle, args) if args.in_process else []
     done = [t for t in tasks if t.status == "STATUS_SUCCESSFUL"]
     print(f"ExApp on a real Nextcloud 32.0.1 (php -S, 8 workers): {bundle.name} at {args.size}², {args.steps} "
           f"step(s), guidance {args.guidance:g}, {args.decoder} decoder, {args.threads} thread(s), {args.workers} "
@@ -200,6 +225,9 @@ def main() -> None:
               f"({len(done) / took * 3600 / 120:.1f}× the 120 requests/hour of Nextcloud's own text2image app)")
         print(f"schedule → SUCCESSFUL: p50 {statistics.median(latency):.2f} s, p95 {percentile(latency, 0.95):.2f} s")
         print(f"CPU per task: PHP {cpu[0] / len(done):.2f} s, ExApp {cpu[1] / len(done):.2f} s")
+    if alone:
+        print(f"the same image service in this process, without Nextcloud, right after: median "
+              f"{statistics.median(alone):.2f} s per image, prompt → PNG ({len(alone)} images)")
     print("per task (s): queue = scheduled → taken; gen = taken → generated (first step, steps [progress waits], "
           "decode+PNG, cancel check, journal); up/result = the calls; seen = delivered → the user saw it")
     print(f"{'task':>5} {'user':>6} {'queue':>6} {'gen':>6} {'1st':>6} {'steps':>6} {'[wait]':>6} {'dec+png':>7} "

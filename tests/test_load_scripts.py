@@ -56,6 +56,7 @@ def test_exapp_capacity_through_the_real_nextcloud(taesd_openvino: Path) -> None
     assert re.search(r"\b3 images in [\d.]+ s = [\d,]+ images/hour \([\d.]+× the 120 requests/hour", out), out
     assert re.search(r"schedule → SUCCESSFUL: p50 [\d.]+ s, p95 [\d.]+ s", out), out
     assert re.search(r"CPU per task: PHP [\d.]+ s, ExApp [\d.]+ s", out), out
+    assert re.search(r"without Nextcloud, right after: median [\d.]+ s per image, prompt → PNG \(3 images\)", out), out
     # One timeline row per task: its id, its user and 12 figures (queue, the generation's parts, the calls, total).
     rows = re.findall(r"^ +\d+ +user[12]((?: +[\d.]+){12})$", out, re.MULTILINE)
     assert len(rows) == 3, out
