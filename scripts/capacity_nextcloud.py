@@ -168,6 +168,12 @@ def main() -> None:
             nc.register(proc)
             provider = f"{APP_ID}:{bundle.name}"
             wait_for(lambda: provider in nc.providers(), 1800, proc)
+
+            def offered() -> bool:  # as Assistant finds it: Nextcloud's caches may lag behind the registration
+                answer = nc.ocs("GET", "/ocs/v2.php/taskprocessing/tasktypes", user=users[0], password=PASSWORD)[1]
+                return "core:text2image" in ((answer or {}).get("ocs", {}).get("data") or {}).get("types", {})
+
+            wait_for(offered, 120, proc)
             loaded = time.monotonic() - t_load
             task_input = {"input": PROMPT, "numberOfImages": 1, "size": f"{args.size}x{args.size}",
                           "steps": args.steps, "guidance": args.guidance}
