@@ -42,15 +42,36 @@ def memory_mb(pid: int) -> dict[str, float]:
     return found
 
 
+#: The parts of a task's time that the worker's debug timeline line names, in its order (seconds each).
+PARTS = ("to the thread", "to the first step's end", "steps", "in progress reports", "decode and PNG", "back",
+         "cancel check", "journal")
+
+
+def task_parts(log: str) -> dict[int, dict[str, float]]:
+    """Per task id, from the ExApp's debug lines: the :data:`PARTS` of its time, and its upload and result calls."""
+    found: dict[int, dict[str, float]] = {}
+    for m in re.finditer(r"task (\d+) timeline: upload ([\d.]+) s, result ([\d.]+) s", log):
+        found.setdefault(int(m[1]), {}).update(upload=float(m[2]), result=float(m[3]))
+    for m in re.finditer(r"task (\d+) timeline: to the thread (.*)", log):
+        numbers = [float(x) for x in re.findall(r"([\d.]+) s\b", m[0])]
+        if len(numbers) == len(PARTS):
+            found.setdefault(int(m[1]), {}).update(zip(PARTS, numbers, strict=True))
+    return found
+
+
 def timeline(log: str) -> dict[str, list[float]]:
-    """Seconds per task spent in each phase, from the ExApp's debug lines."""
-    phases: dict[str, list[float]] = {"generation": [], "journal": [], "upload": [], "result": []}
-    for gen, journal in re.findall(r"timeline: generation ([\d.]+) s, journal ([\d.]+) s", log):
-        phases["generation"].append(float(gen))
-        phases["journal"].append(float(journal))
-    for upload, result in re.findall(r"timeline: upload ([\d.]+) s, result ([\d.]+) s", log):
-        phases["upload"].append(float(upload))
-        phases["result"].append(float(result))
+    """Seconds per task spent in each phase, from the ExApp's debug lines (generation: from taking the task until
+    the images are back on the event loop, progress reports included)."""
+    phases: dict[str, list[float]] = {"generation": [], "cancel check": [], "journal": [], "upload": [],
+                                      "result": []}
+    for parts in task_parts(log).values():
+        if "journal" in parts:
+            phases["generation"].append(sum(parts[p] for p in PARTS[:6] if p != "in progress reports"))
+            phases["cancel check"].append(parts["cancel check"])
+            phases["journal"].append(parts["journal"])
+        if "upload" in parts:
+            phases["upload"].append(parts["upload"])
+            phases["result"].append(parts["result"])
     return phases
 
 

@@ -80,8 +80,10 @@ def test_lifecycle_and_three_tasks(nc32) -> None:
         assert sent == sorted(sent) and all(0 <= p <= 1 for p in sent) and len(sent) >= 2
         assert task["progress"] == 1.0
         assert fake.handouts[task["id"]] == 1
-    # numberOfImages 2 with T2I_MAX_BATCH=1 ran as two batches: the progress went up twice through the steps.
-    assert len(_progress(fake, tids[1])) >= 2 * 25
+    # numberOfImages 2 with T2I_MAX_BATCH=1 ran as two batches of 25 steps: the progress moved through the first
+    # batch's share and through the second's (the generation sends a report whenever the last one was answered).
+    two = _progress(fake, tids[1])
+    assert any(p < 0.45 for p in two) and any(0.45 < p < 0.9 for p in two), two
     meta = _png(fake, done[2]["output"]["images"][1]).text
     assert (meta["seed"], meta["steps"], meta["negative_prompt"], meta["size"]) == ("43", "3", "blurry", "384x384")
     assert meta["AI-generated"] == "true" and "trainedAlgorithmicMedia" in meta["XML:com.adobe.xmp"]

@@ -1,16 +1,18 @@
 """A worker: take a task from Nextcloud's queue, check its input, generate its images in a thread while reporting
 progress after every denoising step, and hand the outcome to the delivery.
 
-Nextcloud tells a provider that a task was cancelled only in the answer to a progress report, so the generation
-thread waits briefly for that answer after each step and stops within one step when it says CANCELLED. Several
-workers (threads of one process, or other processes and containers) may poll the same queue: Nextcloud hands each
-task to exactly one poller.
+Nextcloud tells a provider that a task was cancelled only in the answer to a progress report. The generation thread
+never waits for that answer (a round trip to Nextcloud per step would slow every image down): it reads the answer
+after the next step and stops there when it says CANCELLED, and one more report after the decoding, awaited before
+anything is uploaded, catches a cancel that came later. Several workers (threads of one process, or other processes
+and containers) may poll the same queue: Nextcloud hands each task to exactly one poller.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -42,9 +44,6 @@ CANCELLED = "STATUS_CANCELLED"
 #: Share of the progress bar for the denoising steps; decoding and uploading take the rest (Nextcloud sets 1.0
 #: itself when the result arrives).
 DENOISE_SHARE = 0.9
-#: How long the generation thread waits for the answer to a progress report before it goes on without it (a slow
-#: or unreachable Nextcloud must not slow the generation down).
-PROGRESS_WAIT = 2.0
 #: With triggers (Nextcloud 33+) a poll now and then still catches a trigger that was lost.
 POLL_WITH_TRIGGERS = 60.0
 
@@ -75,8 +74,9 @@ class Trigger:
 
 
 class ProgressBridge:
-    """Called from the generation thread after each step: reports progress through the event loop, learns of a
-    cancellation from the answer, and stops a run that cannot finish before a shutdown deadline."""
+    """Called from the generation thread after each step: reports progress through the event loop without waiting
+    for the answer, learns of a cancellation from an answer that has come, and stops a run that cannot finish before
+    a shutdown deadline."""
 
     def __init__(self, nc: Nextcloud, task_id: int, loop: asyncio.AbstractEventLoop,
                  deadline: Callable[[], float | None]) -> None:
@@ -85,18 +85,31 @@ class ProgressBridge:
         self.stopped = False
         self.started = time.monotonic()
         self.reports = 0
+        #: For the task's timeline: when the generation began and ended, when the first step ended, when the last
+        #: report call returned, and the time the generation thread spent inside these calls.
+        self.began = self.ended = self.last_step = 0.0
+        self.first_step: float | None = None
+        self.waited = 0.0
         self._pending: concurrent.futures.Future | None = None
 
     def __call__(self, fraction: float) -> bool:
-        # Only a report sent now is waited for: while an older one still hangs (Nextcloud slow or unreachable),
-        # the steps go on without waiting and without piling up more reports.
+        entered = time.monotonic()
+        self.first_step = self.first_step or entered
+        try:
+            return self._report(fraction)
+        finally:
+            self.last_step = time.monotonic()
+            self.waited += self.last_step - entered
+
+    def _report(self, fraction: float) -> bool:
+        # One report in flight at most: while one hangs (Nextcloud slow or unreachable), the steps go on without
+        # piling up more. After the last step none is sent: the check after the decoding (in the worker) follows.
         if self._pending is None or self._pending.done():
-            self._read(0)
-            if not self.cancelled:
+            self._read()
+            if not self.cancelled and fraction < 1:
                 coro = self.nc.progress(self.task_id, DENOISE_SHARE * fraction)
                 self.reports += 1
                 self._pending = asyncio.run_coroutine_threadsafe(coro, self.loop)
-                self._read(PROGRESS_WAIT)
         deadline = self.deadline()
         if deadline is not None and fraction < 1:
             now = time.monotonic()
@@ -104,17 +117,25 @@ class ProgressBridge:
             self.stopped = now + 1.2 * left + 0.5 > deadline
         return not (self.cancelled or self.stopped)
 
-    def _read(self, timeout: float) -> None:
+    def _read(self) -> None:
+        """Take the answer of the report in flight, which has come."""
         if self._pending is None:
             return
         try:
-            status = self._pending.result(timeout)
-        except concurrent.futures.TimeoutError:
-            return
+            status = self._pending.result(0)
         except Exception:  # the report failed; the next step sends another
             status = None
         self._pending = None
         self.cancelled = self.cancelled or status == CANCELLED
+
+    async def answered(self) -> bool:
+        """On the event loop, after the generation: wait for the report still in flight (so that Nextcloud gets
+        the reports in order) and say whether an answer said CANCELLED."""
+        if self._pending is not None:
+            with contextlib.suppress(Exception):  # a failed report: the check that follows asks again
+                await asyncio.wrap_future(self._pending)
+            self._read()
+        return self.cancelled
 
 
 class Worker:
@@ -221,8 +242,12 @@ class Worker:
     def _generate(self, tid: int, request: GenerationRequest, bridge: ProgressBridge,
                   between: Callable[[], None] | None = None) -> Outcome:
         """In the generation thread: the images, or how the generation ended."""
-        return run_task(self.service, request, bridge, between, cancelled=lambda: bridge.cancelled,
-                        label=f"{self.name}: task {tid}")
+        bridge.began = time.monotonic()
+        try:
+            return run_task(self.service, request, bridge, between, cancelled=lambda: bridge.cancelled,
+                            label=f"{self.name}: task {tid}")
+        finally:
+            bridge.ended = time.monotonic()
 
     def _deliver(self, tid: int) -> None:
         """Upload and report while this worker goes on: the generation runs in a thread, so the event loop is free
@@ -289,15 +314,21 @@ class Worker:
             case Failed(admin=detail, user=message):
                 self.journal.fail(tid, detail, message)
             case Images(results=results):
+                t_back = time.monotonic()
                 # The last chance to see a cancel that came during decoding: a cancelled task must upload nothing.
-                if await self.nc.progress(tid, (1 + DENOISE_SHARE) / 2) == CANCELLED:
+                if await bridge.answered() or await self.nc.progress(tid, (1 + DENOISE_SHARE) / 2) == CANCELLED:
                     log.info("%s: task %d cancelled by its user; nothing uploaded", self.name, tid)
                     self.journal.remove(tid)
                     return True
                 t1 = time.monotonic()
                 self.journal.finish(tid, [r.png for r in results])
-                log.debug("task %d timeline: generation %.3f s, journal %.3f s, %d progress report(s)", tid,
-                          t1 - t0, time.monotonic() - t1, bridge.reports)
+                b = bridge
+                first = b.first_step or b.ended
+                log.debug("task %d timeline: to the thread %.3f s, to the first step's end %.3f s, steps %.3f s with "
+                          "%.3f s in %d progress report(s), decode and PNG %.3f s, back %.3f s, cancel check %.3f s, "
+                          "journal %.3f s", tid, b.began - t0, first - b.began, b.last_step - first, b.waited,
+                          b.reports, b.ended - max(b.last_step, first), t_back - b.ended, t1 - t_back,
+                          time.monotonic() - t1)
                 log.info("%s: task %d generated %d image(s) in %.1f s", self.name, tid, len(results),
                          time.monotonic() - t0)
         return False

@@ -3,14 +3,12 @@ and one registered ExApp shared by the cases that leave it as they found it."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fake_appapi import ExAppProcess, free_port
-from real_nextcloud import ADMIN_PASS, RealNextcloud, SharedApp, server_tree, why_skipped
+from real_nextcloud import RealNextcloud, SharedApp, start_server, stop_server, why_skipped
 
 
 @pytest.fixture(scope="session")
@@ -18,16 +16,13 @@ def nextcloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealNextclou
     reason = why_skipped()
     if reason:
         pytest.skip(reason)
-    tree, root, port = server_tree(), tmp_path_factory.mktemp("nextcloud"), free_port()
-    env = {**os.environ, "NC_ADMIN_PASS": ADMIN_PASS, "NO_CRON": "1", "NC_LOGLEVEL": "2"}
-    for step in (["bash", str(tree / "setup.sh"), str(root), str(port)], ["bash", str(tree / "start.sh"), str(root)]):
-        done = subprocess.run(step, env=env, capture_output=True, text=True, timeout=600)
-        if done.returncode:
-            pytest.fail(f"{' '.join(step)} failed (rc={done.returncode}):\n{done.stdout[-3000:]}\n"
-                        f"{done.stderr[-3000:]}")
-    server = RealNextcloud(root, port)
+    root = tmp_path_factory.mktemp("nextcloud")
+    try:
+        server = start_server(root, free_port())
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
     yield server
-    subprocess.run(["bash", str(tree / "stop.sh"), str(root)], capture_output=True, timeout=60)
+    stop_server(root)
 
 
 @pytest.fixture(scope="session")

@@ -42,6 +42,22 @@ def why_skipped() -> str:
     return ""
 
 
+def start_server(root: Path, port: int) -> RealNextcloud:
+    """Install the server tree into ``root`` (offline, SQLite) and start it on 127.0.0.1:``port`` without cron;
+    raises RuntimeError with the scripts' output when either step fails."""
+    tree = server_tree()
+    env = {**os.environ, "NC_ADMIN_PASS": ADMIN_PASS, "NO_CRON": "1", "NC_LOGLEVEL": "2"}
+    for step in (["bash", str(tree / "setup.sh"), str(root), str(port)], ["bash", str(tree / "start.sh"), str(root)]):
+        done = subprocess.run(step, env=env, capture_output=True, text=True, timeout=600)
+        if done.returncode:
+            raise RuntimeError(f"{' '.join(step)} failed (rc={done.returncode}):\n{done.stdout[-3000:]}\n"
+                               f"{done.stderr[-3000:]}")
+    return RealNextcloud(root, port)
+
+
+def stop_server(root: Path) -> None:
+    subprocess.run(["bash", str(server_tree() / "stop.sh"), str(root)], capture_output=True, timeout=60)
+
 
 def send(req: urllib.request.Request) -> tuple[int, Any]:
     """One HTTP request: (status, the JSON answer, or its text when it is no JSON)."""
@@ -79,6 +95,12 @@ class RealNextcloud:
         return self.occ("app_api:app:register", APP_ID, "manual_install", *(["--wait-finish"] if wait else []),
                         "--json-info", json.dumps(info))
 
+    def add_user(self, user: str, password: str) -> None:
+        done = subprocess.run(["php", "occ", "user:add", "--password-from-env", user], cwd=self.root / "nextcloud",
+                              env={**os.environ, "OC_PASS": password}, capture_output=True, text=True, timeout=120)
+        if done.returncode:
+            raise AssertionError(f"occ user:add {user}: rc={done.returncode}\n{done.stdout}\n{done.stderr}")
+
     def unregister(self, rm_data: bool = False) -> None:
         self.occ("app_api:app:unregister", APP_ID, "--force", *(["--rm-data"] if rm_data else []), check=False)
 
@@ -97,28 +119,31 @@ class RealNextcloud:
         sent.update(headers or {})
         return send(urllib.request.Request(self.url + path, data=data, method=method, headers=sent))
 
-    def schedule(self, task_input: Any, custom_id: str = "", user: str = "admin") -> int:
+    def schedule(self, task_input: Any, custom_id: str = "", user: str = "admin", password: str = ADMIN_PASS) -> int:
         status, answer = self.ocs("POST", "/ocs/v2.php/taskprocessing/schedule", {
-            "type": "core:text2image", "appId": "assistant", "customId": custom_id, "input": task_input}, user=user)
+            "type": "core:text2image", "appId": "assistant", "customId": custom_id, "input": task_input}, user=user,
+            password=password)
         if status != 200:
             data = answer["ocs"]["data"] if isinstance(answer, dict) else {}
             raise ScheduleError(status, (data or {}).get("message", str(answer)) if isinstance(data, dict) else "")
         return int(answer["ocs"]["data"]["task"]["id"])
 
-    def task(self, tid: int) -> dict:
-        status, answer = self.ocs("GET", f"/ocs/v2.php/taskprocessing/task/{tid}")
+    def task(self, tid: int, user: str = "admin", password: str = ADMIN_PASS) -> dict:
+        status, answer = self.ocs("GET", f"/ocs/v2.php/taskprocessing/task/{tid}", user=user, password=password)
         assert status == 200, (status, answer)
         return answer["ocs"]["data"]["task"]
 
-    def wait(self, tids: list[int], timeout: float = 60.0, statuses: tuple[str, ...] = DONE) -> list[dict]:
+    def wait(self, tids: list[int], timeout: float = 60.0, statuses: tuple[str, ...] = DONE, user: str = "admin",
+             password: str = ADMIN_PASS, interval: float = 0.2) -> list[dict]:
+        """The tasks once all are in one of ``statuses``, looked at every ``interval`` seconds as ``user``."""
         end = time.monotonic() + timeout
         while True:
-            found = [self.task(t) for t in tids]
+            found = [self.task(t, user, password) for t in tids]
             if all(t["status"] in statuses for t in found):
                 return found
             if time.monotonic() > end:
                 raise AssertionError(f"tasks not done in {timeout} s: {[(t['id'], t['status']) for t in found]}")
-            time.sleep(0.2)
+            time.sleep(interval)
 
     def file(self, tid: int, fid: int) -> bytes:
         req = urllib.request.Request(f"{self.url}/ocs/v2.php/taskprocessing/tasks/{tid}/file/{fid}", headers={
