@@ -71,7 +71,6 @@ def build_tiny_model(out: Path, variant: Literal["epsilon", "v"] = "epsilon") ->
     """Save a tiny random SD2-architecture diffusers folder at ``out`` and return it."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     out = Path(out)
     torch.manual_seed(TINY_SEED)
@@ -102,20 +101,7 @@ def build_tiny_model(out: Path, variant: Literal["epsilon", "v"] = "epsilon") ->
         norm_num_groups=8,
         sample_size=32,
     )
-    vocab, _ = _tiny_vocab()
-    text_config = CLIPTextConfig(
-        **special_token_ids(),
-        hidden_size=32,
-        intermediate_size=37,
-        layer_norm_eps=1e-05,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        vocab_size=len(vocab),
-        max_position_embeddings=TEXT_LENGTH,
-        hidden_act="gelu",
-        projection_dim=32,
-    )
-    text_encoder = CLIPTextModel(text_config)
+    text_encoder = tiny_text_encoder()
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -129,13 +115,31 @@ def build_tiny_model(out: Path, variant: Literal["epsilon", "v"] = "epsilon") ->
     return save_pipeline(out, unet, vae, text_encoder, scheduler)
 
 
+def tiny_text_encoder() -> Any:
+    """A random CLIP text encoder of the tiny models' size (2 layers, 32 wide) over the tiny vocabulary."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    vocab, _ = _tiny_vocab()
+    return CLIPTextModel(CLIPTextConfig(
+        **special_token_ids(),
+        hidden_size=32,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=len(vocab),
+        max_position_embeddings=TEXT_LENGTH,
+        hidden_act="gelu",
+        projection_dim=32,
+    ))
+
+
 def build_tiny_sdxs_model(out: Path) -> Path:
     """Save a tiny random model with SDXS-512's layout at ``out`` and return it: a UNet of cross-attention blocks
     only, without a mid block, whose first level's self-attention attends to the text instead
     (``only_cross_attention``), a TAESD (``AutoencoderTiny``) as the VAE, and sd-turbo's Euler scheduler."""
     import torch
     from diffusers import AutoencoderTiny, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     out = Path(out)
     torch.manual_seed(TINY_SEED)
@@ -157,19 +161,7 @@ def build_tiny_sdxs_model(out: Path) -> Path:
     # Four decoder levels give TAESD's 8× upsampling, as SD2's VAE; one block each keeps it small.
     vae = AutoencoderTiny(encoder_block_out_channels=(16,) * 4, decoder_block_out_channels=(16,) * 4,
                           num_encoder_blocks=(1,) * 4, num_decoder_blocks=(1,) * 4)
-    vocab, _ = _tiny_vocab()
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        **special_token_ids(),
-        hidden_size=32,
-        intermediate_size=37,
-        layer_norm_eps=1e-05,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        vocab_size=len(vocab),
-        max_position_embeddings=TEXT_LENGTH,
-        hidden_act="gelu",
-        projection_dim=32,
-    ))
+    text_encoder = tiny_text_encoder()
     return save_pipeline(out, unet, vae, text_encoder, sdxs_scheduler())
 
 

@@ -20,12 +20,28 @@ UNET_PARAMS = 865_910_724
 SD2_TEXT_TOKEN_IDS = {"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
 
 
+def sd2_text_encoder() -> Any:
+    """A random text encoder of SD2.1's published architecture (OpenCLIP ViT-H's text tower, 23 layers, 1024 wide)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=23,
+        num_attention_heads=16,
+        max_position_embeddings=TEXT_LENGTH,
+        hidden_act="gelu",
+        projection_dim=512,
+        **SD2_TEXT_TOKEN_IDS,
+    ))
+
+
 def build_full_model(out: Path, seed: int = 0, variant: Literal["epsilon", "v"] = "epsilon") -> Path:
     """Save a randomly initialised SD2.1-base (or, with ``variant="v"``, SD2.1 768) diffusers folder at ``out``
     (about 5 GB in fp32)."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     out = Path(out)
     torch.manual_seed(seed)
@@ -58,17 +74,7 @@ def build_full_model(out: Path, seed: int = 0, variant: Literal["epsilon", "v"] 
         sample_size=768,
         scaling_factor=0.18215,
     )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=23,
-        num_attention_heads=16,
-        max_position_embeddings=TEXT_LENGTH,
-        hidden_act="gelu",
-        projection_dim=512,
-        **SD2_TEXT_TOKEN_IDS,
-    ))
+    text_encoder = sd2_text_encoder()
     betas = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1,
              "set_alpha_to_one": False}
     scheduler = (DDIMScheduler(**betas, clip_sample=False, prediction_type="v_prediction") if variant == "v"
@@ -86,7 +92,6 @@ def build_sdxs_model(out: Path, seed: int = 0) -> Path:
     (``AutoencoderTiny``) as the VAE, SD2.1's text encoder and sd-turbo's Euler scheduler."""
     import torch
     from diffusers import AutoencoderTiny, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     from exporters.tiny import sdxs_scheduler
 
@@ -112,15 +117,5 @@ def build_sdxs_model(out: Path, seed: int = 0) -> Path:
         raise RuntimeError(f"full-size SDXS UNet has {n_params} parameters, SDXS-512 has {SDXS_UNET_PARAMS}")
     # AutoencoderTiny's defaults are TAESD's published architecture (decoder: 64 channels, 3-3-3-1 blocks).
     vae = AutoencoderTiny()
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=23,
-        num_attention_heads=16,
-        max_position_embeddings=TEXT_LENGTH,
-        hidden_act="gelu",
-        projection_dim=512,
-        **SD2_TEXT_TOKEN_IDS,
-    ))
+    text_encoder = sd2_text_encoder()
     return save_pipeline(out, unet, vae, text_encoder, sdxs_scheduler())
