@@ -155,3 +155,16 @@ def test_the_download_takes_the_tiny_vae_and_leaves_the_large_one() -> None:
     fetched = [f.path for f in listing.checkpoint_small_files() + listing.checkpoint_weights()]
     assert "vae/diffusion_pytorch_model.safetensors" in fetched
     assert not [p for p in fetched if p.startswith("vae_large/")], fetched
+
+
+def test_the_int8_export_against_the_fp32_path(sdxs_source: Path, sdxs_bundles: dict[str, Path],
+                                               tmp_path: Path) -> None:
+    # The int8 lever (weights and calibrated activations) on SDXS's layout: its pixel cost against fp32 math.
+    int8 = export_model(str(sdxs_source), "openvino", tmp_path / "int8", precision="int8", say=lambda _: None)
+    assert json.loads((int8 / "manifest.json").read_text())["precision"] == "int8"
+    args = {"prompt": PROMPT, "steps": 1, "guidance": 0.0, "seed": 3, "width": SIZE[0], "height": SIZE[1]}
+    exact = Pipeline.load(sdxs_bundles["openvino"], device="cpu", engine="openvino", threads=2, precision="fp32")
+    score = psnr(Pipeline.load(int8, device="cpu", engine="openvino", threads=2).generate(**args),
+                 exact.generate(**args))
+    print(f"SDXS int8 vs fp32: PSNR {score:.1f} dB")
+    assert 30 <= score < float("inf"), score

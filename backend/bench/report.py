@@ -60,6 +60,8 @@ def prepare(cache: Path, int8: bool, say: Any, device: str = "cpu") -> dict[str,
     paths["sdxs-source"] = sdxs
     paths["sdxs"] = export_model(str(sdxs), "openvino", cache / "sdxs-openvino-store", say=say,
                                  **STORE_EXPORT["openvino"])
+    if int8:
+        paths["sdxs-int8"] = export_model(str(sdxs), "openvino", cache / "sdxs-int8", precision="int8", say=say)
     return paths
 
 
@@ -181,6 +183,8 @@ def sdxs_configurations(paths: dict[str, Path], peers: bool) -> list[tuple[str, 
     if "sdxs" not in paths:
         return []
     confs = [("sdxs ours openvino auto", {"kind": "ours", "bundle": paths["sdxs"], "engine": "openvino"})]
+    if "sdxs-int8" in paths:
+        confs.append(("sdxs ours openvino int8", {"kind": "ours", "bundle": paths["sdxs-int8"], "engine": "openvino"}))
     if peers:
         confs += [("sdxs optimum openvino auto", {"kind": "optimum", "bundle": paths["sdxs"], "engine": "openvino"}),
                   ("sdxs " + REFERENCE, {"kind": "diffusers", "source": paths["sdxs-source"]})]
