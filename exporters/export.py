@@ -23,7 +23,6 @@ log = logging.getLogger(__name__)
 
 STATE = ".export-state.json"
 EXPORTER_VERSION = "0.1.0"
-TINY = TINY_MODELS
 
 
 class ExportError(T2IError, RuntimeError):
@@ -32,7 +31,7 @@ class ExportError(T2IError, RuntimeError):
 
 def resolve_source(source: str, workdir: Path) -> tuple[Path, dict[str, Any]]:
     """A local diffusers folder for SOURCE, and what to record about its origin."""
-    if source in TINY:
+    if source in TINY_MODELS:
         if not torch_available():
             raise ExportError(f"'{source}' is a random model built with torch, which needs the export extra "
                               "(pip install 'text2image-sd2[export]'); without it, point at a diffusers folder or "

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -105,10 +104,10 @@ def child(args: argparse.Namespace) -> None:
 def measure(bundle: Path, options: dict[str, str], latents: Path, size: int, steps: int, out: Path) -> dict:
     cmd = [sys.executable, __file__, "--child", "--bundle", str(bundle), "--options", json.dumps(options),
            "--latents", str(latents), "--size", str(size), "--steps", str(steps), "--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1][:300]}
-    return {**json.loads(done.stdout.strip().splitlines()[-1]), "images": np.load(out)}
+    from backend.bench.report import run_json
+
+    got = run_json(cmd)
+    return got if "error" in got else {**got, "images": np.load(out)}
 
 
 def main() -> None:

@@ -100,7 +100,12 @@ def configurations(paths: dict[str, Path], peers: bool, device: str = "cpu") -> 
 
 def run_case(case: dict[str, Any], timeout: float) -> dict[str, Any]:
     """Measure one configuration in a fresh process; failures are reported, not raised."""
-    cmd = [sys.executable, "-m", "backend.bench.cases", json.dumps(case, default=str)]
+    return run_json([sys.executable, "-m", "backend.bench.cases", json.dumps(case, default=str)], timeout)
+
+
+def run_json(cmd: list[str], timeout: float | None = None) -> dict[str, Any]:
+    """Run a measuring child process and return the JSON object its last line of output is; a failure or a time-out
+    comes back as ``{"error": …}`` (the last line of its standard error), so one failed measurement ends no run."""
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -292,23 +297,17 @@ def measure(cache: Path, threads: int, latents: list[int], batches: list[int], s
     paths = prepare(cache, int8, say, device)
     common = {"threads": threads, "latents": latents, "batches": batches, "steps": steps, "guidance": guidance,
               "warmup": 1, "repeats": repeats}
-    results: dict[str, dict[str, Any]] = {}
-    for label, case in configurations(paths, peers, device):
-        if only and not any(o in label for o in only):
-            continue
-        say(f"measuring {label} …")
-        results[label] = run_case({**case, **common}, timeout=3600)
+    # The one-step shapes (sd-turbo, SDXS-512) run one 512² image without guidance whatever the options say.
     turbo = {**common, "batches": [1], "latents": [64], "steps": 1, "guidance": 0.0}
-    for label, case in turbo_configurations(paths, peers, device):
+    planned = [(label, {**case, **common}) for label, case in configurations(paths, peers, device)]
+    planned += [(label, {**case, **turbo}) for label, case in
+                [*turbo_configurations(paths, peers, device), *sdxs_configurations(paths, peers)]]
+    results: dict[str, dict[str, Any]] = {}
+    for label, case in planned:
         if only and not any(o in label for o in only):
             continue
         say(f"measuring {label} …")
-        results[label] = run_case({**case, **turbo}, timeout=3600)
-    for label, case in sdxs_configurations(paths, peers) if device == "cpu" else []:
-        if only and not any(o in label for o in only):
-            continue
-        say(f"measuring {label} …")
-        results[label] = run_case({**case, **turbo}, timeout=3600)
+        results[label] = run_case(case, timeout=3600)
     peak = matmul_peak(threads)
     return {"machine": {"cpus": os.cpu_count(), "threads": threads, "device": device}, "matmul_gflops": peak,
             "results": results, "settings": common}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections import OrderedDict
@@ -151,7 +152,13 @@ def static_by_default(flags: frozenset[str] | None = None) -> bool:
     """Whether ``static_shapes=auto`` compiles per shape on this CPU: where it has AMX (``amx_tile``), measured 8-10 %
     faster per UNet step on a 2-core Xeon; elsewhere the shape-free compile measured as fast (2-core AVX2 EPYC) and
     holds one copy of the weights for every size."""
-    return "amx_tile" in (cpu_flags() if flags is None else flags)
+    return "amx_tile" in (_host_flags() if flags is None else flags)
+
+
+@functools.cache
+def _host_flags() -> frozenset[str]:
+    """This machine's flags, read once: each graph a pipeline loads, and its log line, ask."""
+    return cpu_flags()
 
 
 def static_shapes_on(choice: StaticChoice | bool) -> bool:
