@@ -83,6 +83,12 @@ def load_options(doc: str, clients: int) -> argparse.ArgumentParser:
     return parser
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The value below which the share ``q`` of ``values`` lies (nearest rank, as p95 of a few tasks is read)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
 @dataclass
 class Load:
     """What :func:`drive` saw: one-image latencies, the greedy task's latency, errors, and seconds it ran."""
@@ -98,9 +104,8 @@ class Load:
         ordered = sorted(self.latencies)
         print(f"{ready}; {images} images in {self.took:.1f} s = {images / self.took * 3600:,.0f} images/hour")
         if ordered:
-            p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
-            print(f"one-image task latency: p50 {statistics.median(ordered):.2f} s, p95 {p95:.2f} s "
-                  f"({len(ordered)} tasks)")
+            print(f"one-image task latency: p50 {statistics.median(ordered):.2f} s, "
+                  f"p95 {percentile(ordered, 0.95):.2f} s ({len(ordered)} tasks)")
         if self.greedy:
             print(f"12-image task latency: {self.greedy[0]:.1f} s")
 

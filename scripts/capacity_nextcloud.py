@@ -36,7 +36,8 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from capacity_exapp import task_parts  # noqa: E402  (these folders are on sys.path when run as a script)
+from capacity import percentile  # noqa: E402  (these folders are on sys.path when run as a script)
+from capacity_exapp import task_parts  # noqa: E402
 from fake_appapi import APP_ID, ExAppProcess, free_port  # noqa: E402
 from real_nextcloud import (  # noqa: E402
     FAST,
@@ -82,17 +83,26 @@ def cpu_seconds(pgid: int) -> float:
     total = 0.0
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            fields = _stat_fields(stat)
         except OSError:
             continue
         if int(fields[2]) == pgid:
-            total += (int(fields[11]) + int(fields[12])) / 100  # utime, stime in clock ticks (USER_HZ = 100)
+            total += _cpu(fields)
     return total
 
 
 def process_cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / 100
+    """User + system CPU seconds of process ``pid``."""
+    return _cpu(_stat_fields(Path(f"/proc/{pid}/stat")))
+
+
+def _stat_fields(stat: Path) -> list[str]:
+    """The fields of a /proc/PID/stat after the command name (which may hold spaces and parentheses)."""
+    return stat.read_text().rsplit(")", 1)[1].split()
+
+
+def _cpu(fields: list[str]) -> float:
+    return (int(fields[11]) + int(fields[12])) / 100  # utime, stime in clock ticks (USER_HZ = 100)
 
 
 def in_process(bundle: Path, args: argparse.Namespace) -> list[float]:
@@ -111,11 +121,6 @@ def in_process(bundle: Path, args: argparse.Namespace) -> list[float]:
                                       guidance=args.guidance, seed=seed))
         took.append(time.perf_counter() - t0)
     return took[1:]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def main() -> None:
