@@ -44,6 +44,12 @@ def png_info(item: Generated, mark_ai: bool = True) -> PngInfo:
     return info
 
 
+#: zlib's level for every PNG we write. Measured on 7 photographs at 512² on an Intel Xeon (AMX): level 1 encodes in
+#: 18 ms and gives 11 % larger files than PIL's default level 6 (61 ms); on random-weight output (noise-like) 17 ms
+#: against 82 ms. The default's extra 43-65 ms is 5-8 % of a one-step image on 2 CPU cores and more than a GPU's
+#: whole image, for files about a tenth smaller.
+PNG_LEVEL = 1
+
 #: The visible mark, as the official Nextcloud image app words it.
 WATERMARK = "Generated using Artificial Intelligence"
 
@@ -67,7 +73,8 @@ def stamp(image: Image.Image) -> Image.Image:
 def png_bytes(item: Generated, mark_ai: bool = True, watermark: bool = False) -> bytes:
     """The image as PNG bytes with its metadata; ``watermark`` stamps the visible mark into the pixels."""
     buf = io.BytesIO()
-    (stamp(item.image) if watermark else item.image).save(buf, format="PNG", pnginfo=png_info(item, mark_ai))
+    (stamp(item.image) if watermark else item.image).save(buf, format="PNG", pnginfo=png_info(item, mark_ai),
+                                                               compress_level=PNG_LEVEL)
     return buf.getvalue()
 
 

@@ -41,7 +41,8 @@ def timed(fn: Callable[[], Any], warmup: int, repeats: int) -> dict[str, float]:
 
 def _png_of(pipe: Any, side: int, n: int, case: dict[str, Any]) -> None:
     """A diffusers-style peer's whole image: its pipeline call, then each image encoded as PNG, as ours are in every
-    ``image@`` timing (``backend.images.png_bytes`` saves with PIL's defaults too): the same work on every side."""
+    ``image@`` timing: the same work on every side. A peer saves as PIL does by default (zlib level 6); ours at
+    ``backend.images.PNG_LEVEL``, a choice of ours that the report's header names."""
     images = pipe(PROMPT, height=side, width=side, num_inference_steps=case["steps"],
                   guidance_scale=case["guidance"], num_images_per_prompt=n).images
     for image in images:

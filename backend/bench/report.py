@@ -197,11 +197,14 @@ def sdxs_configurations(paths: dict[str, Path], peers: bool) -> list[tuple[str, 
 
 
 def print_report(results: dict[str, dict[str, Any]], peak: dict[str, float], opts: dict[str, Any]) -> None:
+    from backend.images import PNG_LEVEL
+
     reference = GPU_REFERENCE if GPU_REFERENCE in results else REFERENCE
     ref = results.get(reference, {})
     keys = sorted({k for r in results.values() for k in r if "@" in k or k == "text_encoder"})
     click.echo(f"\nSD2.1-base architecture, random weights; {opts['threads']} threads; guidance {opts['guidance']} "
                f"(CFG batch 2n); whole image = {opts['steps']} Euler steps + decode + PNG")
+    click.echo(f"PNG: ours at zlib level {PNG_LEVEL} with metadata, the peers at PIL's default level 6")
     click.echo(f"matrix multiply (OpenVINO, 8 chained 8192×2048×2048): f32 {peak['f32']:.0f} GFLOP/s, "
                f"bf16 {peak['bf16']:.0f} GFLOP/s")
     header = f"{'configuration':28s}" + "".join(f"{k:>16s}" for k in keys) + f"{'RSS MB':>9s}{'peak MB':>9s}"
