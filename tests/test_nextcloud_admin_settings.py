@@ -73,6 +73,8 @@ def test_the_form_is_registered_and_its_changes_apply_between_tasks(bundles: tup
         provider = f"{APP_ID}:tiny-onnx"
         _wait(lambda: fake.providers[provider]["optional_input_shape_defaults"]["steps"] == 3, proc=proc)
         assert fake.providers[provider]["optional_input_shape_defaults"]["size"] == "256x384"
+        # The new default shape is made ready (compiled, timed) before a task asks for it.
+        _wait(lambda: "is ready at its new default size and guidance" in proc.output(), proc=proc)
         marked = fake.wait([fake.schedule(job)])[0]
         a, b = (np.asarray(Image.open(io.BytesIO(_png(fake, t))).convert("RGB"), dtype=np.int16)
                 for t in (plain, marked))

@@ -20,6 +20,7 @@ from runtime.errors import T2IError
 from runtime.request import Defaults
 
 if TYPE_CHECKING:
+    from backend.tasks.service import ImageService
     from runtime.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,9 @@ class AdminSettings:
         for problem in problems:
             log.warning(problem)
             await self.app.nc.admin_log(f"text2image_sd2: {problem}")
+        for model in self.app.models.values():
+            for i, service in enumerate(model.services):
+                self.app.spawn(_warm(service), f"warm {model.name} #{i}")
 
     async def _reload(self, settings: Settings) -> bool:
         """Swap the loaded models for those ``settings`` ask for, between tasks. On failure the previous models
@@ -203,6 +207,16 @@ class AdminSettings:
             await app.register(app.models)
             self._unregistered = False
         return ok
+
+
+async def _warm(service: ImageService) -> None:
+    """Make the defaults' shape ready in the background (see ImageService.warm_defaults): a task that comes
+    meanwhile waits for it as it would have for its own compile."""
+    try:
+        if await asyncio.to_thread(service.warm_defaults):
+            log.info("%s is ready at its new default size and guidance", service.model_name)
+    except Exception as exc:  # the first task at these defaults then compiles, and reports any failure itself
+        log.warning("could not prepare %s for its new defaults: %s", service.model_name, exc)
 
 
 def _set_defaults(pipe: Pipeline, wanted: Defaults) -> list[str]:

@@ -49,6 +49,7 @@ class ImageService:
         # Seconds per image-step at the model's native size, measured on this machine; None until measured.
         self._step_seconds: float | None = None
         self._decode_seconds: float | None = None
+        self._calibrated: tuple[int, int, bool] | None = None  # the (width, height, guided) they were measured at
 
     # -- loading ---------------------------------------------------------------------------------------------------
     def load(self, progress: Callable[[int], None] | None = None, bundle: Path | None = None) -> None:
@@ -117,35 +118,60 @@ class ImageService:
 
     # -- speed -----------------------------------------------------------------------------------------------------
     def calibrate(self) -> None:
-        """Time one small run so expected runtimes are measured, not guessed."""
+        """Time one small run at the defaults requests get now, so expected runtimes are measured, not guessed.
+
+        It runs twice and times the second: the first run of a shape compiles it where OpenVINO compiles per shape
+        (~9 s for the full-size UNet on an AMX Xeon, where the run itself takes ~1 s) and repacks weights
+        elsewhere. So the shape most requests use is ready before the first of them arrives."""
         pipe = self._pipe()
-        own = pipe.bundle_defaults
-        t0 = time.perf_counter()
-        pipe.generate("calibration", n=1, width=own.width, height=own.height, steps=1, guidance=own.guidance, seed=0)
-        total = time.perf_counter() - t0
-        # One run = text encoding + one step + decode. Split it as SD2's FLOPs do: the VAE decode costs about
-        # three UNet evaluations at the same size; the text encoder is negligible.
-        cfg = 2.0 if (own.guidance or 0) > 1 else 1.0
-        self._step_seconds = total / (cfg + 3.0) * cfg
-        self._decode_seconds = total - self._step_seconds
+        with self._lock:
+            d = pipe.defaults
+            cfg = 2.0 if (d.guidance or 0) > 1 else 1.0
+
+            def once() -> None:
+                pipe.generate("calibration", n=1, width=d.width, height=d.height, steps=1, guidance=d.guidance,
+                              seed=0, scheduler=d.scheduler)
+
+            once()
+            t0 = time.perf_counter()
+            once()
+            total = time.perf_counter() - t0
+            # One run = text encoding + one step + decode. Split it as SD2's FLOPs do: the VAE decode costs about
+            # three UNet evaluations at the same size; the text encoder is negligible.
+            self._step_seconds = total / (cfg + 3.0) * cfg
+            self._decode_seconds = total - self._step_seconds
+            self._calibrated = self._shape_of(d)
         log.info("calibrated %s: %.2f s per step, %.2f s per decode at %dx%d", self.model_name,
-                 self._step_seconds, self._decode_seconds, own.width, own.height)
+                 self._step_seconds, self._decode_seconds, d.width, d.height)
+
+    @staticmethod
+    def _shape_of(d: Defaults | GenerationRequest) -> tuple[int, int, bool]:
+        """What decides the graphs' input shapes: the size, and whether guidance doubles the UNet's batch."""
+        return int(d.width or 0), int(d.height or 0), (d.guidance or 0) > 1
+
+    def warm_defaults(self) -> bool:
+        """Calibrate again when the defaults' shape changed since the last calibration (an admin chose another size
+        or guidance), so their first request does not wait for a compile; True when it ran."""
+        if self.pipeline is None or self._calibrated == self._shape_of(self.pipeline.defaults):
+            return False
+        self.calibrate()
+        return True
 
     def expected_seconds(self, request: GenerationRequest) -> float:
         """Estimated wall time of ``request`` on this machine, from the step and decode times measured at the
-        bundle's own defaults."""
+        calibration's shape."""
         pipe = self._pipe()
-        if self._step_seconds is None or self._decode_seconds is None:
+        if self._calibrated is None:
             self.calibrate()
-        assert self._step_seconds is not None and self._decode_seconds is not None
+        assert self._step_seconds is not None and self._decode_seconds is not None and self._calibrated
         try:
             r = pipe.resolve(request)
         except InvalidRequest:  # refused when it runs; until then, estimate it at the model's own size
             r = pipe.resolve(replace(request, width=None, height=None, scheduler=None))
-        own = pipe.bundle_defaults
-        assert r.width and r.height and r.steps and r.guidance is not None and own.width and own.height
-        area = (r.width * r.height) / (own.width * own.height)
-        cfg_factor = (2.0 if r.guidance > 1 else 1.0) / (2.0 if (own.guidance or 0) > 1 else 1.0)
+        width, height, cfg = self._calibrated
+        assert r.width and r.height and r.steps and r.guidance is not None and width and height
+        area = (r.width * r.height) / (width * height)
+        cfg_factor = (2.0 if r.guidance > 1 else 1.0) / (2.0 if cfg else 1.0)
         per_image = r.steps * self._step_seconds * cfg_factor + self._decode_seconds
         return max(0.1, r.n * per_image * area)
 
