@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "integration"))  # the real server's helpers live with the tests
@@ -123,6 +124,29 @@ def in_process(bundle: Path, args: argparse.Namespace) -> list[float]:
     return took[1:]
 
 
+def admin_defaults(nc: Any, proc: Any, bundle: Path, args: argparse.Namespace) -> bool:
+    """Save the measured size, steps and guidance as the model's defaults on the settings page, as an admin serving
+    this shape does; where that changes the shape of the bundle's own defaults, wait until the ExApp has it ready
+    (compiled, where OpenVINO compiles per shape) before the first task. True when it waited."""
+    from backend.nextcloud.admin_settings import model_key
+    from runtime.bundle import Bundle
+    from runtime.pipeline import DEFAULT_GUIDANCE
+    from runtime.validation import MAX_SIDE, MIN_SIDE
+
+    key = model_key(str(bundle))
+    for field, value in ((f"{key}_size", f"{args.size}x{args.size}"), (f"{key}_steps", str(args.steps)),
+                         (f"{key}_guidance", f"{args.guidance:g}")):
+        status, answer = nc.page_save(field, value)
+        if status != 200:
+            sys.exit(f"the settings page refused {field}={value}: {status} {answer}")
+    own = Bundle.open(bundle)  # its defaults' shape as the pipeline reads it (runtime.pipeline.Pipeline)
+    side = (own.static_shape or {}).get("width", min(max(own.native_size, MIN_SIDE), MAX_SIDE))
+    same = (side, float(own.defaults.get("guidance", DEFAULT_GUIDANCE)) > 1) == (args.size, args.guidance > 1)
+    if not same:
+        wait_for(lambda: "is ready at its new default size and guidance" in proc.output(), 600, proc)
+    return not same
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("bundle", type=Path, help="the model bundle folder to serve (its folder name names the "
@@ -179,6 +203,7 @@ def main() -> None:
                 return "core:text2image" in ((answer or {}).get("ocs", {}).get("data") or {}).get("types", {})
 
             wait_for(offered, 120, proc)
+            prepared = admin_defaults(nc, proc, bundle, args)
             loaded = time.monotonic() - t_load
             task_input = {"input": PROMPT, "numberOfImages": 1, "size": f"{args.size}x{args.size}",
                           "steps": args.steps, "guidance": args.guidance}
@@ -229,7 +254,8 @@ def main() -> None:
           f"step(s), guidance {args.guidance:g}, {args.decoder} decoder, {args.threads} thread(s), {args.workers} "
           f"worker(s), ExApp poll {args.poll_interval:g} s; {args.clients} user(s) looking every "
           f"{args.look_every:g} s")
-    print(f"server up in {server_ready:.1f} s, ExApp registered and ready in {loaded:.1f} s")
+    print(f"server up in {server_ready:.1f} s, ExApp registered and ready in {loaded:.1f} s"
+          + (" (the admin's defaults set to this shape and made ready first)" if prepared else ""))
     latency = [t.seen_done - t.scheduled for t in done]
     if done:
         print(f"{len(done)} images in {took:.1f} s = {len(done) / took * 3600:,.0f} images/hour "

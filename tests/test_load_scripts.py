@@ -55,6 +55,7 @@ def test_exapp_capacity_through_the_real_nextcloud(taesd_openvino: Path) -> None
                "--seconds", "120", skip_when=("no Nextcloud test server tree", "no PHP"))
     assert re.search(r"\b3 images in [\d.]+ s = [\d,]+ images/hour \([\d.]+× the 120 requests/hour", out), out
     assert re.search(r"schedule → SUCCESSFUL: p50 [\d.]+ s, p95 [\d.]+ s", out), out
+    assert "(the admin's defaults set to this shape and made ready first)" in out, out
     assert re.search(r"CPU per task: PHP [\d.]+ s, ExApp [\d.]+ s", out), out
     assert re.search(r"without Nextcloud, right after: median [\d.]+ s per image, prompt → PNG \(3 images\)", out), out
     # One timeline row per task: its id, its user and 12 figures (queue, the generation's parts, the calls, total).
