@@ -148,6 +148,7 @@ def test_a_peers_whole_image_ends_in_a_png_as_ours_does(tiny_source: Path, monke
     from PIL import Image
 
     from backend.bench.cases import _png_of
+    from backend.images import PNG_LEVEL
 
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(tiny_source, safety_checker=None,
                                                              requires_safety_checker=False)
@@ -155,9 +156,9 @@ def test_a_peers_whole_image_ends_in_a_png_as_ours_does(tiny_source: Path, monke
     saved: list[str] = []
     real_save = Image.Image.save
     monkeypatch.setattr(Image.Image, "save", lambda self, fp, format=None, **kw: (
-        saved.append(str(format)), real_save(self, fp, format=format, **kw))[1])
+        saved.append(f"{format} {kw.get('compress_level')}"), real_save(self, fp, format=format, **kw))[1])
     _png_of(pipe, 64, 2, {"steps": 1, "guidance": 0.0})
-    assert saved == ["PNG", "PNG"]
+    assert saved == [f"PNG {PNG_LEVEL}"] * 2, "at the zlib level ours are written at"
 
 
 def test_ours_is_shown_against_the_fastest_peer_of_the_same_run() -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from backend.bench.memory import peak_rss_mb, rss_mb
+from backend.images import PNG_LEVEL
 
 PROMPT = "a photograph of a red fox in the snow, detailed fur, soft light"
 
@@ -41,12 +42,11 @@ def timed(fn: Callable[[], Any], warmup: int, repeats: int) -> dict[str, float]:
 
 def _png_of(pipe: Any, side: int, n: int, case: dict[str, Any]) -> None:
     """A diffusers-style peer's whole image: its pipeline call, then each image encoded as PNG, as ours are in every
-    ``image@`` timing: the same work on every side. A peer saves as PIL does by default (zlib level 6); ours at
-    ``backend.images.PNG_LEVEL``, a choice of ours that the report's header names."""
+    ``image@`` timing, at the same zlib level (``backend.images.PNG_LEVEL``): the same work on every side."""
     images = pipe(PROMPT, height=side, width=side, num_inference_steps=case["steps"],
                   guidance_scale=case["guidance"], num_images_per_prompt=n).images
     for image in images:
-        image.save(io.BytesIO(), format="PNG")
+        image.save(io.BytesIO(), format="PNG", compress_level=PNG_LEVEL)
 
 
 def _inputs(latent: int, batch: int, dim: int) -> dict[str, np.ndarray]:
@@ -229,7 +229,7 @@ def genai_pipeline(case: dict[str, Any]) -> dict[str, Any]:
                 images = pipe.generate(PROMPT, width=side, height=side, num_inference_steps=case["steps"],
                                        guidance_scale=case["guidance"], num_images_per_prompt=n, rng_seed=0)
                 for image in np.asarray(images.data):
-                    Image.fromarray(image).save(io.BytesIO(), format="PNG")
+                    Image.fromarray(image).save(io.BytesIO(), format="PNG", compress_level=PNG_LEVEL)
 
             out[f"image@{latent}x{n}"] = timed(whole, w, r)
     out["rss_mb"] = rss_mb()  # with the model still loaded: what a service holding it keeps
