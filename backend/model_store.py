@@ -214,14 +214,29 @@ def _reason(exc: Exception) -> str:
     return f"{type(exc).__name__}: {first_line[:200]}"
 
 
-#: How the store exports each format (export_model's options). OpenVINO: fp16-compressed weights (half the disk;
-#: OpenVINO computes in f32 or bf16 all the same), and the MatMul weights of the text encoder and the UNet in int8.
-#: Measured on the full-size SD2.1 with a 2-core AVX2 EPYC: fp16 made the first image come 1.6x sooner (less to
-#: read and convert) and the process peak 2.3 GB lower; the int8 MatMuls took 1.7 GB more off, at the same speed.
-#: Their PSNR against the fp32 bundle is in tests/test_memory_levers.py. ONNX stays fp32 (onnxruntime's CPU
-#: kernels are fp32).
-STORE_EXPORT: dict[str, dict[str, Any]] = {"openvino": {"precision": "fp16", "int8_matmuls": True},
-                                           "onnx": {"precision": "fp32"}}
+def store_export(fmt: str, flags: frozenset[str] | None = None) -> dict[str, Any]:
+    """How the store exports ``fmt`` (export_model's options), on a CPU with these flags (this machine's by default).
+
+    OpenVINO: fp16-compressed weights (half the disk; OpenVINO computes in f32 or bf16 all the same), and the MatMul
+    weights in int8 (:mod:`exporters.weight_int8`), decided per CPU from measurements on the full-size SD2.1:
+
+    - 2-core AVX2 EPYC (OpenVINO computes in f32): fp16 made the first image come 1.6x sooner (less to read and
+      convert) and the process peak 2.3 GB lower; int8 MatMuls in the text encoder and the UNet took 1.7 GB more off
+      at the same speed. Both graphs are compressed.
+    - 2-core Xeon with AMX (bf16): the int8 MatMuls cost speed, since the kernels decompress them at every call. One
+      sd-turbo image (512², TAESD, PNG), interleaved in one process: both graphs int8 1.03 s, peak 2.2 GB; the UNet's
+      in fp16 0.94 s (1.10x), peak 2.5 GB; neither 0.91 s (1.14x), peak 2.8 GB. The UNet's stay fp16 there and the
+      text encoder's int8: the peak stays under 60 % of the peers' (FastSD CPU's configuration: 4.3 GB).
+
+    A CPU with native bf16 but no AMX (AVX512-BF16 alone) was not measured and keeps both in int8. ONNX stays fp32
+    (onnxruntime's CPU kernels are fp32). The pixels of each against the fp32 bundle are in
+    tests/test_memory_levers.py."""
+    if fmt != "openvino":
+        return {"precision": "fp32"}
+    from runtime.engines.openvino import cpu_flags
+
+    amx = "amx_tile" in (cpu_flags() if flags is None else flags)
+    return {"precision": "fp16", "int8_matmuls": ("text_encoder",) if amx else True}
 
 
 def _export(source: str, fmt: str, target: Path, say: Callable[[str], None], origin: dict | None = None,
@@ -236,9 +251,13 @@ def _export(source: str, fmt: str, target: Path, say: Callable[[str], None], ori
     from backend.catalog import export_args
 
     _, defaults = export_args(origin["id"] if origin else source)
+    options = store_export(fmt)
+    if isinstance(options.get("int8_matmuls"), tuple):
+        say(f"this CPU has AMX: int8 MatMul weights for {', '.join(options['int8_matmuls'])} only; the UNet's stay "
+            "fp16 (in int8 they cost about 10 % per image on AMX)")
     try:
         return export_model(source, fmt, target, say=say, origin=origin, progress=progress, defaults=defaults,
-                            **STORE_EXPORT[fmt])
+                            **options)
     except Exception:  # whatever failed, no half-written bundle stays in the store (an interrupt keeps it to resume)
         shutil.rmtree(target, ignore_errors=True)
         raise

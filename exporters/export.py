@@ -6,7 +6,7 @@ import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -101,7 +101,8 @@ def export_model(source: str, fmt: str, out: Path, precision: str = "fp32",
                  say: Callable[[str], None] = print, origin: dict[str, Any] | None = None,
                  taesd: str | None = None, fusions: str = "none", converter: str = "auto",
                  progress: Callable[[float], None] | None = None,
-                 defaults: Mapping[str, Any] | None = None, int8_matmuls: bool = False) -> Path:
+                 defaults: Mapping[str, Any] | None = None,
+                 int8_matmuls: bool | Sequence[str] = False) -> Path:
     """Export SOURCE to ``out`` in ``fmt`` (onnx | openvino) at ``precision`` (fp32 | fp16 | int8) and check it.
 
     ``fusions`` (ONNX only) applies onnxruntime's graph fusions: ``cpu`` those with CPU kernels, ``cuda`` the full
@@ -118,8 +119,10 @@ def export_model(source: str, fmt: str, out: Path, precision: str = "fp32",
     ``progress`` gets the fraction done (template converter).
 
     ``int8_matmuls`` (OpenVINO, fp32/fp16) stores the weights of the text encoder's and the UNet's matrix products
-    in int8 with a scale per channel (:mod:`exporters.weight_int8`): OpenVINO keeps them in int8 when it compiles,
-    so the compiled model holds less, at the same speed, for a small change in pixels (tests/test_memory_levers.py).
+    (True), or of the graphs it names (e.g. ``("text_encoder",)``), in int8 with a scale per channel
+    (:mod:`exporters.weight_int8`): OpenVINO keeps them in int8 when it compiles, so the compiled model holds less,
+    for a small change in pixels (tests/test_memory_levers.py); as fast where OpenVINO computes in f32, slower where
+    it computes in bf16 (see backend.model_store.store_export).
 
     Re-running on a finished folder says so and does nothing; an interrupted run resumes after the last finished
     component.
@@ -134,7 +137,10 @@ def export_model(source: str, fmt: str, out: Path, precision: str = "fp32",
 
     if fusions not in FUSIONS:
         raise ExportError(f"fusions '{fusions}' is not known; use one of {', '.join(FUSIONS)}")
-    if int8_matmuls and fmt != "openvino":
+    from exporters.weight_int8 import INT8_MATMUL_GRAPHS
+
+    compressed = _int8_graphs(int8_matmuls, INT8_MATMUL_GRAPHS)
+    if compressed and fmt != "openvino":
         raise ExportError("int8 MatMul weights are an OpenVINO graph rewrite; use --format openvino")
     if fusions != "none" and fmt != "onnx":
         raise ExportError(f"fusions '{fusions}' are onnxruntime graph fusions; use --format onnx (OpenVINO fuses "
@@ -148,8 +154,8 @@ def export_model(source: str, fmt: str, out: Path, precision: str = "fp32",
         wanted["taesd"] = taesd
     if fusions != "none":
         wanted["fusions"] = fusions
-    if int8_matmuls and precision != "int8":  # precision int8 quantizes these graphs anyway
-        wanted["int8_matmuls"] = "true"
+    if compressed and precision != "int8":  # precision int8 quantizes these graphs anyway
+        wanted["int8_matmuls"] = "true" if compressed == INT8_MATMUL_GRAPHS else ",".join(compressed)
     if (out / MANIFEST).is_file():
         done = json.loads((out / MANIFEST).read_text())
         if done.get("request") == wanted:
@@ -188,12 +194,12 @@ def export_model(source: str, fmt: str, out: Path, precision: str = "fp32",
         from exporters.int8 import quantize_bundle
 
         extra["quantization"] = quantize_bundle(out, say=say)
-    elif int8_matmuls:
-        from exporters.weight_int8 import INT8_MATMUL_GRAPHS, compress_graph
+    elif compressed:
+        from exporters.weight_int8 import compress_graph
 
         # Recorded per graph, so that a resumed export does not compress a graph twice.
         weights = state.setdefault("weights", {})
-        for name in INT8_MATMUL_GRAPHS:
+        for name in compressed:
             if name not in weights:
                 say(f"int8 MatMul weights: {name} …")
                 weights[name] = compress_graph(out / name / "openvino_model.xml")
@@ -203,6 +209,18 @@ def export_model(source: str, fmt: str, out: Path, precision: str = "fp32",
     (out / STATE).unlink()
     say(f"exported {source} → {out} ({fmt}, {precision})")
     return out
+
+
+def _int8_graphs(choice: bool | Sequence[str], known: tuple[str, ...]) -> tuple[str, ...]:
+    """The graphs ``int8_matmuls`` asks to compress, in ``known``'s order; an unknown name is an ExportError."""
+    if isinstance(choice, bool):
+        return known if choice else ()
+    choice = (choice,) if isinstance(choice, str) else tuple(choice)
+    unknown = sorted(set(choice) - set(known))
+    if unknown:
+        raise ExportError(f"int8 MatMul weights for {', '.join(map(repr, unknown))}: not known; choose from "
+                          f"{', '.join(known)}")
+    return tuple(name for name in known if name in choice)
 
 
 def _export_with_torch(src: Path, fmt: str, precision: str, out: Path, tmp: Path, done: dict[str, float],

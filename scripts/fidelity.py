@@ -44,7 +44,8 @@ def levers(paths: dict[str, Path]) -> list[tuple[str, Path, dict[str, str]]]:
 
 def prepare(cache: Path, variant: str, int8: bool) -> dict[str, Path]:
     """The random model of ``variant`` and its bundles, built once into ``cache``."""
-    from backend.model_store import STORE_EXPORT
+    from backend.bench.report import store_folder
+    from backend.model_store import store_export
     from exporters.dev.fullsize import build_full_model
     from exporters.export import export_model
 
@@ -60,8 +61,8 @@ def prepare(cache: Path, variant: str, int8: bool) -> dict[str, Path]:
         "source": src,
         "onnx": export_model(str(src), "onnx", cache / f"sd21-onnx{suffix}", say=say, taesd="random"),
         "openvino-fp32": export_model(str(src), "openvino", cache / f"sd21-openvino-fp32{suffix}", say=say),
-        "openvino-store": export_model(str(src), "openvino", cache / f"sd21-openvino-store{suffix}", say=say,
-                                       taesd="random", **STORE_EXPORT["openvino"]),
+        "openvino-store": export_model(str(src), "openvino", cache / store_folder(f"sd21-openvino-store{suffix}"),
+                                       say=say, taesd="random", **store_export("openvino")),
     }
     if int8:
         paths["int8"] = export_model(str(src), "openvino", cache / f"sd21-int8{suffix}", precision="int8",

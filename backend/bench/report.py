@@ -26,10 +26,19 @@ REFERENCE = "diffusers torch fp32"
 GPU_REFERENCE = "diffusers torch fp16 cuda"
 
 
+def store_folder(name: str) -> str:
+    """The cache folder of a store-like export: the store's options differ per CPU (backend.model_store.store_export),
+    and one folder holds one export."""
+    from backend.model_store import store_export
+
+    chosen = store_export("openvino")["int8_matmuls"]
+    return name if chosen is True else f"{name}-int8-{'-'.join(chosen)}"
+
+
 def prepare(cache: Path, int8: bool, say: Any, device: str = "cpu") -> dict[str, Path]:
     """Build the random full-size model once and export it (ONNX, OpenVINO, optionally int8; on a GPU the fp16
     ONNX bundle with onnxruntime's CUDA fusions); cached in ``cache``."""
-    from backend.model_store import STORE_EXPORT
+    from backend.model_store import store_export
     from exporters.dev.fullsize import build_full_model
     from exporters.export import export_model
 
@@ -45,8 +54,8 @@ def prepare(cache: Path, int8: bool, say: Any, device: str = "cpu") -> dict[str,
     paths["onnx"] = export_model(str(src), "onnx", cache / "sd21-onnx", say=say, taesd="random")
     # OpenVINO: the weights the model store exports (fp16, int8 MatMul weights in the text encoder and the UNet),
     # which ours and optimum's pipelines both read.
-    paths["openvino"] = export_model(str(src), "openvino", cache / "sd21-openvino-store", say=say, taesd="random",
-                                     **STORE_EXPORT["openvino"])
+    paths["openvino"] = export_model(str(src), "openvino", cache / store_folder("sd21-openvino-store"), say=say,
+                                     taesd="random", **store_export("openvino"))
     if int8:
         paths["int8"] = export_model(str(src), "openvino", cache / "sd21-int8", precision="int8", say=say,
                                      taesd="random")
@@ -58,8 +67,8 @@ def prepare(cache: Path, int8: bool, say: Any, device: str = "cpu") -> dict[str,
         say(f"building the full-size random SDXS-512 model in {sdxs} (about 2.8 GB) …")
         build_sdxs_model(sdxs)
     paths["sdxs-source"] = sdxs
-    paths["sdxs"] = export_model(str(sdxs), "openvino", cache / "sdxs-openvino-store", say=say,
-                                 **STORE_EXPORT["openvino"])
+    paths["sdxs"] = export_model(str(sdxs), "openvino", cache / store_folder("sdxs-openvino-store"), say=say,
+                                 **store_export("openvino"))
     if int8:
         paths["sdxs-int8"] = export_model(str(sdxs), "openvino", cache / "sdxs-int8", precision="int8", say=say)
     return paths
