@@ -32,7 +32,9 @@ def store_folder(name: str) -> str:
     from backend.model_store import store_export
 
     chosen = store_export("openvino")["int8_matmuls"]
-    return name if chosen is True else f"{name}-int8-{'-'.join(chosen)}"
+    # Short names: OpenVINO GenAI finds a graph's neighbours by replacing "text_encoder" in its path.
+    short = {"text_encoder": "te", "unet": "unet"}
+    return name if chosen is True else f"{name}-int8{''.join(short[c] for c in chosen)}"
 
 
 def prepare(cache: Path, int8: bool, say: Any, device: str = "cpu") -> dict[str, Path]:
