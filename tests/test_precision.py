@@ -124,3 +124,35 @@ def test_bf16_math_keeps_the_timestep(openvino_bundle: Path) -> None:
     print(f"bf16 UNet against fp32 at t=999: whole graph {error(plain_out[999.0]):.4f}, "
           f"projection in f32 {error(ours.run(feeds[999.0])[0]):.4f}")
     assert error(ours.run(feeds[999.0])[0]) < error(plain_out[999.0])
+
+
+def test_bf16_math_keeps_the_unets_last_convolution_in_f32(openvino_bundle: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # The prediction was written by a bf16 convolution: 8 significant bits, which guidance then multiplies (7.5x for
+    # the difference of two predictions). That convolution now runs in f32 beside the bf16 graph.
+    import numpy as np
+    import openvino as ov
+
+    import runtime.engines.openvino as engine
+    from runtime.engines.output_conv import split_output_conv
+
+    graph = openvino_bundle / "unet" / "openvino_model.xml"
+    assert split_output_conv(ov.Core().read_model(openvino_bundle / "text_encoder" / "openvino_model.xml")) is None
+    rng = np.random.default_rng(0)
+    feeds = {"sample": rng.standard_normal((2, 4, 32, 32), dtype=np.float32), "timestep": np.array(500.0, np.float32),
+             "encoder_hidden_states": rng.standard_normal((2, 77, 32), dtype=np.float32)}
+    exact = engine.OvSession(graph, 1, "fp32", static_shapes="false").run(feeds)[0]
+    ours = engine.OvSession(graph, 1, "bf16", static_shapes="false").run(feeds)[0]
+    assert ours.shape == exact.shape == (2, 4, 32, 32)
+    if engine.openvino_math_precision("bf16") != "bf16":
+        assert np.array_equal(ours, exact), "no native bf16: OpenVINO computes in f32 and nothing is split"
+        return
+    monkeypatch.setattr(engine, "split_output_conv", lambda model: None)
+    whole = engine.OvSession(graph, 1, "bf16", static_shapes="false").run(feeds)[0]
+
+    def error(out: np.ndarray) -> float:  # of the guided difference, where the rounding is multiplied
+        return float(np.sqrt(np.mean(((out[1] - out[0]) - (exact[1] - exact[0])) ** 2)))
+
+    print(f"bf16 UNet, guided difference against fp32: last convolution in bf16 {error(whole):.5f}, in f32 "
+          f"{error(ours):.5f}")
+    assert error(ours) < error(whole)

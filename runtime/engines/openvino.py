@@ -14,6 +14,7 @@ import numpy as np
 
 from runtime.engines.base import InputSpec
 from runtime.engines.mapped import releasing, resident_bytes
+from runtime.engines.output_conv import TAIL_INPUT, split_output_conv
 from runtime.engines.timestep import PROJECTED, split_timestep
 from runtime.errors import BundleError, ConfigError, EngineError
 from runtime.options import PrecisionChoice, StaticChoice
@@ -66,6 +67,7 @@ class OvSession:
             name = port.get_any_name()
             self.inputs[name] = InputSpec(name, port.get_element_type().to_dtype(), shape)
         self._projection: Any = None
+        self._tail: Any = None
         if openvino_math_precision(precision) == "bf16":
             split = split_timestep(self._model)
             if split is not None:
@@ -76,6 +78,12 @@ class OvSession:
                 self._projection = self._core.compile_model(split.projection, "CPU", config).create_infer_request()
                 self._projection_inputs = [p.get_any_name() for p in split.projection.inputs]
                 log.info("%s: the timestep's projection runs in f32 beside the bf16 graph", path.parent.name)
+                tail = split_output_conv(self._model)
+                if tail is not None:
+                    # The prediction's last convolution in f32, unrounded: see runtime.engines.output_conv.
+                    self._model = tail.main
+                    self._tail = self._core.compile_model(tail.tail, "CPU", config).create_infer_request()
+                    log.info("%s: its last convolution runs in f32 beside the bf16 graph", path.parent.name)
         self._n_out = len(self._model.outputs)
         self._keep = keep
         self._static = static_shapes_on(static_shapes)
@@ -131,6 +139,9 @@ class OvSession:
         if fresh and log.isEnabledFor(logging.DEBUG):  # reading smaps costs milliseconds in a large process
             log.debug("%s: %d MB of the weights file resident after its first run at %s", self._path.parent.name,
                       resident_bytes(self._weights) >> 20, dict(shapes))
+        if self._tail is not None:
+            self._tail.infer({TAIL_INPUT: request.get_output_tensor(0).data})
+            request = self._tail
         # Copy: the request reuses its output buffers on the next call.
         return [np.array(request.get_output_tensor(i).data, copy=True) for i in range(self._n_out)]
 
