@@ -89,7 +89,7 @@ def cli(verbose: int) -> None:
 @click.option("--int8-matmuls", is_flag=True,
               help="OpenVINO: store the matrix-product weights of the text encoder and the UNet in int8 (per "
                    "channel; activations stay floating point). For SD2.1 on an f32 CPU the compiled model holds "
-                   "1.7 GB less at the same speed; on a CPU with AMX (bf16) the UNet's run 13-16 % slower per "
+                   "1.7 GB less at the same speed; on a CPU with AMX (bf16) the UNet's run about 7 % slower per "
                    "step. Pixels change slightly. The model store exports this way, with --precision fp16, except "
                    "that on AMX it compresses the text encoder's only.")
 @_user_errors

@@ -223,10 +223,12 @@ def store_export(fmt: str, flags: frozenset[str] | None = None) -> dict[str, Any
     - 2-core AVX2 EPYC (OpenVINO computes in f32): fp16 made the first image come 1.6x sooner (less to read and
       convert) and the process peak 2.3 GB lower; int8 MatMuls in the text encoder and the UNet took 1.7 GB more off
       at the same speed. Both graphs are compressed.
-    - 2-core Xeon with AMX (bf16): the int8 MatMuls cost speed, since the kernels decompress them at every call. One
-      sd-turbo image (512², TAESD, PNG), interleaved in one process: both graphs int8 1.03 s, peak 2.2 GB; the UNet's
-      in fp16 0.94 s (1.10x), peak 2.5 GB; neither 0.91 s (1.14x), peak 2.8 GB. The UNet's stay fp16 there and the
-      text encoder's int8: the peak stays under 60 % of the peers' (FastSD CPU's configuration: 4.3 GB).
+    - 2-core Xeon with AMX (bf16): the int8 MatMuls cost speed, since the kernels decompress them at every call.
+      Two models in one process, timed alternately and loaded in both orders (whichever loads second ran up to
+      10 % faster here): the UNet step with its MatMul weights in fp16 was 0-15 % faster than in int8 at batch 1
+      and 2 (7 % on average), one sd-turbo image (512², TAESD, PNG) 0.85 s against 0.88-0.96 s; peak 2.5 GB against
+      2.2 GB (both graphs fp16: 2.8 GB). The UNet's stay fp16 there and the text encoder's int8: the peak stays
+      under 60 % of the peers' (FastSD CPU's configuration: 4.3 GB), and the pixels are closer to fp32.
 
     A CPU with native bf16 but no AMX (AVX512-BF16 alone) was not measured and keeps both in int8. ONNX stays fp32
     (onnxruntime's CPU kernels are fp32). The pixels of each against the fp32 bundle are in
@@ -254,7 +256,7 @@ def _export(source: str, fmt: str, target: Path, say: Callable[[str], None], ori
     options = store_export(fmt)
     if isinstance(options.get("int8_matmuls"), tuple):
         say(f"this CPU has AMX: int8 MatMul weights for {', '.join(options['int8_matmuls'])} only; the UNet's stay "
-            "fp16 (in int8 they cost about 10 % per image on AMX)")
+            "fp16 (in int8 they cost about 7 % per step on AMX)")
     try:
         return export_model(source, fmt, target, say=say, origin=origin, progress=progress, defaults=defaults,
                             **options)

@@ -141,7 +141,7 @@ def test_int8_matmul_weights_need_openvino(tiny_source: Path, tmp_path: Path) ->
 
 def test_on_amx_the_store_keeps_the_unets_matmul_weights_in_fp16(tiny_source: Path, openvino_bundle: Path,
                                                                    tmp_path: Path) -> None:
-    """On AMX the int8 MatMul weights cost the UNet 13-16 % per step (bf16 kernels decompress them at every call):
+    """On AMX the int8 MatMul weights cost the UNet about 7 % per step (bf16 kernels decompress them at every call):
     the store compresses the text encoder's only there, and the pixels are at least as close to fp32 as with both."""
     from backend.model_store import store_export
     from exporters.export import ExportError, export_model
