@@ -301,6 +301,10 @@ class Worker:
 
     async def _settle(self, tid: int, bridge: ProgressBridge, outcome: Outcome, t0: float) -> bool:
         """Record a task's outcome in the journal. True when nothing is left to deliver."""
+        if not isinstance(outcome, Images):
+            # A progress report still in flight would land after the failure and leave the task RUNNING: Nextcloud
+            # saves the whole task, status included, with each report. (Images wait for it below.)
+            await bridge.answered()
         match outcome:
             case Cancelled():
                 log.info("%s: task %d cancelled by its user after %.1f s; nothing uploaded", self.name, tid,
