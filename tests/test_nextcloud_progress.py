@@ -70,6 +70,8 @@ def test_a_cancel_is_read_at_the_next_step_not_waited_for(loop: asyncio.Abstract
     # A bridge that waited for the answer would stop at this step; this one goes on and reads it at the next.
     assert bridge(0.1) is True
     assert nc.answered.wait(30)
+    # The fake answers just before its coroutine returns: the step after that return reads the answer.
+    assert bridge._pending is not None and bridge._pending.result(30) == CANCELLED
     assert bridge(0.2) is False and bridge.cancelled
     assert len(nc.reports) == 1
 
