@@ -235,10 +235,9 @@ def store_export(fmt: str, flags: frozenset[str] | None = None) -> dict[str, Any
     tests/test_memory_levers.py."""
     if fmt != "openvino":
         return {"precision": "fp32"}
-    from runtime.engines.openvino import cpu_flags
+    from runtime.engines.openvino import has_amx
 
-    amx = "amx_tile" in (cpu_flags() if flags is None else flags)
-    return {"precision": "fp16", "int8_matmuls": ("text_encoder",) if amx else True}
+    return {"precision": "fp16", "int8_matmuls": ("text_encoder",) if has_amx(flags) else True}
 
 
 def _export(source: str, fmt: str, target: Path, say: Callable[[str], None], origin: dict | None = None,

@@ -70,20 +70,8 @@ class Pipeline:
         self.unet = sessions["unet"]
         self.vae_decoder = sessions["decoder"]
         self._latent_scale = latent_scale
-        defaults = bundle.defaults
-        scheduler = str(defaults.get("scheduler") or default_scheduler_name(bundle.scheduler_config))
-        try:  # a bundle whose scheduler config our schedulers cannot read fails here, not at its first image
-            make_scheduler(scheduler, bundle.scheduler_config)
-        except (ValueError, TypeError, KeyError) as exc:
-            raise BundleError(f"bundle '{bundle.path}': scheduler/scheduler_config.json cannot drive the "
-                              f"{scheduler} scheduler: {exc}") from None
-        static = bundle.static_shape or {}
-        side = min(max(bundle.native_size, v.MIN_SIDE), v.MAX_SIDE)
         #: The bundle's own defaults (its manifest's, else the built-in ones), as read at load.
-        self.bundle_defaults = Defaults(width=int(static.get("width", side)), height=int(static.get("height", side)),
-                                        steps=int(defaults.get("steps", DEFAULT_STEPS)),
-                                        guidance=float(defaults.get("guidance", DEFAULT_GUIDANCE)),
-                                        scheduler=scheduler)
+        self.bundle_defaults = own_defaults(bundle)
         #: An admin's choice given to :meth:`use_defaults`; None: the bundle's own.
         self._chosen: Defaults | None = None
 
@@ -272,6 +260,23 @@ class Pipeline:
             img = np.clip(img / 2 + 0.5, 0.0, 1.0)
             out.append((img.transpose(1, 2, 0) * 255).round().astype(np.uint8))
         return np.stack(out)
+
+
+def own_defaults(bundle: Bundle) -> Defaults:
+    """The defaults ``bundle`` brings (its manifest's, else the built-in ones), every field set. A bundle whose
+    scheduler config our schedulers cannot read is a :class:`BundleError` here, not at its first image."""
+    defaults = bundle.defaults
+    scheduler = str(defaults.get("scheduler") or default_scheduler_name(bundle.scheduler_config))
+    try:
+        make_scheduler(scheduler, bundle.scheduler_config)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise BundleError(f"bundle '{bundle.path}': scheduler/scheduler_config.json cannot drive the "
+                          f"{scheduler} scheduler: {exc}") from None
+    static = bundle.static_shape or {}
+    side = min(max(bundle.native_size, v.MIN_SIDE), v.MAX_SIDE)
+    return Defaults(width=int(static.get("width", side)), height=int(static.get("height", side)),
+                    steps=int(defaults.get("steps", DEFAULT_STEPS)),
+                    guidance=float(defaults.get("guidance", DEFAULT_GUIDANCE)), scheduler=scheduler)
 
 
 def _compile_note(options: LoadOptions) -> str:

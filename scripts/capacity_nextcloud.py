@@ -130,8 +130,7 @@ def admin_defaults(nc: Any, proc: Any, bundle: Path, args: argparse.Namespace) -
     (compiled, where OpenVINO compiles per shape) before the first task. True when it waited."""
     from backend.nextcloud.admin_settings import model_key
     from runtime.bundle import Bundle
-    from runtime.pipeline import DEFAULT_GUIDANCE
-    from runtime.validation import MAX_SIDE, MIN_SIDE
+    from runtime.pipeline import own_defaults
 
     key = model_key(str(bundle))
     for field, value in ((f"{key}_size", f"{args.size}x{args.size}"), (f"{key}_steps", str(args.steps)),
@@ -139,9 +138,8 @@ def admin_defaults(nc: Any, proc: Any, bundle: Path, args: argparse.Namespace) -
         status, answer = nc.page_save(field, value)
         if status != 200:
             sys.exit(f"the settings page refused {field}={value}: {status} {answer}")
-    own = Bundle.open(bundle)  # its defaults' shape as the pipeline reads it (runtime.pipeline.Pipeline)
-    side = (own.static_shape or {}).get("width", min(max(own.native_size, MIN_SIDE), MAX_SIDE))
-    same = (side, float(own.defaults.get("guidance", DEFAULT_GUIDANCE)) > 1) == (args.size, args.guidance > 1)
+    own = own_defaults(Bundle.open(bundle))
+    same = (own.width, own.height, (own.guidance or 0) > 1) == (args.size, args.size, args.guidance > 1)
     if not same:
         wait_for(lambda: "is ready at its new default size and guidance" in proc.output(), 600, proc)
     return not same

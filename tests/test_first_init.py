@@ -21,7 +21,7 @@ from fake_hub import CHECKPOINT_NEEDED, FakeHub, sd2_layout
 from fake_nextcloud import APP_ID, ExAppProcess, FakeNextcloud
 from torch_free import site_dir
 
-from runtime.engines.openvino import cpu_flags
+from runtime.engines.openvino import has_amx
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO = "org/tiny-diffusers"
@@ -78,7 +78,7 @@ def test_exapp_first_init_converts_the_checkpoint(hub: FakeHub, tmp_path: Path) 
         assert manifest["converter"] == "template"
         # The store's OpenVINO export, made torch-free: fp16 weights, the MatMul weights in int8.
         # The store's per-CPU choice (backend.model_store.store_export): the UNet's MatMul weights stay fp16 on AMX.
-        compressed = ["text_encoder"] if "amx_tile" in cpu_flags() else ["text_encoder", "unet"]
+        compressed = ["text_encoder"] if has_amx() else ["text_encoder", "unet"]
         assert manifest["precision"] == "fp16" and list(manifest["weights"]) == compressed, manifest
         assert all(manifest["weights"][name]["matmuls"] > 0 for name in compressed), manifest
         assert not list((tmp_path / "storage").rglob("*.safetensors")), "the checkpoint is not kept beside it"

@@ -145,7 +145,7 @@ class ImageService:
                  self._step_seconds, self._decode_seconds, d.width, d.height)
 
     @staticmethod
-    def _shape_of(d: Defaults | GenerationRequest) -> tuple[int, int, bool]:
+    def _shape_of(d: Defaults) -> tuple[int, int, bool]:
         """What decides the graphs' input shapes: the size, and whether guidance doubles the UNet's batch."""
         return int(d.width or 0), int(d.height or 0), (d.guidance or 0) > 1
 
